@@ -1,0 +1,31 @@
+# Every target sets itself up: a fresh machine needs only python3 (>= 3.11).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test bench proto lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m mlchat.demo
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m mlchat.bench
+
+proto: $(STAMP)
+	$(PY) -m mlchat.protoc
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check mlchat tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
