@@ -1,0 +1,1 @@
+"""mlchat: a multi-datacenter, multi-leader chat backend."""

@@ -1,0 +1,45 @@
+"""Username claims.
+
+Every claim is (name, user, hlc, region) and claims are never removed: the state is a grow-only set,
+merged by union. The owner of a name is the claim with the smallest (hlc, region, user), which every
+region computes the same way once it holds the same claims. A claim is provisional until every
+region's clock watermark has passed its hlc: from then on no earlier claim can still arrive, and the
+claim is confirmed or lost for good.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+class ClaimState(enum.IntEnum):
+    # Values match mlchat.v1.ClaimState.
+    PROVISIONAL = 1
+    CONFIRMED = 2
+    LOST = 3
+
+
+@dataclass(frozen=True, order=True, slots=True)
+class Claim:
+    # Field order is the ownership order.
+    hlc: str
+    region: str
+    user_id: str
+    name: str
+
+
+def owner(claims: Iterable[Claim]) -> Claim | None:
+    """The winning claim among claims on one name, or None if there are none."""
+    return min(claims, default=None)
+
+
+def claim_state(claim: Claim, rivals: Iterable[Claim], watermark: str) -> ClaimState:
+    """The state of `claim` given every claim on its name known here (it included).
+
+    `watermark` is the smallest hlc up to which every region's claims are known here.
+    """
+    if owner([claim, *rivals]) != claim:
+        return ClaimState.LOST
+    return ClaimState.CONFIRMED if watermark >= claim.hlc else ClaimState.PROVISIONAL

@@ -1,0 +1,153 @@
+"""One region's replicated state in memory, and delta exchange between regions.
+
+A replica holds message-log shards (pycrdt), status registers (LWW) and username claims, plus a
+version vector: for each origin region, the hlc up to which it holds (the effect of) every write of
+that region. A peer describes itself with `state()`; `delta_for(state)` returns what it lacks: pycrdt
+deltas against its shard state vectors, and every register value and claim newer than its vector entry
+for the value's origin. Applying a delta is idempotent and order-free, and a delta relayed through a
+third replica is as good as the original, so replicas that exchange deltas in any order, duplicated
+or relayed, end identical. Time comes in as `now_ms`; the pycrdt client id comes in from the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mlchat.crdt import lww, vector
+from mlchat.crdt.claims import Claim, ClaimState, claim_state
+from mlchat.crdt.digest import state_digest
+from mlchat.crdt.hlc import ZERO, Hlc
+from mlchat.crdt.lww import StatusValue
+from mlchat.crdt.msglog import LogEntry, MessageShard, message_id, shard_name, winner
+
+HOUR_MS = 3_600_000
+
+
+@dataclass(frozen=True)
+class ReplicaState:
+    """What a replica holds, as a peer needs to know it to compute a delta."""
+
+    shards: dict[str, bytes]
+    vector: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Delta:
+    shard_updates: dict[str, bytes] = field(default_factory=dict)
+    statuses: tuple[StatusValue, ...] = ()
+    claims: tuple[Claim, ...] = ()
+    # The sender's vector: after applying the delta the receiver holds everything it covers.
+    vector: dict[str, str] = field(default_factory=dict)
+
+
+class Replica:
+    def __init__(self, region: str, client_id: int, regions: frozenset[str] = frozenset(),
+                 bucket_ms: int = HOUR_MS) -> None:
+        self.region = region
+        self.regions = regions | {region}
+        self.clock = ZERO
+        self._client_id = client_id
+        self._bucket_ms = bucket_ms
+        self._shards: dict[str, MessageShard] = {}
+        self._messages: dict[str, LogEntry] = {}  # message id -> the copy readers see
+        self._statuses: dict[str, StatusValue] = {}
+        self._claims: dict[str, set[Claim]] = {}
+        self.vector: dict[str, str] = {}
+
+    # Local writes -------------------------------------------------------------------------------
+
+    def _stamp(self, now_ms: int) -> str:
+        self.clock = self.clock.tick(now_ms)
+        stamp = self.clock.encode()
+        self.vector[self.region] = stamp
+        return stamp
+
+    def post(self, user_id: str, channel: str, body: str, client_msg_id: str, now_ms: int) -> tuple[LogEntry, bool]:
+        """Post a message; return it and whether it was a retry of an earlier post."""
+        msg_id = message_id(user_id, channel, client_msg_id)
+        existing = self.message(msg_id)
+        if existing is not None:
+            return existing, True
+        entry = LogEntry(msg_id, channel, user_id, body, client_msg_id, self._stamp(now_ms), self.region)
+        self._shard(shard_name(channel, entry.hlc, self._bucket_ms)).add(entry)
+        self._messages[msg_id] = entry
+        return entry, False
+
+    def set_status(self, user_id: str, presence: int, text: str, now_ms: int) -> StatusValue:
+        value = StatusValue(user_id, presence, text, self._stamp(now_ms), self.region)
+        self._statuses[user_id] = value
+        return value
+
+    def claim(self, name: str, user_id: str, now_ms: int) -> Claim:
+        claim = Claim(self._stamp(now_ms), self.region, user_id, name)
+        self._claims.setdefault(name, set()).add(claim)
+        return claim
+
+    # Reads --------------------------------------------------------------------------------------
+
+    def message(self, msg_id: str) -> LogEntry | None:
+        return self._messages.get(msg_id)
+
+    def messages(self, channel: str) -> list[LogEntry]:
+        return sorted((e for e in self._messages.values() if e.channel == channel), key=lambda e: e.order_key)
+
+    def status(self, user_id: str) -> StatusValue | None:
+        return self._statuses.get(user_id)
+
+    def claims_on(self, name: str) -> set[Claim]:
+        return set(self._claims.get(name, ()))
+
+    def watermark(self) -> str:
+        """The hlc up to which every region's writes are known here."""
+        return min(self.vector.get(r, ZERO.encode()) for r in self.regions)
+
+    def claim_state(self, claim: Claim) -> ClaimState:
+        return claim_state(claim, self._claims.get(claim.name, ()), self.watermark())
+
+    def digest(self) -> str:
+        claims = [c for cs in self._claims.values() for c in cs]
+        return state_digest(self._messages.values(), self._statuses.values(), claims)
+
+    # Replication --------------------------------------------------------------------------------
+
+    def state(self) -> ReplicaState:
+        return ReplicaState({name: s.state_vector() for name, s in self._shards.items()}, dict(self.vector))
+
+    def delta_for(self, peer: ReplicaState) -> Delta:
+        updates = {
+            name: shard.delta_since(peer.shards[name]) if name in peer.shards else shard.snapshot()
+            for name, shard in self._shards.items()
+            if peer.shards.get(name) != shard.state_vector()
+        }
+
+        def newer(hlc: str, region: str) -> bool:
+            return hlc > peer.vector.get(region, "")
+
+        return Delta(
+            shard_updates=updates,
+            statuses=tuple(v for v in self._statuses.values() if newer(v.hlc, v.region)),
+            claims=tuple(c for cs in self._claims.values() for c in cs if newer(c.hlc, c.region)),
+            vector=dict(self.vector),
+        )
+
+    def apply(self, delta: Delta, now_ms: int) -> list[LogEntry]:
+        """Merge a peer's delta; return the messages that are new here."""
+        added: list[LogEntry] = []
+        for name, update in delta.shard_updates.items():
+            for entry in self._shard(name).apply(update):
+                if self._messages.get(entry.id) is None:
+                    added.append(entry)
+                self._messages[entry.id] = winner(self._messages.get(entry.id), entry)
+        for value in delta.statuses:
+            self._statuses[value.user_id] = lww.merge(self._statuses.get(value.user_id), value)  # type: ignore[assignment]
+        for claim in delta.claims:
+            self._claims.setdefault(claim.name, set()).add(claim)
+        self.vector = vector.merge(self.vector, delta.vector)
+        if delta.vector:
+            self.clock = self.clock.absorb(Hlc.decode(max(delta.vector.values())), now_ms)
+        return added
+
+    def _shard(self, name: str) -> MessageShard:
+        if name not in self._shards:
+            self._shards[name] = MessageShard(self._client_id)
+        return self._shards[name]
