@@ -1,8 +1,8 @@
 """Username claims.
 
 Every claim is (name, user, hlc, region) and claims are never removed: the state is a grow-only set,
-merged by union. The owner of a name is the claim with the smallest (hlc, region, user), which every
-region computes the same way once it holds the same claims. A claim is provisional until every
+merged by union. The owner of a name is the user of the claim with the smallest (hlc, region, user), which
+every region computes the same way once it holds the same claims. A claim is provisional until every
 region's clock watermark has passed its hlc: from then on no earlier claim can still arrive, and the
 claim is confirmed or lost for good.
 """
@@ -40,6 +40,7 @@ def claim_state(claim: Claim, rivals: Iterable[Claim], watermark: str) -> ClaimS
 
     `watermark` is the smallest hlc up to which every region's claims are known here.
     """
-    if owner([claim, *rivals]) != claim:
+    # The same user may hold several claims on a name (a retry accepted by two regions).
+    if owner([claim, *rivals]).user_id != claim.user_id:  # type: ignore[union-attr]
         return ClaimState.LOST
     return ClaimState.CONFIRMED if watermark >= claim.hlc else ClaimState.PROVISIONAL

@@ -73,12 +73,17 @@ Global___PeerStatus: _TypeAlias = PeerStatus  # noqa: Y015
 class GetClusterStatusRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    WITH_DIGEST_FIELD_NUMBER: _builtins.int
+    with_digest: _builtins.bool
+    """Computing the digest reads the whole state: ask for it only when comparing regions."""
     def __init__(
         self,
+        *,
+        with_digest: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["with_digest", b"with_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

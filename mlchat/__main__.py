@@ -1,0 +1,3 @@
+from mlchat.cli import main
+
+main()

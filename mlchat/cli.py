@@ -1,0 +1,51 @@
+"""The `mlchat` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import re
+import sys
+from pathlib import Path
+
+from mlchat.leader.settings import LeaderSettings
+
+REGION_PATTERN = r"^[a-z][a-z0-9-]{0,31}$"
+
+
+def _region(name: str) -> str:
+    if not re.match(REGION_PATTERN, name):
+        raise argparse.ArgumentTypeError(f"region {name!r} must match {REGION_PATTERN}")
+    return name
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mlchat", description="mlchat: a multi-region chat backend")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    leader = sub.add_parser("leader", help="run one region's leader")
+    leader.add_argument("--region", required=True, type=_region)
+    leader.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT of the client API")
+    leader.add_argument("--redis", default=None, help="Redis URL; default: embedded Valkey in --data-dir")
+    leader.add_argument("--data-dir", type=Path, default=None, help="default: ./data/REGION")
+    leader.add_argument("--secret-file", type=Path, default=None,
+                        help="cluster secret (shared by all regions); default: DATA_DIR/cluster-secret")
+    leader.add_argument("--token-ttl", type=float, default=24 * 3600, help="token lifetime in seconds")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.command == "leader":
+        from mlchat.leader.server import serve
+
+        settings = LeaderSettings(
+            region=args.region, listen=args.listen, redis_url=args.redis,
+            data_dir=args.data_dir or Path("data") / args.region, secret_file=args.secret_file,
+            token_ttl_ms=int(args.token_ttl * 1000))
+        asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""One error tree for mlchat. Each error names the gRPC status a servicer answers with.
+
+Messages say what was wrong and how to fix it; they are shown to clients as they are.
+"""
+
+from __future__ import annotations
+
+
+class MlchatError(Exception):
+    """Base of every error mlchat raises on purpose."""
+
+    grpc_status = "INTERNAL"
+    retriable = False
+
+
+class InvalidArgument(MlchatError):
+    grpc_status = "INVALID_ARGUMENT"
+
+
+class Unauthenticated(MlchatError):
+    grpc_status = "UNAUTHENTICATED"
+
+
+class PermissionDenied(MlchatError):
+    grpc_status = "PERMISSION_DENIED"
+
+
+class NotFound(MlchatError):
+    grpc_status = "NOT_FOUND"
+
+
+class AlreadyExists(MlchatError):
+    grpc_status = "ALREADY_EXISTS"
+
+
+class OutOfRange(MlchatError):
+    grpc_status = "OUT_OF_RANGE"
+
+
+class ResourceExhausted(MlchatError):
+    grpc_status = "RESOURCE_EXHAUSTED"
+    retriable = True
+
+
+class Unavailable(MlchatError):
+    """This region cannot serve the call now (storage down, not caught up); another may."""
+
+    grpc_status = "UNAVAILABLE"
+    retriable = True

@@ -1,0 +1,97 @@
+"""The client API's documented limits and input checks (pure).
+
+Every check raises `InvalidArgument` naming the field, the rule and how to comply.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+from mlchat.errors import InvalidArgument
+
+USERNAME_PATTERN = r"^[a-z][a-z0-9_]{2,31}$"
+CHANNEL_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+CLIENT_MSG_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+CLAIM_KEY_MIN, CLAIM_KEY_MAX = 16, 128
+BODY_MAX_CHARS = 4000
+BODY_MAX_BYTES = 16384
+STATUS_TEXT_MAX_CHARS = 200
+PAGE_DEFAULT, PAGE_MAX = 50, 500
+MAX_REQUEST_BYTES = 64 * 1024  # larger requests get RESOURCE_EXHAUSTED from gRPC itself
+MAX_CONCURRENT_RPCS = 1000
+SUBSCRIBER_BUFFER = 1000  # messages a subscriber may fall behind before it is cut off
+SUBSCRIBE_RETENTION = 10_000  # per channel: how far back a Subscribe can resume
+
+_USERNAME = re.compile(USERNAME_PATTERN)
+_CHANNEL = re.compile(CHANNEL_PATTERN)
+_CLIENT_MSG_ID = re.compile(CLIENT_MSG_ID_PATTERN)
+
+
+def _has_control_chars(text: str, allowed: str = "") -> bool:
+    return any(unicodedata.category(ch) in ("Cc", "Cs") and ch not in allowed for ch in text)
+
+
+def username(name: str) -> str:
+    if not _USERNAME.match(name):
+        raise InvalidArgument(
+            f"username {name[:40]!r} is invalid: use 3 to 32 characters, lowercase letters, digits and '_', "
+            f"starting with a letter ({USERNAME_PATTERN})"
+        )
+    return name
+
+
+def channel(name: str) -> str:
+    if not _CHANNEL.match(name):
+        raise InvalidArgument(
+            f"channel {name[:80]!r} is invalid: use 1 to 64 characters, lowercase letters, digits, "
+            f"'_', '.' and '-', starting with a letter or digit ({CHANNEL_PATTERN})"
+        )
+    return name
+
+
+def client_msg_id(value: str) -> str:
+    if not _CLIENT_MSG_ID.match(value):
+        raise InvalidArgument(
+            f"client_msg_id {value[:80]!r} is invalid: use 1 to 64 characters of letters, digits and '_.:-' "
+            "(a UUID works); reuse it only to retry the same message"
+        )
+    return value
+
+
+def claim_key(value: str) -> str:
+    if not CLAIM_KEY_MIN <= len(value) <= CLAIM_KEY_MAX or _has_control_chars(value):
+        raise InvalidArgument(
+            f"claim_key must be {CLAIM_KEY_MIN} to {CLAIM_KEY_MAX} printable characters (got {len(value)}); "
+            "generate a random secret and keep it to reclaim your username"
+        )
+    return value
+
+
+def body(text: str) -> str:
+    if not text.strip():
+        raise InvalidArgument("body is empty: a message needs at least one visible character")
+    if len(text) > BODY_MAX_CHARS or len(text.encode()) > BODY_MAX_BYTES:
+        raise InvalidArgument(
+            f"body is too long ({len(text)} characters, {len(text.encode())} bytes): "
+            f"the limit is {BODY_MAX_CHARS} characters and {BODY_MAX_BYTES} bytes"
+        )
+    if _has_control_chars(text, allowed="\n\t"):
+        raise InvalidArgument("body contains control characters: only newlines and tabs are allowed")
+    return text
+
+
+def status_text(text: str) -> str:
+    if len(text) > STATUS_TEXT_MAX_CHARS:
+        raise InvalidArgument(f"status text is {len(text)} characters: the limit is {STATUS_TEXT_MAX_CHARS}")
+    if _has_control_chars(text):
+        raise InvalidArgument("status text contains control characters")
+    return text
+
+
+def page_size(limit: int) -> int:
+    if limit == 0:
+        return PAGE_DEFAULT
+    if not 1 <= limit <= PAGE_MAX:
+        raise InvalidArgument(f"limit {limit} is out of range: use 1 to {PAGE_MAX}, or 0 for {PAGE_DEFAULT}")
+    return limit

@@ -1,0 +1,107 @@
+"""The leader process: storage, the Region, and the gRPC server, started and stopped as one.
+
+SIGTERM or SIGINT shuts down gracefully: health turns NOT_SERVING, subscriptions end cleanly, calls
+in flight get `grace_s` to finish, then Redis (and an embedded Valkey) stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import signal
+from pathlib import Path
+
+import grpc
+import redis.asyncio as aioredis
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from mlchat.leader import limits
+from mlchat.leader.region import Region
+from mlchat.leader.servicer import Authenticator, ChatServicer, ClusterServicer, wall_ms
+from mlchat.leader.settings import LeaderSettings
+from mlchat.leader.store import Store
+from mlchat.leader.tokens import TokenSigner
+from mlchat.leader.valkey import EmbeddedValkey
+from mlchat.v1 import chat_pb2, chat_pb2_grpc, cluster_pb2, cluster_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICES = ("mlchat.v1.ChatService", "mlchat.v1.ClusterService")
+
+
+def load_secret(path: Path) -> bytes:
+    """The cluster secret from `path`, created (random, mode 600) if the file does not exist."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(32))
+    secret = path.read_text().strip().encode()
+    if len(secret) < 16:
+        raise SystemExit(f"cluster secret in {path} is shorter than 16 bytes")
+    return secret
+
+
+def redis_client(url: str) -> aioredis.Redis:
+    # Reconnects across a Redis restart; a call that still fails answers UNAVAILABLE.
+    return aioredis.Redis.from_url(url, retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 5),
+                                   retry_on_error=[ConnectionError, TimeoutError], health_check_interval=5)
+
+
+async def serve(settings: LeaderSettings) -> None:
+    embedded = None
+    url = settings.redis_url
+    if url is None:
+        embedded = EmbeddedValkey(settings.data_dir / "valkey")
+        await asyncio.to_thread(embedded.start)
+        url = embedded.url
+    store = Store(redis_client(url))
+    try:
+        await _serve(settings, store)
+    finally:
+        await store.close()
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+
+
+async def _serve(settings: LeaderSettings, store: Store) -> None:
+    signer = TokenSigner(load_secret(settings.secret_file or settings.data_dir / "cluster-secret"),
+                         settings.token_ttl_ms)
+    # A fresh pycrdt client id per process: two live docs sharing one would diverge.
+    region = Region(settings, store, client_id=secrets.randbits(52) + 1, now_ms=wall_ms)
+    await region.start()
+    auth = Authenticator(signer)
+
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", limits.MAX_REQUEST_BYTES),
+                 ("grpc.so_reuseport", 0)],
+        maximum_concurrent_rpcs=limits.MAX_CONCURRENT_RPCS)
+    chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(region, auth), server)
+    cluster_pb2_grpc.add_ClusterServiceServicer_to_server(ClusterServicer(region, auth), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name,
+         cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"].full_name,
+         health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    if server.add_insecure_port(settings.listen) == 0:
+        raise SystemExit(f"cannot listen on {settings.listen}: address in use or invalid")
+    await server.start()
+    for name in ("", *SERVICES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("[%s] leader serving on %s (mode %s)", settings.region, settings.listen, settings.mode)
+    print(f"mlchat leader {settings.region} serving on {settings.listen}", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    log.info("[%s] shutting down", settings.region)
+    await health_servicer.enter_graceful_shutdown()
+    region.fanout.close_all()
+    await server.stop(settings.grace_s)
+    log.info("[%s] stopped", settings.region)

@@ -1,0 +1,191 @@
+"""gRPC servicers: decode the request, check the token, call the Region, encode the answer.
+
+Domain errors become `context.abort(status, message)`; a Redis outage becomes UNAVAILABLE. Nothing
+here decides protocol logic.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import redis.exceptions
+
+from mlchat.crdt.hlc import Hlc
+from mlchat.crdt.lww import StatusValue
+from mlchat.crdt.msglog import LogEntry
+from mlchat.errors import InvalidArgument, MlchatError
+from mlchat.leader import limits
+from mlchat.leader.region import Region, UserView, encode_cursor
+from mlchat.leader.tokens import Principal, TokenSigner, bearer
+from mlchat.v1 import chat_pb2 as pb
+from mlchat.v1 import chat_pb2_grpc, cluster_pb2, cluster_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+def _status_code(err: MlchatError) -> grpc.StatusCode:
+    return grpc.StatusCode[err.grpc_status]
+
+
+_STORAGE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                   redis.exceptions.BusyLoadingError)
+
+
+async def _abort_for(err: BaseException, context: grpc.aio.ServicerContext, region: str) -> None:
+    if isinstance(err, MlchatError):
+        await context.abort(_status_code(err), str(err))
+    if isinstance(err, _STORAGE_ERRORS):
+        log.warning("[%s] storage unavailable: %s", region, err)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"region {region} cannot reach its storage; retry")
+    raise err
+
+
+def unary(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except (MlchatError, *_STORAGE_ERRORS) as err:
+            await _abort_for(err, context, self.region.name)
+
+    return wrapper
+
+
+def streaming(method: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except (MlchatError, *_STORAGE_ERRORS) as err:
+            await _abort_for(err, context, self.region.name)
+
+    return wrapper
+
+
+def message_pb(entry: LogEntry) -> pb.Message:
+    return pb.Message(id=entry.id, channel=entry.channel, user_id=entry.user_id, body=entry.body,
+                      client_msg_id=entry.client_msg_id, hlc=entry.hlc, origin_region=entry.region,
+                      created_at_ms=Hlc.decode(entry.hlc).wall_ms, cursor=encode_cursor(entry.order_key))
+
+
+def status_pb(user_id: str, value: StatusValue | None) -> pb.Status:
+    if value is None:
+        return pb.Status(user_id=user_id)
+    return pb.Status(user_id=user_id, presence=value.presence, text=value.text, hlc=value.hlc,
+                     origin_region=value.region, updated_at_ms=Hlc.decode(value.hlc).wall_ms)
+
+
+def user_pb(view: UserView) -> pb.User:
+    return pb.User(user_id=view.user_id, username=view.username, claim_state=int(view.state),
+                   claim_region=view.claim.region, claim_hlc=view.claim.hlc)
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Authenticator:
+    def __init__(self, signer: TokenSigner) -> None:
+        self.signer = signer
+
+    def principal(self, context: grpc.aio.ServicerContext) -> Principal:
+        return self.signer.verify(bearer(context.invocation_metadata()), wall_ms())
+
+
+class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
+    def __init__(self, region: Region, auth: Authenticator) -> None:
+        self.region = region
+        self.auth = auth
+
+    async def _read_after(self, token: bytes, context: grpc.aio.ServicerContext) -> None:
+        await self.region.wait_for(token, context.time_remaining())
+
+    @unary
+    async def ClaimUsername(self, request, context):
+        name = limits.username(request.username)
+        key = limits.claim_key(request.claim_key)
+        view = await self.region.claim(name, key)
+        token, principal = self.auth.signer.issue(view.user_id, view.username, wall_ms())
+        return pb.ClaimUsernameResponse(user=user_pb(view), token=token,
+                                        token_expires_at_ms=principal.expires_at_ms,
+                                        causal_token=self.region.causal_token())
+
+    @unary
+    async def PostMessage(self, request, context):
+        me = self.auth.principal(context)
+        entry, duplicate = await self.region.post(
+            me.user_id, limits.channel(request.channel), limits.body(request.body),
+            limits.client_msg_id(request.client_msg_id))
+        return pb.PostMessageResponse(message=message_pb(entry), duplicate=duplicate,
+                                      causal_token=self.region.causal_token())
+
+    @unary
+    async def ListMessages(self, request, context):
+        self.auth.principal(context)
+        channel = limits.channel(request.channel)
+        limit = limits.page_size(request.limit)
+        await self._read_after(request.causal_token, context)
+        page = await self.region.page(channel, request.cursor, limit, request.newest_first)
+        messages = [message_pb(e) for e in page.entries]
+        return pb.ListMessagesResponse(messages=messages, next_cursor=messages[-1].cursor if messages else "",
+                                       subscribe_cursor=page.stream_id, causal_token=self.region.causal_token())
+
+    @streaming
+    async def Subscribe(self, request, context):
+        self.auth.principal(context)
+        channel = limits.channel(request.channel)
+        await self._read_after(request.causal_token, context)
+        async for item in self.region.subscribe(channel, request.resume_cursor):
+            yield pb.SubscribeResponse(message=message_pb(item.entry), stream_cursor=item.stream_id,
+                                       causal_token=item.causal_token)
+
+    @unary
+    async def SetStatus(self, request, context):
+        me = self.auth.principal(context)
+        if request.presence not in pb.Presence.values() or request.presence == pb.PRESENCE_UNSPECIFIED:
+            raise InvalidArgument(f"presence {request.presence} is invalid: use ONLINE, AWAY, BUSY or OFFLINE")
+        winner = await self.region.set_status(me.user_id, request.presence, limits.status_text(request.text))
+        return pb.SetStatusResponse(status=status_pb(me.user_id, winner), causal_token=self.region.causal_token())
+
+    @unary
+    async def GetStatus(self, request, context):
+        self.auth.principal(context)
+        if not request.user_id:
+            raise InvalidArgument("user_id is required")
+        await self._read_after(request.causal_token, context)
+        value = await self.region.status(request.user_id)
+        return pb.GetStatusResponse(status=status_pb(request.user_id, value), causal_token=self.region.causal_token())
+
+    @unary
+    async def GetUser(self, request, context):
+        self.auth.principal(context)
+        key = request.WhichOneof("key")
+        if key is None:
+            raise InvalidArgument("give user_id or username")
+        await self._read_after(request.causal_token, context)
+        if key == "username":
+            view = await self.region.user_by_name(limits.username(request.username))
+        else:
+            view = await self.region.user(request.user_id)
+        return pb.GetUserResponse(user=user_pb(view), causal_token=self.region.causal_token())
+
+
+class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
+    def __init__(self, region: Region, auth: Authenticator) -> None:
+        self.region = region
+        self.auth = auth
+
+    @unary
+    async def GetClusterStatus(self, request, context):
+        self.auth.principal(context)
+        users, channels, messages = await self.region.store.counts()
+        return cluster_pb2.GetClusterStatusResponse(
+            region=self.region.name, mode=self.region.settings.mode, users=users, channels=channels,
+            messages=messages, hlc=self.region.clock.encode(),
+            state_digest=await self.region.digest() if request.with_digest else "")

@@ -1,0 +1,26 @@
+"""Leader settings, built by the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlchat.crdt.replica import HOUR_MS
+from mlchat.leader import limits
+
+
+@dataclass(frozen=True)
+class LeaderSettings:
+    region: str
+    listen: str  # host:port for the client API
+    data_dir: Path
+    redis_url: str | None = None  # None: start an embedded Valkey in data_dir
+    secret_file: Path | None = None  # cluster secret; None: data_dir/cluster-secret, created if absent
+    mode: str = "async"
+    token_ttl_ms: int = 24 * 3600 * 1000
+    bucket_ms: int = HOUR_MS  # width of a message-log shard; the same in every region
+    hot_shards: int = 64  # pycrdt shards kept in memory (least recently used leave)
+    compact_after: int = 2000  # pycrdt updates in a shard's list before it is snapshotted
+    subscriber_buffer: int = limits.SUBSCRIBER_BUFFER
+    stream_retention: int = limits.SUBSCRIBE_RETENTION
+    grace_s: float = 5.0  # SIGTERM: how long in-flight calls get to finish

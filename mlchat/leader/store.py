@@ -1,0 +1,297 @@
+"""A region's durable state in Redis (any Redis >= 7 or Valkey).
+
+Keys (every per-channel key carries the hash tag `{channel}` so a channel's keys share a slot):
+  c:{ch}:z     ZSET, score 0: member = order_key NUL json([user_id, body, client_msg_id]); read order
+  c:{ch}:ids   HASH message id -> order_key: deduplicates retries, finds the original
+  c:{ch}:s     STREAM of order keys in commit order: what Subscribe resumes from (capped)
+  y:{ch}:B:u   LIST of pycrdt updates of shard (ch, bucket B) since its snapshot
+  y:{ch}:B:snap STRING pycrdt snapshot of that shard
+  u:USER       HASH name, hlc, region: the user created by a claim
+  n:NAME       HASH user id -> hlc NUL region: every claim on the name
+  s:USER       HASH k (rank key), p, t, h, r: the user's status register
+  channels, users  SETs, for counts; meta:hlc  the largest hlc issued here (clock floor at start)
+
+A write is one Lua script, so the state change and everything derived from it commit together or not
+at all, and it is acknowledged only after Redis has it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from mlchat.crdt.claims import Claim
+from mlchat.crdt.hlc import ENCODED_LENGTH as HLC_LEN
+from mlchat.crdt.lww import StatusValue
+from mlchat.crdt.msglog import ID_LENGTH, LogEntry
+
+_LESS = """
+local function less(a, b)
+  local n = math.min(#a, #b)
+  for i = 1, n do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+"""
+
+# KEYS: ids, zset, stream, shard update list. ARGV: id, order_key, member, update, stream cap.
+_POST = """
+local prior = redis.call('HGET', KEYS[1], ARGV[1])
+if prior then return {0, prior} end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], 0, ARGV[3])
+local sid = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'k', ARGV[2])
+redis.call('RPUSH', KEYS[4], ARGV[4])
+return {1, sid}
+"""
+
+# KEYS: status hash. ARGV: rank key, presence, text, hlc, region. Returns the winner's fields.
+_SET_STATUS = _LESS + """
+local cur = redis.call('HGET', KEYS[1], 'k')
+if (not cur) or less(cur, ARGV[1]) then
+  redis.call('HSET', KEYS[1], 'k', ARGV[1], 'p', ARGV[2], 't', ARGV[3], 'h', ARGV[4], 'r', ARGV[5])
+end
+return redis.call('HMGET', KEYS[1], 'p', 't', 'h', 'r')
+"""
+
+# KEYS: claims on the name, user hash. ARGV: user id, hlc, region, name.
+# Returns 1 if claimed now, 0 if this user already claimed it, -1 if another user holds a claim.
+_CLAIM = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
+if redis.call('HLEN', KEYS[1]) > 0 then return -1 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '\\0' .. ARGV[3])
+redis.call('HSET', KEYS[2], 'name', ARGV[4], 'hlc', ARGV[2], 'region', ARGV[3])
+return 1
+"""
+
+
+def _zset(channel: str) -> str:
+    return f"c:{{{channel}}}:z"
+
+
+def _ids(channel: str) -> str:
+    return f"c:{{{channel}}}:ids"
+
+
+def _stream(channel: str) -> str:
+    return f"c:{{{channel}}}:s"
+
+
+def _shard_keys(shard: str) -> tuple[str, str]:
+    channel, bucket = shard.rsplit("/", 1)
+    return f"y:{{{channel}}}:{bucket}:u", f"y:{{{channel}}}:{bucket}:snap"
+
+
+def status_rank_key(v: StatusValue) -> str:
+    """`StatusValue.rank` as one string that sorts the same way byte by byte (fields have no NUL)."""
+    return "\x00".join((v.hlc, v.region, str(v.presence), v.text))
+
+
+def _member(entry: LogEntry) -> str:
+    rest = json.dumps([entry.user_id, entry.body, entry.client_msg_id], separators=(",", ":"), ensure_ascii=False)
+    return f"{entry.order_key}\x00{rest}"
+
+
+def _entry(channel: str, member: str) -> LogEntry:
+    hlc, rest = member[:HLC_LEN], member[HLC_LEN:]
+    region, rest = rest.split("\x00", 1)
+    msg_id, payload = rest[:ID_LENGTH], rest[ID_LENGTH + 1:]
+    user_id, body, client_msg_id = json.loads(payload)
+    return LogEntry(msg_id, channel, user_id, body, client_msg_id, hlc, region)
+
+
+def _after(order_key: str) -> str:
+    """The smallest string above every member that starts with `order_key`."""
+    return order_key[:-1] + chr(ord(order_key[-1]) + 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    entries: list[LogEntry]
+    stream_id: str  # the last stream entry when the page was read: Subscribe from here
+
+
+@dataclass(frozen=True, slots=True)
+class PostResult:
+    entry: LogEntry
+    stored: bool  # False: a retry; `entry` is the message stored earlier
+    stream_id: str
+
+
+class Store:
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.redis = client
+        self._post = client.register_script(_POST)
+        self._set_status = client.register_script(_SET_STATUS)
+        self._claim = client.register_script(_CLAIM)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    # Messages -----------------------------------------------------------------------------------
+
+    async def post(self, entry: LogEntry, shard: str, update: bytes, stream_cap: int) -> PostResult:
+        """Store a new message with its pycrdt update, unless its id is stored already."""
+        updates_key, _ = _shard_keys(shard)
+        ch = entry.channel
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await self._post(keys=[_ids(ch), _zset(ch), _stream(ch), updates_key],
+                       args=[entry.id, entry.order_key, _member(entry), update, stream_cap], client=pipe)
+            pipe.sadd("channels", ch)
+            pipe.set("meta:hlc", entry.hlc)  # only moves forward: entries are stamped in order
+            (stored, value), *_ = await pipe.execute()
+        if stored:
+            return PostResult(entry, True, value.decode())
+        original = await self.message_at(ch, value.decode())
+        return PostResult(original, False, "")
+
+    async def find(self, channel: str, msg_id: str) -> LogEntry | None:
+        key = await self.redis.hget(_ids(channel), msg_id)
+        return None if key is None else await self.message_at(channel, key.decode())
+
+    async def message_at(self, channel: str, order_key: str) -> LogEntry:
+        (member,) = await self.redis.zrangebylex(_zset(channel), f"[{order_key}\x00", f"[{order_key}\x01", 0, 1)
+        return _entry(channel, member.decode())
+
+    async def page(self, channel: str, cursor: str, limit: int, newest_first: bool) -> Page:
+        """Up to `limit` messages after `cursor` (before it, newest first), read atomically with the
+        stream position so that Subscribe can continue exactly where the page ends."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            if newest_first:
+                pipe.zrevrangebylex(_zset(channel), f"({cursor}" if cursor else "+", "-", 0, limit)
+            else:
+                pipe.zrangebylex(_zset(channel), f"[{_after(cursor)}" if cursor else "-", "+", 0, limit)
+            pipe.xrevrange(_stream(channel), "+", "-", 1)
+            members, last = await pipe.execute()
+        return Page([_entry(channel, m.decode()) for m in members], last[0][0].decode() if last else "0-0")
+
+    async def stream_after(self, channel: str, stream_id: str, count: int) -> list[tuple[str, LogEntry]]:
+        """Messages committed after `stream_id`, oldest first, with their stream ids."""
+        rows = await self.redis.xrange(_stream(channel), f"({stream_id}", "+", count)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for _, fields in rows:
+                key = fields[b"k"].decode()
+                pipe.zrangebylex(_zset(channel), f"[{key}\x00", f"[{key}\x01", 0, 1)
+            members = await pipe.execute()
+        return [(sid.decode(), _entry(channel, m[0].decode())) for (sid, _), m in zip(rows, members, strict=True)]
+
+    async def stream_trimmed_past(self, channel: str, stream_id: str) -> bool:
+        """True when entries after `stream_id` were already trimmed from the stream."""
+        try:
+            info = await self.redis.xinfo_stream(_stream(channel))
+        except aioredis.ResponseError:  # no such stream: nothing was ever trimmed
+            return False
+        deleted = info.get("max-deleted-entry-id", b"0-0")
+        deleted = deleted.decode() if isinstance(deleted, bytes) else str(deleted)
+        return stream_id_key(deleted) > stream_id_key(stream_id)
+
+    async def last_stream_id(self, channel: str) -> str:
+        last = await self.redis.xrevrange(_stream(channel), "+", "-", 1)
+        return last[0][0].decode() if last else "0-0"
+
+    # pycrdt shards ------------------------------------------------------------------------------
+
+    async def shard_updates(self, shard: str) -> list[bytes]:
+        """The shard's snapshot followed by the updates since it."""
+        updates_key, snap_key = _shard_keys(shard)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.get(snap_key)
+            pipe.lrange(updates_key, 0, -1)
+            snap, updates = await pipe.execute()
+        return ([snap] if snap else []) + updates
+
+    async def compact_shard(self, shard: str, snapshot: bytes, covered: int) -> None:
+        """Replace the first `covered` updates of the shard by `snapshot`, which includes them."""
+        updates_key, snap_key = _shard_keys(shard)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(snap_key, snapshot)
+            pipe.ltrim(updates_key, covered, -1)
+            await pipe.execute()
+
+    async def shard_length(self, shard: str) -> int:
+        return int(await self.redis.llen(_shard_keys(shard)[0]))
+
+    # Status -------------------------------------------------------------------------------------
+
+    async def set_status(self, value: StatusValue) -> StatusValue:
+        """Merge `value` into the user's register; return the winner."""
+        p, t, h, r = await self._set_status(
+            keys=[f"s:{value.user_id}"],
+            args=[status_rank_key(value), value.presence, value.text, value.hlc, value.region])
+        return StatusValue(value.user_id, int(p), t.decode(), h.decode(), r.decode())
+
+    async def status(self, user_id: str) -> StatusValue | None:
+        p, t, h, r = await self.redis.hmget(f"s:{user_id}", "p", "t", "h", "r")
+        return None if h is None else StatusValue(user_id, int(p), t.decode(), h.decode(), r.decode())
+
+    # Users and claims ---------------------------------------------------------------------------
+
+    async def claim(self, claim: Claim) -> int:
+        """Record a claim; 1: claimed, 0: this user claimed the name before, -1: another user did."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await self._claim(keys=[f"n:{claim.name}", f"u:{claim.user_id}"],
+                        args=[claim.user_id, claim.hlc, claim.region, claim.name], client=pipe)
+            pipe.sadd("users", claim.user_id)
+            pipe.set("meta:hlc", claim.hlc)
+            outcome, *_ = await pipe.execute()
+        return int(outcome)
+
+    async def claims_on(self, name: str) -> list[Claim]:
+        raw = await self.redis.hgetall(f"n:{name}")
+        claims = []
+        for user_id, value in raw.items():
+            hlc, region = value.decode().split("\x00")
+            claims.append(Claim(hlc, region, user_id.decode(), name))
+        return claims
+
+    async def user_name(self, user_id: str) -> str | None:
+        name = await self.redis.hget(f"u:{user_id}", "name")
+        return None if name is None else name.decode()
+
+    # Region-wide --------------------------------------------------------------------------------
+
+    async def clock_floor(self) -> str:
+        value = await self.redis.get("meta:hlc")
+        return value.decode() if value else ""
+
+    async def counts(self) -> tuple[int, int, int]:
+        """(users, channels, messages)."""
+        channels = [c.decode() for c in await self.redis.smembers("channels")]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.scard("users")
+            for ch in channels:
+                pipe.zcard(_zset(ch))
+            users, *sizes = await pipe.execute()
+        return int(users), len(channels), sum(sizes)
+
+    async def all_state(self) -> AsyncIterator[LogEntry | StatusValue | Claim]:
+        """Every message, status and claim, for the state digest."""
+        for ch in sorted(c.decode() for c in await self.redis.smembers("channels")):
+            for member in await self.redis.zrange(_zset(ch), 0, -1):
+                yield _entry(ch, member.decode())
+        async for key in self.redis.scan_iter(match="s:*", count=1000):
+            value = await self.status(key.decode()[2:])
+            if value is not None:
+                yield value
+        async for key in self.redis.scan_iter(match="n:*", count=1000):
+            for claim in await self.claims_on(key.decode()[2:]):
+                yield claim
+
+
+def parse_stream_id(text: str) -> str:
+    """Validate a stream id (`ms-seq`); raise ValueError if it is not one."""
+    ms, sep, seq = text.partition("-")
+    if not (sep and ms.isdigit() and seq.isdigit() and len(ms) <= 20 and len(seq) <= 20):
+        raise ValueError(f"not a stream position: {text[:40]!r}")
+    return f"{int(ms)}-{int(seq)}"
+
+
+def stream_id_key(stream_id: str) -> tuple[int, int]:
+    """A stream id as a tuple that sorts in stream order."""
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)

