@@ -187,5 +187,5 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
         users, channels, messages = await self.region.store.counts()
         return cluster_pb2.GetClusterStatusResponse(
             region=self.region.name, mode=self.region.settings.mode, users=users, channels=channels,
-            messages=messages, hlc=self.region.clock.encode(),
+            messages=messages, hlc=self.region.clock.encode(), subscribers=self.region.fanout.subscriber_count(),
             state_digest=await self.region.digest() if request.with_digest else "")

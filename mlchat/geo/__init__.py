@@ -1,0 +1,1 @@
+"""Client-side geography: talking to regions and carrying causal tokens between them."""

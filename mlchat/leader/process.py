@@ -1,0 +1,101 @@
+"""Run a leader as a child process (for the demo, the tests, benchmarks and dc-sim)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_serving(address: str, timeout_s: float) -> None:
+    """Block until the gRPC health check at `address` answers SERVING."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"leader at {address} not serving after {timeout_s}s")
+            time.sleep(0.02)
+
+
+class LeaderProcess:
+    """`mlchat leader` in a child process; `start()` returns once it serves."""
+
+    def __init__(self, region: str, data_dir: Path, redis_url: str | None = None, port: int | None = None,
+                 extra_args: tuple[str, ...] = (), log_level: str = "WARNING") -> None:
+        self.region = region
+        self.data_dir = data_dir
+        self.redis_url = redis_url
+        self.port = port or free_port()
+        self.extra_args = extra_args
+        self.log_level = log_level
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> LeaderProcess:
+        args = [sys.executable, "-m", "mlchat", "--log-level", self.log_level, "leader", "--region", self.region,
+                "--listen", self.address, "--data-dir", str(self.data_dir), *self.extra_args]
+        if self.redis_url:
+            args += ["--redis", self.redis_url]
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.data_dir / "leader.log", "ab")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        log.close()
+        try:
+            wait_serving(self.address, timeout_s)
+        except TimeoutError:
+            self.kill()
+            raise TimeoutError(f"leader {self.region} did not start; log:\n{self.log_tail()}") from None
+        return self
+
+    def log_tail(self, lines: int = 40) -> str:
+        path = self.data_dir / "leader.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def stop(self, timeout_s: float = 15.0) -> int:
+        """SIGTERM and wait; return the exit code."""
+        if self.proc is None:
+            return 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def __enter__(self) -> LeaderProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
