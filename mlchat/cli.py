@@ -9,6 +9,7 @@ import re
 import sys
 from pathlib import Path
 
+from mlchat.leader import limits
 from mlchat.leader.settings import LeaderSettings
 
 REGION_PATTERN = r"^[a-z][a-z0-9-]{0,31}$"
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     leader.add_argument("--secret-file", type=Path, default=None,
                         help="cluster secret (shared by all regions); default: DATA_DIR/cluster-secret")
     leader.add_argument("--token-ttl", type=float, default=24 * 3600, help="token lifetime in seconds")
+    leader.add_argument("--subscriber-buffer", type=int, default=limits.SUBSCRIBER_BUFFER,
+                        help="messages a subscriber may fall behind before it is cut off")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
@@ -43,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = LeaderSettings(
             region=args.region, listen=args.listen, redis_url=args.redis,
             data_dir=args.data_dir or Path("data") / args.region, secret_file=args.secret_file,
-            token_ttl_ms=int(args.token_ttl * 1000))
+            token_ttl_ms=int(args.token_ttl * 1000), subscriber_buffer=args.subscriber_buffer)
         asyncio.run(serve(settings))
 
 

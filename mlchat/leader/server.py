@@ -45,8 +45,9 @@ def load_secret(path: Path) -> bytes:
 
 
 def redis_client(url: str) -> aioredis.Redis:
-    # Reconnects across a Redis restart; a call that still fails answers UNAVAILABLE.
-    return aioredis.Redis.from_url(url, retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 5),
+    # One quick retry on a fresh connection rides over a Redis restart; a call that still fails
+    # answers UNAVAILABLE at once, so the client can retry or go elsewhere.
+    return aioredis.Redis.from_url(url, retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
                                    retry_on_error=[ConnectionError, TimeoutError], health_check_interval=5)
 
 
@@ -55,7 +56,9 @@ async def serve(settings: LeaderSettings) -> None:
     url = settings.redis_url
     if url is None:
         embedded = EmbeddedValkey(settings.data_dir / "valkey")
-        await asyncio.to_thread(embedded.start)
+        # Started from the main thread, before serving: the child's parent-death signal is tied
+        # to the thread that forks it, and a worker thread may exit at any time.
+        embedded.start()
         url = embedded.url
     store = Store(redis_client(url))
     try:
@@ -63,7 +66,7 @@ async def serve(settings: LeaderSettings) -> None:
     finally:
         await store.close()
         if embedded is not None:
-            await asyncio.to_thread(embedded.stop)
+            embedded.stop()
 
 
 async def _serve(settings: LeaderSettings, store: Store) -> None:

@@ -245,7 +245,7 @@ class PostMessageRequest(_message.Message):
     channel: _builtins.str
     """Pattern ^[a-z0-9][a-z0-9_.-]{0,63}$."""
     body: _builtins.str
-    """1 to 4000 characters, at most 16384 bytes of UTF-8, not only whitespace."""
+    """1 to 4000 characters and at most 8192 bytes of UTF-8, not only whitespace."""
     client_msg_id: _builtins.str
     """Chosen by the client, 1 to 64 characters: a retry with the same id never creates a second
     message.

@@ -37,13 +37,13 @@ claims = st.builds(Claim, hlc_texts, st.sampled_from(REGIONS), st.sampled_from([
 
 
 @given(st.lists(claims, min_size=1, max_size=6), st.randoms())
-def test_claim_owner_is_the_same_in_any_order_and_all_others_lose(cs, rnd):
+def test_claim_owner_is_the_same_in_any_order_and_every_other_user_loses(cs, rnd):
     shuffled = list(cs)
     rnd.shuffle(shuffled)
     assert owner(shuffled) == owner(cs) == min(cs)
     top = "9999999999999.999999"
     for c in set(cs):
-        expected = ClaimState.CONFIRMED if c == min(cs) else ClaimState.LOST
+        expected = ClaimState.CONFIRMED if c.user_id == min(cs).user_id else ClaimState.LOST
         assert claim_state(c, cs, watermark=top) == expected
 
 

@@ -1,0 +1,35 @@
+import pytest
+
+from mlchat.crdt.hlc import Hlc
+from mlchat.crdt.msglog import order_key
+from mlchat.errors import InvalidArgument
+from mlchat.leader import limits
+from mlchat.leader.region import decode_cursor, encode_cursor, user_id_for
+
+
+def test_documented_limits_hold_at_their_edges():
+    assert limits.body("x" * limits.BODY_MAX_CHARS)
+    with pytest.raises(InvalidArgument):
+        limits.body("x" * (limits.BODY_MAX_CHARS + 1))
+    assert limits.username("abc") and limits.username("a" * 32)
+    with pytest.raises(InvalidArgument):
+        limits.username("a" * 33)
+    assert limits.channel("c" * 64)
+    with pytest.raises(InvalidArgument):
+        limits.channel("c" * 65)
+    assert limits.page_size(0) == limits.PAGE_DEFAULT and limits.page_size(limits.PAGE_MAX) == limits.PAGE_MAX
+    assert limits.body("line one\nline two\ttabbed")
+
+
+def test_cursor_round_trips_and_rejects_anything_else():
+    key = order_key(Hlc(1_700_000_000_000, 3).encode(), "eu-west", "0123456789abcdef")
+    assert decode_cursor(encode_cursor(key)) == key
+    for junk in ["", "%%%", encode_cursor("short"), encode_cursor(key[:-1]), encode_cursor(key.replace("\x00", "-"))]:
+        with pytest.raises(InvalidArgument, match="cursor"):
+            decode_cursor(junk)
+
+
+def test_user_id_depends_on_name_and_key_only():
+    assert user_id_for("ann", "k" * 16) == user_id_for("ann", "k" * 16)
+    assert user_id_for("ann", "k" * 16) != user_id_for("ann", "j" * 16)
+    assert user_id_for("ann", "k" * 16) != user_id_for("bob", "k" * 16)
