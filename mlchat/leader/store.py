@@ -59,13 +59,14 @@ end
 return redis.call('HMGET', KEYS[1], 'p', 't', 'h', 'r')
 """
 
-# KEYS: claims on the name, user hash. ARGV: user id, hlc, region, name.
+# KEYS: claims on the name, user hash, set of users. ARGV: user id, hlc, region, name.
 # Returns 1 if claimed now, 0 if this user already claimed it, -1 if another user holds a claim.
 _CLAIM = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
 if redis.call('HLEN', KEYS[1]) > 0 then return -1 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '\\0' .. ARGV[3])
 redis.call('HSET', KEYS[2], 'name', ARGV[4], 'hlc', ARGV[2], 'region', ARGV[3])
+redis.call('SADD', KEYS[3], ARGV[1])
 return 1
 """
 
@@ -141,7 +142,7 @@ class Store:
         ch = entry.channel
         async with self.redis.pipeline(transaction=False) as pipe:
             await self._post(keys=[_ids(ch), _zset(ch), _stream(ch), updates_key],
-                       args=[entry.id, entry.order_key, _member(entry), update, stream_cap], client=pipe)
+                             args=[entry.id, entry.order_key, _member(entry), update, stream_cap], client=pipe)
             pipe.sadd("channels", ch)
             pipe.set("meta:hlc", entry.hlc)  # only moves forward: entries are stamped in order
             (stored, value), *_ = await pipe.execute()
@@ -234,9 +235,8 @@ class Store:
     async def claim(self, claim: Claim) -> int:
         """Record a claim; 1: claimed, 0: this user claimed the name before, -1: another user did."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            await self._claim(keys=[f"n:{claim.name}", f"u:{claim.user_id}"],
-                        args=[claim.user_id, claim.hlc, claim.region, claim.name], client=pipe)
-            pipe.sadd("users", claim.user_id)
+            await self._claim(keys=[f"n:{claim.name}", f"u:{claim.user_id}", "users"],
+                              args=[claim.user_id, claim.hlc, claim.region, claim.name], client=pipe)
             pipe.set("meta:hlc", claim.hlc)
             outcome, *_ = await pipe.execute()
         return int(outcome)

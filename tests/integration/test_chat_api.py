@@ -29,10 +29,13 @@ def test_claim_retry_with_same_key_is_idempotent_and_other_key_is_refused(leader
         again = a.claim(f"bob_{unique}", "bobs-secret-key-123")
         assert again.user.user_id == first.user.user_id
         assert again.user.claim_hlc == first.user.claim_hlc
+        before = a.cluster_status(with_digest=True)
         with pytest.raises(grpc.RpcError) as err:
             b.claim(f"bob_{unique}", "someone-elses-key-456")
         assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
         assert "taken" in err.value.details()
+        after = a.cluster_status(with_digest=True)
+        assert (after.users, after.state_digest) == (before.users, before.state_digest)
 
 
 def test_post_then_list_oldest_first(client, unique):
