@@ -15,7 +15,7 @@ from mlchat.crdt.msglog import LogEntry
 
 
 def state_digest(entries: Iterable[LogEntry], statuses: Iterable[StatusValue], claims: Iterable[Claim]) -> str:
-    lines = [f"m\x1f{e.encode()}" for e in entries]
+    lines = [f"m\x1f{e.channel}\x1f{e.order_key}\x1f{e.payload}" for e in entries]
     lines += [f"s\x1f{s.user_id}\x1f{s.presence}\x1f{s.text}\x1f{s.hlc}\x1f{s.region}" for s in statuses]
     lines += [f"c\x1f{c.name}\x1f{c.user_id}\x1f{c.hlc}\x1f{c.region}" for c in claims]
     h = hashlib.sha256()

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 from pycrdt import Doc, Map, MapEvent
 
-from mlchat.crdt.hlc import Hlc
+from mlchat.crdt.hlc import ENCODED_LENGTH as HLC_LENGTH
+from mlchat.crdt.hlc import Hlc, is_encoded_hlc
 
 ROOT = "log"
 ID_LENGTH = 16
@@ -39,6 +40,12 @@ def message_id(user_id: str, channel: str, client_msg_id: str) -> str:
 def shard_name(channel: str, hlc: str, bucket_ms: int) -> str:
     """The shard holding a message: its channel and the time bucket of its hlc."""
     return f"{channel}/{Hlc.decode(hlc).wall_ms // bucket_ms}"
+
+
+def split_shard_name(name: str) -> tuple[str, int]:
+    """(channel, bucket) of a shard name."""
+    channel, bucket = name.rsplit("/", 1)
+    return channel, int(bucket)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,16 +63,16 @@ class LogEntry:
         """Sorts entries in read order; a fixed-width hlc first, then region, then id."""
         return order_key(self.hlc, self.region, self.id)
 
-    def encode(self) -> str:
-        return json.dumps(
-            [self.id, self.channel, self.user_id, self.body, self.client_msg_id, self.hlc, self.region],
-            separators=(",", ":"),
-            ensure_ascii=False,
-        )
+    @property
+    def payload(self) -> str:
+        """What the order key and the channel do not already say."""
+        return json.dumps([self.user_id, self.body, self.client_msg_id], separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
-    def decode(cls, text: str) -> LogEntry:
-        return cls(*json.loads(text))
+    def from_parts(cls, channel: str, key: str, payload: str) -> LogEntry:
+        hlc, region, msg_id = split_order_key(key)
+        user_id, body, client_msg_id = json.loads(payload)
+        return cls(msg_id, channel, user_id, body, client_msg_id, hlc, region)
 
 
 def winner(a: LogEntry | None, b: LogEntry) -> LogEntry:
@@ -78,10 +85,19 @@ def order_key(hlc: str, region: str, msg_id: str) -> str:
     return f"{hlc}{region}\x00{msg_id}"
 
 
+def split_order_key(key: str) -> tuple[str, str, str]:
+    """(hlc, region, message id) of an order key; ValueError if it is not one."""
+    hlc, (region, sep, msg_id) = key[:HLC_LENGTH], key[HLC_LENGTH:].partition("\x00")
+    if not (is_encoded_hlc(hlc) and region and sep and len(msg_id) == ID_LENGTH):
+        raise ValueError(f"not an order key: {key[:80]!r}")
+    return hlc, region, msg_id
+
+
 class MessageShard:
     """One shard of a channel's log: local adds, remote updates, deltas and snapshots."""
 
-    def __init__(self, client_id: int, updates: Iterable[bytes] = ()) -> None:
+    def __init__(self, channel: str, client_id: int, updates: Iterable[bytes] = ()) -> None:
+        self.channel = channel
         self._doc: Doc = Doc(client_id=client_id)
         # Created once and never nested: concurrent creation of nested maps loses a side.
         self._log: Map = self._doc.get(ROOT, type=Map)
@@ -91,11 +107,12 @@ class MessageShard:
     def __len__(self) -> int:
         return len(self._log)
 
-    def add(self, entry: LogEntry) -> bytes:
-        """Add a local entry; return the update to persist and ship."""
+    def add(self, entries: Iterable[LogEntry]) -> bytes:
+        """Add local entries in one transaction; return the update to persist and ship."""
         before = self._doc.get_state()
         with self._doc.transaction(origin="local"):
-            self._log[entry.order_key] = entry.encode()
+            for entry in entries:
+                self._log[entry.order_key] = entry.payload
         return self._doc.get_update(before)
 
     def apply(self, update: bytes) -> list[LogEntry]:
@@ -103,9 +120,9 @@ class MessageShard:
         added: list[LogEntry] = []
 
         def collect(event: MapEvent) -> None:
-            for change in event.keys.values():
+            for key, change in event.keys.items():
                 if change["action"] == "add":
-                    added.append(LogEntry.decode(change["newValue"]))
+                    added.append(LogEntry.from_parts(self.channel, key, change["newValue"]))
 
         subscription = self._log.observe(collect)
         try:
@@ -126,4 +143,4 @@ class MessageShard:
 
     def entries(self) -> list[LogEntry]:
         """All entries in read order."""
-        return sorted((LogEntry.decode(raw) for raw in self._log.values()), key=lambda e: e.order_key)
+        return [LogEntry.from_parts(self.channel, key, self._log[key]) for key in sorted(self._log.keys())]

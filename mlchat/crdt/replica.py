@@ -18,7 +18,7 @@ from mlchat.crdt.claims import Claim, ClaimState, claim_state
 from mlchat.crdt.digest import state_digest
 from mlchat.crdt.hlc import ZERO, Hlc
 from mlchat.crdt.lww import StatusValue
-from mlchat.crdt.msglog import LogEntry, MessageShard, message_id, shard_name, winner
+from mlchat.crdt.msglog import LogEntry, MessageShard, message_id, shard_name, split_shard_name, winner
 
 HOUR_MS = 3_600_000
 
@@ -69,7 +69,7 @@ class Replica:
         if existing is not None:
             return existing, True
         entry = LogEntry(msg_id, channel, user_id, body, client_msg_id, self._stamp(now_ms), self.region)
-        self._shard(shard_name(channel, entry.hlc, self._bucket_ms)).add(entry)
+        self._shard(shard_name(channel, entry.hlc, self._bucket_ms)).add([entry])
         self._messages[msg_id] = entry
         return entry, False
 
@@ -149,5 +149,5 @@ class Replica:
 
     def _shard(self, name: str) -> MessageShard:
         if name not in self._shards:
-            self._shards[name] = MessageShard(self._client_id)
+            self._shards[name] = MessageShard(split_shard_name(name)[0], self._client_id)
         return self._shards[name]

@@ -6,7 +6,6 @@ Every check raises `InvalidArgument` naming the field, the rule and how to compl
 from __future__ import annotations
 
 import re
-import unicodedata
 
 from mlchat.errors import InvalidArgument
 
@@ -28,8 +27,13 @@ _CHANNEL = re.compile(CHANNEL_PATTERN)
 _CLIENT_MSG_ID = re.compile(CLIENT_MSG_ID_PATTERN)
 
 
-def _has_control_chars(text: str, allowed: str = "") -> bool:
-    return any(unicodedata.category(ch) in ("Cc", "Cs") and ch not in allowed for ch in text)
+# Unicode categories Cc (control characters) and Cs (lone surrogates).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_CONTROL_BUT_NEWLINE_TAB = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _has_control_chars(text: str, newlines_and_tabs: bool = False) -> bool:
+    return bool((_CONTROL_BUT_NEWLINE_TAB if newlines_and_tabs else _CONTROL).search(text))
 
 
 def username(name: str) -> str:
@@ -76,7 +80,7 @@ def body(text: str) -> str:
             f"body is too long ({len(text)} characters, {len(text.encode())} bytes): "
             f"the limit is {BODY_MAX_CHARS} characters and {BODY_MAX_BYTES} bytes"
         )
-    if _has_control_chars(text, allowed="\n\t"):
+    if _has_control_chars(text, newlines_and_tabs=True):
         raise InvalidArgument("body contains control characters: only newlines and tabs are allowed")
     return text
 

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -21,9 +22,9 @@ from dataclasses import dataclass
 from mlchat.crdt import vector
 from mlchat.crdt.claims import Claim, ClaimState, claim_state, owner
 from mlchat.crdt.digest import state_digest
-from mlchat.crdt.hlc import ENCODED_LENGTH, ZERO, Hlc, is_encoded_hlc
+from mlchat.crdt.hlc import ZERO, Hlc
 from mlchat.crdt.lww import StatusValue
-from mlchat.crdt.msglog import ID_LENGTH, LogEntry, MessageShard, message_id, shard_name
+from mlchat.crdt.msglog import LogEntry, MessageShard, message_id, shard_name, split_order_key, split_shard_name
 from mlchat.errors import AlreadyExists, InvalidArgument, NotFound, OutOfRange, ResourceExhausted, Unavailable
 from mlchat.leader.fanout import Fanout
 from mlchat.leader.settings import LeaderSettings
@@ -31,6 +32,7 @@ from mlchat.leader.store import Page, Store, parse_stream_id, stream_id_key
 
 log = logging.getLogger(__name__)
 CAUSAL_WAIT_MAX_S = 30.0
+RECENT_IDS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +42,14 @@ class Committed:
     entry: LogEntry
     stream_id: str
     causal_token: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    msg_id: str
+    user_id: str
+    body: str
+    client_msg_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,8 +77,13 @@ class Region:
         self.vector: dict[str, str] = {}
         self._vector_changed = asyncio.Condition()
         self._shards: OrderedDict[str, MessageShard] = OrderedDict()
-        self._shard_locks: dict[str, asyncio.Lock] = {}
-        self._inflight: dict[str, asyncio.Future[LogEntry]] = {}
+        self._pending_updates: dict[str, int] = {}  # per hot shard: updates stored since its snapshot
+        # Posts waiting for their channel's writer, the writers, and every post not yet answered.
+        self._queue: dict[str, list[_Pending]] = {}
+        self._writers: dict[str, asyncio.Task[None]] = {}
+        self._inflight: dict[str, asyncio.Future[tuple[LogEntry, bool]]] = {}
+        # Ids of messages committed lately, so that a retry is answered without a shard reload.
+        self._recent: OrderedDict[str, str] = OrderedDict()
         self.fanout: Fanout[Committed] = Fanout(settings.subscriber_buffer)
 
     async def start(self) -> None:
@@ -115,23 +130,15 @@ class Region:
     async def post(self, user_id: str, channel: str, body: str, client_msg_id: str) -> tuple[LogEntry, bool]:
         """Commit a message; return it and whether the call was a retry of an earlier one."""
         msg_id = message_id(user_id, channel, client_msg_id)
-        if msg_id in self._inflight:  # the same request is being committed right now
-            return self._same(await asyncio.shield(self._inflight[msg_id]), body), True
-        existing = await self.store.find(channel, msg_id)
-        if existing is not None:
-            return self._same(existing, body), True
-        future: asyncio.Future[LogEntry] = asyncio.get_running_loop().create_future()
-        self._inflight[msg_id] = future
-        try:
-            entry, stored = await self._commit(msg_id, user_id, channel, body, client_msg_id)
-            future.set_result(entry)
-            return self._same(entry, body), not stored
-        except BaseException as e:
-            future.set_exception(e)
-            future.exception()  # retrieved: waiters re-raise it, nobody else needs to
-            raise
-        finally:
-            del self._inflight[msg_id]
+        retry = msg_id in self._inflight  # the same request is being committed right now
+        if not retry:
+            self._inflight[msg_id] = asyncio.get_running_loop().create_future()
+            self._queue.setdefault(channel, []).append(_Pending(msg_id, user_id, body, client_msg_id))
+            if channel not in self._writers:
+                self._writers[channel] = asyncio.create_task(self._write(channel))
+        # Shielded: a caller that gives up does not cancel the commit others may wait on.
+        entry, stored = await asyncio.shield(self._inflight[msg_id])
+        return self._same(entry, body), retry or not stored
 
     @staticmethod
     def _same(entry: LogEntry, body: str) -> LogEntry:
@@ -140,43 +147,84 @@ class Region:
                                 "message in this channel: use a new client_msg_id for a new message")
         return entry
 
-    async def _commit(self, msg_id: str, user_id: str, channel: str, body: str,
-                      client_msg_id: str) -> tuple[LogEntry, bool]:
-        hlc = self._stamp()
-        entry = LogEntry(msg_id, channel, user_id, body, client_msg_id, hlc, self.name)
-        name = shard_name(channel, hlc, self.settings.bucket_ms)
-        # One commit at a time per shard: each pycrdt update builds on the previous one, so an update
-        # that fails to persist must not have successors.
-        async with self._shard_locks.setdefault(name, asyncio.Lock()):
-            shard = await self._shard(name)
-            update = shard.add(entry)
-            try:
-                result = await self.store.post(entry, name, update, self.settings.stream_retention)
-            except BaseException:
-                self._shards.pop(name, None)  # memory must never hold what Redis does not
-                raise
-            if not result.stored:  # another leader process of this region committed it first
-                self._shards.pop(name, None)
-                return result.entry, False
-            await self._maybe_compact(name, shard)
-        await self._committed(hlc)
-        self.fanout.publish(channel, Committed(entry, result.stream_id, self.causal_token()))
-        return entry, True
+    def _settle(self, msg_id: str, result: tuple[LogEntry, bool] | BaseException) -> None:
+        future = self._inflight.pop(msg_id, None)
+        if future is None:  # already answered (a batch that failed after re-queueing it)
+            return
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+            future.exception()  # retrieved: the callers re-raise it
+        else:
+            future.set_result(result)
+
+    async def _write(self, channel: str) -> None:
+        """Commit a channel's queued posts, in batches: one Redis round trip serves many posts."""
+        try:
+            while batch := self._queue.pop(channel, None):
+                try:
+                    await self._commit_batch(channel, batch)
+                except Exception as e:
+                    for p in batch:
+                        self._settle(p.msg_id, e)
+        finally:
+            del self._writers[channel]
+
+    async def _commit_batch(self, channel: str, batch: list[_Pending]) -> None:
+        fresh = []
+        for p in batch:
+            if p.msg_id in self._recent:  # a retry of a message committed lately
+                self._settle(p.msg_id, (await self.store.message_at(channel, self._recent[p.msg_id]), False))
+            else:
+                fresh.append(p)
+        entries = [LogEntry(p.msg_id, channel, p.user_id, p.body, p.client_msg_id, self._stamp(), self.name)
+                   for p in fresh]
+        for name, group in itertools.groupby(entries, lambda e: shard_name(channel, e.hlc, self.settings.bucket_ms)):
+            await self._commit_shard(name, list(group))
+
+    async def _commit_shard(self, name: str, entries: list[LogEntry]) -> None:
+        shard = await self._shard(name)
+        update = shard.add(entries)
+        try:
+            outcome = await self.store.post(name, entries, update, self.settings.stream_retention)
+        except BaseException:
+            self._shards.pop(name, None)  # memory must never hold what Redis does not
+            raise
+        if outcome.duplicates:
+            # Retries of messages stored before (by an earlier process, or another process of this
+            # region). Nothing was stored: drop the shard, which holds what Redis does not, answer
+            # the retries, and queue the other posts again.
+            self._shards.pop(name, None)
+            for e in entries:
+                if e.id in outcome.duplicates:
+                    self._settle(e.id, (await self.store.message_at(e.channel, outcome.duplicates[e.id]), False))
+                else:
+                    self._queue.setdefault(e.channel, []).append(_Pending(e.id, e.user_id, e.body, e.client_msg_id))
+            return
+        self._pending_updates[name] = self._pending_updates.get(name, 0) + 1
+        if self._pending_updates[name] >= self.settings.compact_after:
+            await self.store.compact_shard(name, shard.snapshot(), self._pending_updates[name])
+            self._pending_updates[name] = 0
+        await self._committed(entries[-1].hlc)
+        token = self.causal_token()
+        for entry, stream_id in zip(entries, outcome.stream_ids, strict=True):
+            self._recent[entry.id] = entry.order_key
+            self._settle(entry.id, (entry, True))
+            self.fanout.publish(entry.channel, Committed(entry, stream_id, token))
+        while len(self._recent) > RECENT_IDS:
+            self._recent.popitem(last=False)
 
     async def _shard(self, name: str) -> MessageShard:
         shard = self._shards.get(name)
         if shard is None:
-            shard = MessageShard(self._client_id, await self.store.shard_updates(name))
+            snapshot, updates = await self.store.shard_updates(name)
+            shard = MessageShard(split_shard_name(name)[0], self._client_id, ([snapshot] if snapshot else []) + updates)
             self._shards[name] = shard
+            self._pending_updates[name] = len(updates)
             while len(self._shards) > self.settings.hot_shards:
-                self._shards.popitem(last=False)
+                evicted, _ = self._shards.popitem(last=False)
+                self._pending_updates.pop(evicted, None)
         self._shards.move_to_end(name)
         return shard
-
-    async def _maybe_compact(self, name: str, shard: MessageShard) -> None:
-        pending = await self.store.shard_length(name)
-        if pending >= self.settings.compact_after:
-            await self.store.compact_shard(name, shard.snapshot(), pending)
 
     async def page(self, channel: str, cursor: str, limit: int, newest_first: bool) -> Page:
         return await self.store.page(channel, decode_cursor(cursor) if cursor else "", limit, newest_first)
@@ -275,10 +323,7 @@ def decode_cursor(cursor: str) -> str:
     """The order key inside a ListMessages cursor; InvalidArgument if it is not one."""
     try:
         key = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        region, msg_id = key[ENCODED_LENGTH:].split("\x00")
-        valid = is_encoded_hlc(key[:ENCODED_LENGTH]) and bool(region) and len(msg_id) == ID_LENGTH
+        split_order_key(key)
     except (binascii.Error, UnicodeDecodeError, ValueError):
-        valid = False
-    if not valid:
-        raise InvalidArgument(f"cursor {cursor[:60]!r} is malformed: pass back a cursor exactly as returned")
+        raise InvalidArgument(f"cursor {cursor[:60]!r} is malformed: pass back a cursor exactly as returned") from None
     return key

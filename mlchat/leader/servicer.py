@@ -91,11 +91,25 @@ def wall_ms() -> int:
 
 
 class Authenticator:
+    """Verifies bearer tokens, remembering the good ones: a client sends the same token on every call."""
+
+    CACHE_SIZE = 10_000
+
     def __init__(self, signer: TokenSigner) -> None:
         self.signer = signer
+        self._verified: dict[str, Principal] = {}
 
     def principal(self, context: grpc.aio.ServicerContext) -> Principal:
-        return self.signer.verify(bearer(context.invocation_metadata()), wall_ms())
+        token = bearer(context.invocation_metadata())
+        now = wall_ms()
+        known = self._verified.get(token)
+        if known is not None and known.expires_at_ms > now:
+            return known
+        principal = self.signer.verify(token, now)
+        if len(self._verified) >= self.CACHE_SIZE:
+            self._verified.clear()
+        self._verified[token] = principal
+        return principal
 
 
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):

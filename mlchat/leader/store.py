@@ -1,7 +1,8 @@
 """A region's durable state in Redis (any Redis >= 7 or Valkey).
 
-Keys (every per-channel key carries the hash tag `{channel}` so a channel's keys share a slot):
-  c:{ch}:z     ZSET, score 0: member = order_key NUL json([user_id, body, client_msg_id]); read order
+Keys (every per-channel key carries the hash tag `{channel}`, a step towards Redis Cluster; the
+scripts also touch the region-wide keys, which a cluster deployment will have to move out):
+  c:{ch}:z     ZSET, score 0: member = order_key NUL payload (LogEntry.payload); read order
   c:{ch}:ids   HASH message id -> order_key: deduplicates retries, finds the original
   c:{ch}:s     STREAM of order keys in commit order: what Subscribe resumes from (capped)
   y:{ch}:B:u   LIST of pycrdt updates of shard (ch, bucket B) since its snapshot
@@ -17,16 +18,15 @@ at all, and it is acknowledged only after Redis has it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
 from mlchat.crdt.claims import Claim
 from mlchat.crdt.hlc import ENCODED_LENGTH as HLC_LEN
 from mlchat.crdt.lww import StatusValue
-from mlchat.crdt.msglog import ID_LENGTH, LogEntry
+from mlchat.crdt.msglog import ID_LENGTH, LogEntry, split_shard_name
 
 _LESS = """
 local function less(a, b)
@@ -39,15 +39,27 @@ local function less(a, b)
 end
 """
 
-# KEYS: ids, zset, stream, shard update list. ARGV: id, order_key, member, update, stream cap.
+# A batch of new messages of one shard and the pycrdt update that adds them all.
+# KEYS: ids, zset, stream, shard update list, channels, meta:hlc. ARGV: stream cap, update, channel,
+# last hlc, then (id, order key, member) for each message. Returns {1, stream ids}; or, storing
+# nothing, {0, {id, stored order key, ...}} if any of the ids is stored already (a retry).
 _POST = """
-local prior = redis.call('HGET', KEYS[1], ARGV[1])
-if prior then return {0, prior} end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[2], 0, ARGV[3])
-local sid = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'k', ARGV[2])
-redis.call('RPUSH', KEYS[4], ARGV[4])
-return {1, sid}
+local dups = {}
+for i = 5, #ARGV, 3 do
+  local key = redis.call('HGET', KEYS[1], ARGV[i])
+  if key then dups[#dups + 1] = ARGV[i]; dups[#dups + 1] = key end
+end
+if #dups > 0 then return {0, dups} end
+local sids = {}
+for i = 5, #ARGV, 3 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  redis.call('ZADD', KEYS[2], 0, ARGV[i + 2])
+  sids[#sids + 1] = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[1], '*', 'k', ARGV[i + 1])
+end
+redis.call('RPUSH', KEYS[4], ARGV[2])
+redis.call('SADD', KEYS[5], ARGV[3])
+redis.call('SET', KEYS[6], ARGV[4])
+return {1, sids}
 """
 
 # KEYS: status hash. ARGV: rank key, presence, text, hlc, region. Returns the winner's fields.
@@ -59,7 +71,7 @@ end
 return redis.call('HMGET', KEYS[1], 'p', 't', 'h', 'r')
 """
 
-# KEYS: claims on the name, user hash, set of users. ARGV: user id, hlc, region, name.
+# KEYS: claims on the name, user hash, set of users, meta:hlc. ARGV: user id, hlc, region, name.
 # Returns 1 if claimed now, 0 if this user already claimed it, -1 if another user holds a claim.
 _CLAIM = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
@@ -67,6 +79,7 @@ if redis.call('HLEN', KEYS[1]) > 0 then return -1 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '\\0' .. ARGV[3])
 redis.call('HSET', KEYS[2], 'name', ARGV[4], 'hlc', ARGV[2], 'region', ARGV[3])
 redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('SET', KEYS[4], ARGV[2])
 return 1
 """
 
@@ -84,7 +97,7 @@ def _stream(channel: str) -> str:
 
 
 def _shard_keys(shard: str) -> tuple[str, str]:
-    channel, bucket = shard.rsplit("/", 1)
+    channel, bucket = split_shard_name(shard)
     return f"y:{{{channel}}}:{bucket}:u", f"y:{{{channel}}}:{bucket}:snap"
 
 
@@ -94,16 +107,14 @@ def status_rank_key(v: StatusValue) -> str:
 
 
 def _member(entry: LogEntry) -> str:
-    rest = json.dumps([entry.user_id, entry.body, entry.client_msg_id], separators=(",", ":"), ensure_ascii=False)
-    return f"{entry.order_key}\x00{rest}"
+    return f"{entry.order_key}\x00{entry.payload}"
 
 
 def _entry(channel: str, member: str) -> LogEntry:
-    hlc, rest = member[:HLC_LEN], member[HLC_LEN:]
-    region, rest = rest.split("\x00", 1)
-    msg_id, payload = rest[:ID_LENGTH], rest[ID_LENGTH + 1:]
-    user_id, body, client_msg_id = json.loads(payload)
-    return LogEntry(msg_id, channel, user_id, body, client_msg_id, hlc, region)
+    # The order key holds one NUL (after the region) and has a fixed-width tail: the id.
+    region_end = member.index("\x00", HLC_LEN)
+    key_end = region_end + 1 + ID_LENGTH
+    return LogEntry.from_parts(channel, member[:key_end], member[key_end + 1:])
 
 
 def _after(order_key: str) -> str:
@@ -112,16 +123,15 @@ def _after(order_key: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class Page:
-    entries: list[LogEntry]
-    stream_id: str  # the last stream entry when the page was read: Subscribe from here
+class PostOutcome:
+    stream_ids: list[str] = field(default_factory=list)  # of the stored messages, in order
+    duplicates: dict[str, str] = field(default_factory=dict)  # id -> order key stored earlier
 
 
 @dataclass(frozen=True, slots=True)
-class PostResult:
-    entry: LogEntry
-    stored: bool  # False: a retry; `entry` is the message stored earlier
-    stream_id: str
+class Page:
+    entries: list[LogEntry]
+    stream_id: str  # the last stream entry when the page was read: Subscribe from here
 
 
 class Store:
@@ -136,24 +146,21 @@ class Store:
 
     # Messages -----------------------------------------------------------------------------------
 
-    async def post(self, entry: LogEntry, shard: str, update: bytes, stream_cap: int) -> PostResult:
-        """Store a new message with its pycrdt update, unless its id is stored already."""
+    async def post(self, shard: str, entries: list[LogEntry], update: bytes, stream_cap: int) -> PostOutcome:
+        """Store new messages of one shard with the pycrdt update that adds them, unless any of them
+        is stored already: then store nothing and say which."""
         updates_key, _ = _shard_keys(shard)
-        ch = entry.channel
-        async with self.redis.pipeline(transaction=False) as pipe:
-            await self._post(keys=[_ids(ch), _zset(ch), _stream(ch), updates_key],
-                             args=[entry.id, entry.order_key, _member(entry), update, stream_cap], client=pipe)
-            pipe.sadd("channels", ch)
-            pipe.set("meta:hlc", entry.hlc)  # only moves forward: entries are stamped in order
-            (stored, value), *_ = await pipe.execute()
+        ch = entries[0].channel
+        # meta:hlc only moves forward: entries are stamped in order.
+        args: list[str | bytes | int] = [stream_cap, update, ch, entries[-1].hlc]
+        for e in entries:
+            args += [e.id, e.order_key, _member(e)]
+        stored, values = await self._post(
+            keys=[_ids(ch), _zset(ch), _stream(ch), updates_key, "channels", "meta:hlc"], args=args)
+        decoded = [v.decode() for v in values]
         if stored:
-            return PostResult(entry, True, value.decode())
-        original = await self.message_at(ch, value.decode())
-        return PostResult(original, False, "")
-
-    async def find(self, channel: str, msg_id: str) -> LogEntry | None:
-        key = await self.redis.hget(_ids(channel), msg_id)
-        return None if key is None else await self.message_at(channel, key.decode())
+            return PostOutcome(stream_ids=decoded)
+        return PostOutcome(duplicates=dict(zip(decoded[::2], decoded[1::2], strict=True)))
 
     async def message_at(self, channel: str, order_key: str) -> LogEntry:
         (member,) = await self.redis.zrangebylex(_zset(channel), f"[{order_key}\x00", f"[{order_key}\x01", 0, 1)
@@ -197,14 +204,14 @@ class Store:
 
     # pycrdt shards ------------------------------------------------------------------------------
 
-    async def shard_updates(self, shard: str) -> list[bytes]:
-        """The shard's snapshot followed by the updates since it."""
+    async def shard_updates(self, shard: str) -> tuple[bytes | None, list[bytes]]:
+        """The shard's snapshot (None if it has none yet) and the updates since it."""
         updates_key, snap_key = _shard_keys(shard)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.get(snap_key)
             pipe.lrange(updates_key, 0, -1)
             snap, updates = await pipe.execute()
-        return ([snap] if snap else []) + updates
+        return snap, updates
 
     async def compact_shard(self, shard: str, snapshot: bytes, covered: int) -> None:
         """Replace the first `covered` updates of the shard by `snapshot`, which includes them."""
@@ -213,9 +220,6 @@ class Store:
             pipe.set(snap_key, snapshot)
             pipe.ltrim(updates_key, covered, -1)
             await pipe.execute()
-
-    async def shard_length(self, shard: str) -> int:
-        return int(await self.redis.llen(_shard_keys(shard)[0]))
 
     # Status -------------------------------------------------------------------------------------
 
@@ -234,11 +238,8 @@ class Store:
 
     async def claim(self, claim: Claim) -> int:
         """Record a claim; 1: claimed, 0: this user claimed the name before, -1: another user did."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            await self._claim(keys=[f"n:{claim.name}", f"u:{claim.user_id}", "users"],
-                              args=[claim.user_id, claim.hlc, claim.region, claim.name], client=pipe)
-            pipe.set("meta:hlc", claim.hlc)
-            outcome, *_ = await pipe.execute()
+        outcome = await self._claim(keys=[f"n:{claim.name}", f"u:{claim.user_id}", "users", "meta:hlc"],
+                                    args=[claim.user_id, claim.hlc, claim.region, claim.name])
         return int(outcome)
 
     async def claims_on(self, name: str) -> list[Claim]:

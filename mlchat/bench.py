@@ -1,0 +1,217 @@
+"""`make bench`: the leader's figures, each against a baseline measured in the same run.
+
+- PostMessage throughput and p50/p99 latency at concurrency 1, 16 and 64, against a bare gRPC echo
+  servicer (the same request and response messages, no storage) in a process of its own.
+- ListMessages page latency on a channel with 100k messages, against the echo round trip.
+- Redis memory per stored message, leader RSS per 100k hot messages, and the time from a leader
+  restart to serving with 100k messages stored, against a restart with nothing stored.
+
+The machines are shared and noisy: read the ratios, not the absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import redis
+
+from mlchat.geo.client import ChatClient
+from mlchat.leader.process import LeaderProcess, free_port, wait_serving
+from mlchat.leader.valkey import EmbeddedValkey
+from mlchat.v1 import chat_pb2 as pb
+from mlchat.v1 import chat_pb2_grpc
+
+BODY = "x" * 100
+LEVELS = (1, 16, 64)
+
+
+class EchoServicer(chat_pb2_grpc.ChatServiceServicer):
+    """PostMessage answered from the request alone: the cost of gRPC and protobuf, nothing else."""
+
+    async def PostMessage(self, request, context):
+        return pb.PostMessageResponse(message=pb.Message(channel=request.channel, body=request.body,
+                                                         client_msg_id=request.client_msg_id))
+
+    async def ListMessages(self, request, context):
+        return pb.ListMessagesResponse()
+
+
+async def run_echo_server(port: int) -> None:
+    server = grpc.aio.server()
+    chat_pb2_grpc.add_ChatServiceServicer_to_server(EchoServicer(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await server.wait_for_termination()
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def post_load(address: str, token: str, concurrency: int, seconds: float, tag: str,
+                    channel: str = "bench") -> tuple[float, list[float]]:
+    """Posts from `concurrency` workers for `seconds`; return (messages/s, latencies in ms)."""
+    latencies: list[float] = []
+    metadata = (("authorization", f"Bearer {token}"),)
+    async with grpc.aio.insecure_channel(address) as channel_:
+        stub = chat_pb2_grpc.ChatServiceStub(channel_)
+        end = time.perf_counter() + seconds
+
+        async def worker(w: int) -> None:
+            i = 0
+            while time.perf_counter() < end:
+                t = time.perf_counter()
+                await stub.PostMessage(pb.PostMessageRequest(channel=channel, body=BODY,
+                                                             client_msg_id=f"{tag}-{w}-{i}"), metadata=metadata)
+                latencies.append((time.perf_counter() - t) * 1000)
+                i += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return len(latencies) / elapsed, latencies
+
+
+async def post_count(address: str, token: str, total: int, channel: str, concurrency: int = 64) -> None:
+    metadata = (("authorization", f"Bearer {token}"),)
+    async with grpc.aio.insecure_channel(address) as channel_:
+        stub = chat_pb2_grpc.ChatServiceStub(channel_)
+        counter = iter(range(total))
+
+        async def worker() -> None:
+            for i in counter:
+                await stub.PostMessage(pb.PostMessageRequest(channel=channel, body=BODY, client_msg_id=f"fill-{i}"),
+                                       metadata=metadata)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+def page_latencies(client: ChatClient, channel: str, cursors: list[str], newest_first: bool) -> list[float]:
+    out = []
+    for cursor in cursors:
+        t = time.perf_counter()
+        page = client.list(channel, cursor=cursor, limit=50, newest_first=newest_first)
+        out.append((time.perf_counter() - t) * 1000)
+        assert len(page.messages) == 50
+    return out
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=4.0, help="per concurrency level")
+    parser.add_argument("--messages", type=int, default=100_000, help="size of the big channel")
+    args = parser.parse_args()
+
+    rows: list[tuple[str, str, str, str]] = []
+    with tempfile.TemporaryDirectory(prefix="mlchat-bench-") as tmp:
+        valkey = EmbeddedValkey(Path(tmp) / "valkey", port=free_port())
+        valkey.start()
+        echo_port = free_port()
+        echo = subprocess.Popen([sys.executable, "-m", "mlchat.bench", "--echo-server", str(echo_port)])
+        leader = LeaderProcess("us-east", Path(tmp) / "leader", redis_url=valkey.url)
+        try:
+            wait_serving(f"127.0.0.1:{echo_port}", 30)
+            leader.start()
+            with ChatClient(leader.address) as client:
+                token = client.claim("bench_user", "bench-claim-key-0001").token
+                echo_address = f"127.0.0.1:{echo_port}"
+                print("PostMessage vs echo (same payload, same run)", flush=True)
+                for level in LEVELS:
+                    e_rate, e_lat = asyncio.run(post_load(echo_address, token, level, args.seconds, f"e{level}"))
+                    l_rate, l_lat = asyncio.run(post_load(leader.address, token, level, args.seconds, f"l{level}"))
+                    line = (f"c={level:<3} leader {l_rate:7.0f}/s p50 {pct(l_lat, .5):6.2f} ms p99 "
+                            f"{pct(l_lat, .99):6.2f} ms | echo {e_rate:7.0f}/s p50 {pct(e_lat, .5):6.2f} ms "
+                            f"p99 {pct(e_lat, .99):6.2f} ms | throughput ratio {l_rate / e_rate:.2f}x")
+                    print(line, flush=True)
+                    rows.append((f"PostMessage c={level}",
+                                 f"{l_rate:.0f}/s, p50 {pct(l_lat, .5):.2f} ms, p99 {pct(l_lat, .99):.2f} ms",
+                                 f"echo {e_rate:.0f}/s, p50 {pct(e_lat, .5):.2f} ms, p99 {pct(e_lat, .99):.2f} ms",
+                                 f"{l_rate / e_rate:.2f}x throughput"
+                                 + (" (target >= 0.6x)" if level == 16 else "")))
+
+                print(f"\nfilling a channel with {args.messages} messages", flush=True)
+                r = redis.Redis.from_url(valkey.url)
+                mem_before = int(r.info("memory")["used_memory"])
+                rss_before = rss_kib(leader.proc.pid)
+                t = time.perf_counter()
+                asyncio.run(post_count(leader.address, token, args.messages, "big"))
+                fill_s = time.perf_counter() - t
+                mem_per_msg = (int(r.info("memory")["used_memory"]) - mem_before) / args.messages
+                rss_per_100k = (rss_kib(leader.proc.pid) - rss_before) * 100_000 / args.messages / 1024
+                r.close()
+                print(f"filled in {fill_s:.1f}s ({args.messages / fill_s:.0f}/s); Redis {mem_per_msg:.0f} B/message; "
+                      f"leader RSS +{rss_per_100k:.1f} MiB per 100k hot messages", flush=True)
+                rows.append(("Redis memory per message", f"{mem_per_msg:.0f} B", f"{len(BODY)} B body",
+                             f"{mem_per_msg / len(BODY):.1f}x the body (target <= 600 B)"))
+                rows.append(("Leader RSS per 100k hot messages", f"{rss_per_100k:.1f} MiB", "", ""))
+
+                cursors = [m.cursor for m in client.list("big", limit=500).messages[::2]][:200]
+                forward = page_latencies(client, "big", cursors, newest_first=False)
+                latest = page_latencies(client, "big", [""] * 200, newest_first=True)
+                _, echo_lat = asyncio.run(post_load(echo_address, token, 1, 1.0, "e-page"))
+                echo_p50 = pct(echo_lat, .5)
+                for label, lat in (("ListMessages page of 50, forward from a cursor", forward),
+                                   ("ListMessages latest 50 (newest first)", latest)):
+                    print(f"{label}: p50 {pct(lat, .5):.2f} ms p99 {pct(lat, .99):.2f} ms "
+                          f"(echo p50 {echo_p50:.2f} ms)", flush=True)
+                    rows.append((f"{label}, {args.messages} in channel",
+                                 f"p50 {pct(lat, .5):.2f} ms, p99 {pct(lat, .99):.2f} ms",
+                                 f"echo p50 {echo_p50:.2f} ms", f"{pct(lat, .5) / echo_p50:.1f}x echo p50"))
+
+            restart_full = restart_time(leader)
+            empty = LeaderProcess("us-west", Path(tmp) / "empty")
+            empty.start()
+            restart_empty = restart_time(empty)
+            empty.stop()
+            print(f"restart to serving: {restart_full:.2f}s with {args.messages} messages, "
+                  f"{restart_empty:.2f}s empty", flush=True)
+            rows.append((f"Leader restart to serving, {args.messages} messages stored", f"{restart_full:.2f} s",
+                         f"empty: {restart_empty:.2f} s",
+                         f"{restart_full / restart_empty:.2f}x (target <= 2 s)"))
+        finally:
+            leader.stop()
+            echo.terminate()
+            echo.wait()
+            valkey.stop()
+
+    print("\n| measure | mlchat | baseline (same run) | ratio |\n|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+def restart_time(leader: LeaderProcess) -> float:
+    """Seconds from starting a stopped leader to its first answered ListMessages."""
+    leader.stop()
+    t = time.perf_counter()
+    leader.start()
+    with ChatClient(leader.address) as client:
+        client.claim("bench_user", "bench-claim-key-0001")
+        client.list("big", limit=50, newest_first=True)
+    return time.perf_counter() - t
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--echo-server":
+        asyncio.run(run_echo_server(int(sys.argv[2])))
+    else:
+        main()
