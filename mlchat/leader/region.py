@@ -75,13 +75,13 @@ class Region:
         self._now_ms = now_ms
         self.clock = ZERO
         self.vector: dict[str, str] = {}
-        self._vector_changed = asyncio.Condition()
+        self._vector_changed = asyncio.Event()  # replaced by a fresh one at every change
         self._shards: OrderedDict[str, MessageShard] = OrderedDict()
         self._pending_updates: dict[str, int] = {}  # per hot shard: updates stored since its snapshot
         # Posts waiting for their channel's writer, the writers, and every post not yet answered.
         self._queue: dict[str, list[_Pending]] = {}
         self._writers: dict[str, asyncio.Task[None]] = {}
-        self._inflight: dict[str, asyncio.Future[tuple[LogEntry, bool]]] = {}
+        self._inflight: dict[str, list[asyncio.Future[tuple[LogEntry, bool]]]] = {}
         # Ids of messages committed lately, so that a retry is answered without a shard reload.
         self._recent: OrderedDict[str, str] = OrderedDict()
         self.fanout: Fanout[Committed] = Fanout(settings.subscriber_buffer)
@@ -98,11 +98,11 @@ class Region:
         self.clock = self.clock.tick(self._now_ms())
         return self.clock.encode()
 
-    async def _committed(self, hlc: str) -> None:
+    def _committed(self, hlc: str) -> None:
         if hlc > self.vector.get(self.name, ""):
             self.vector[self.name] = hlc
-        async with self._vector_changed:
-            self._vector_changed.notify_all()
+        changed, self._vector_changed = self._vector_changed, asyncio.Event()
+        changed.set()
 
     def causal_token(self) -> bytes:
         return vector.encode_token(self.vector)
@@ -117,9 +117,9 @@ class Region:
             return
         timeout = min(timeout_s if timeout_s is not None else CAUSAL_WAIT_MAX_S, CAUSAL_WAIT_MAX_S)
         try:
-            async with self._vector_changed:
-                await asyncio.wait_for(self._vector_changed.wait_for(lambda: vector.covers(self.vector, want)),
-                                       timeout)
+            async with asyncio.timeout(timeout):
+                while not vector.covers(self.vector, want):
+                    await self._vector_changed.wait()
         except TimeoutError:
             gaps = ", ".join(f"{r} up to {h}" for r, h in vector.missing(self.vector, want).items())
             raise Unavailable(f"region {self.name} has not yet caught up with your causal token "
@@ -130,14 +130,17 @@ class Region:
     async def post(self, user_id: str, channel: str, body: str, client_msg_id: str) -> tuple[LogEntry, bool]:
         """Commit a message; return it and whether the call was a retry of an earlier one."""
         msg_id = message_id(user_id, channel, client_msg_id)
+        # Each caller waits on a future of its own: one that gives up cancels nothing others wait on.
+        future: asyncio.Future[tuple[LogEntry, bool]] = asyncio.get_running_loop().create_future()
         retry = msg_id in self._inflight  # the same request is being committed right now
-        if not retry:
-            self._inflight[msg_id] = asyncio.get_running_loop().create_future()
+        if retry:
+            self._inflight[msg_id].append(future)
+        else:
+            self._inflight[msg_id] = [future]
             self._queue.setdefault(channel, []).append(_Pending(msg_id, user_id, body, client_msg_id))
             if channel not in self._writers:
                 self._writers[channel] = asyncio.create_task(self._write(channel))
-        # Shielded: a caller that gives up does not cancel the commit others may wait on.
-        entry, stored = await asyncio.shield(self._inflight[msg_id])
+        entry, stored = await future
         return self._same(entry, body), retry or not stored
 
     @staticmethod
@@ -148,14 +151,14 @@ class Region:
         return entry
 
     def _settle(self, msg_id: str, result: tuple[LogEntry, bool] | BaseException) -> None:
-        future = self._inflight.pop(msg_id, None)
-        if future is None:  # already answered (a batch that failed after re-queueing it)
-            return
-        if isinstance(result, BaseException):
-            future.set_exception(result)
-            future.exception()  # retrieved: the callers re-raise it
-        else:
-            future.set_result(result)
+        # Absent: already answered (a batch that failed after re-queueing the post).
+        for future in self._inflight.pop(msg_id, ()):
+            if future.done():  # its caller gave up
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
 
     async def _write(self, channel: str) -> None:
         """Commit a channel's queued posts, in batches: one Redis round trip serves many posts."""
@@ -204,7 +207,7 @@ class Region:
         if self._pending_updates[name] >= self.settings.compact_after:
             await self.store.compact_shard(name, shard.snapshot(), self._pending_updates[name])
             self._pending_updates[name] = 0
-        await self._committed(entries[-1].hlc)
+        self._committed(entries[-1].hlc)
         token = self.causal_token()
         for entry, stream_id in zip(entries, outcome.stream_ids, strict=True):
             self._recent[entry.id] = entry.order_key
@@ -269,7 +272,7 @@ class Region:
     async def set_status(self, user_id: str, presence: int, text: str) -> StatusValue:
         hlc = self._stamp()
         winner = await self.store.set_status(StatusValue(user_id, presence, text, hlc, self.name))
-        await self._committed(hlc)
+        self._committed(hlc)
         return winner
 
     async def status(self, user_id: str) -> StatusValue | None:
@@ -289,7 +292,7 @@ class Region:
         outcome = await self.store.claim(Claim(hlc, self.name, user_id, username))
         if outcome < 0:
             raise AlreadyExists(f"username {username!r} is taken: choose another one")
-        await self._committed(hlc)
+        self._committed(hlc)
         return await self.user(user_id)
 
     async def user(self, user_id: str) -> UserView:
