@@ -2,6 +2,8 @@
 
 - PostMessage throughput and p50/p99 latency at concurrency 1, 16 and 64, against a bare gRPC echo
   servicer (the same request and response messages, no storage) in a process of its own.
+- Subscribe delivery: from sending a post to a subscriber receiving it, against the post's own
+  acknowledgement.
 - ListMessages page latency on a channel with 100k messages, against the echo round trip.
 - Redis memory per stored message, leader RSS per 100k hot messages, and the time from a leader
   restart to serving with 100k messages stored, against a restart with nothing stored.
@@ -99,6 +101,38 @@ async def post_count(address: str, token: str, total: int, channel: str, concurr
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
+async def delivery_latencies(address: str, token: str, count: int) -> tuple[list[float], list[float]]:
+    """Post `count` messages one by one while subscribed; return (ms from send to delivery to the
+    subscriber, ms from send to the post's acknowledgement)."""
+    metadata = (("authorization", f"Bearer {token}"),)
+    sent: dict[str, float] = {}
+    delivered: list[float] = []
+    acked: list[float] = []
+    async with grpc.aio.insecure_channel(address) as channel_:
+        stub = chat_pb2_grpc.ChatServiceStub(channel_)
+        stream = stub.Subscribe(pb.SubscribeRequest(channel="delivery"), metadata=metadata)
+        ready = asyncio.Event()
+
+        async def read() -> None:
+            async for event in stream:
+                delivered.append((time.perf_counter() - sent[event.message.client_msg_id]) * 1000)
+                if len(delivered) == count:
+                    ready.set()
+
+        reader = asyncio.create_task(read())
+        await stub.PostMessage(pb.PostMessageRequest(channel="warmup", body=BODY, client_msg_id="w"),
+                               metadata=metadata)
+        for i in range(count):
+            sent[f"d{i}"] = time.perf_counter()
+            await stub.PostMessage(pb.PostMessageRequest(channel="delivery", body=BODY, client_msg_id=f"d{i}"),
+                                   metadata=metadata)
+            acked.append((time.perf_counter() - sent[f"d{i}"]) * 1000)
+        await asyncio.wait_for(ready.wait(), 30)
+        stream.cancel()
+        reader.cancel()
+    return delivered, acked
+
+
 def page_latencies(client: ChatClient, channel: str, cursors: list[str], newest_first: bool) -> list[float]:
     out = []
     for cursor in cursors:
@@ -148,6 +182,14 @@ def main() -> None:
                                  f"echo {e_rate:.0f}/s, p50 {pct(e_lat, .5):.2f} ms, p99 {pct(e_lat, .99):.2f} ms",
                                  f"{l_rate / e_rate:.2f}x throughput"
                                  + (" (target >= 0.6x)" if level == 16 else "")))
+
+                delivered, acked = asyncio.run(delivery_latencies(leader.address, token, 500))
+                print(f"\nSubscribe delivery, send to subscriber: p50 {pct(delivered, .5):.2f} ms p99 "
+                      f"{pct(delivered, .99):.2f} ms (post acknowledged: p50 {pct(acked, .5):.2f} ms)", flush=True)
+                rows.append(("Subscribe delivery (post sent to subscriber received)",
+                             f"p50 {pct(delivered, .5):.2f} ms, p99 {pct(delivered, .99):.2f} ms",
+                             f"post acknowledged p50 {pct(acked, .5):.2f} ms",
+                             f"{pct(delivered, .5) / pct(acked, .5):.2f}x"))
 
                 print(f"\nfilling a channel with {args.messages} messages", flush=True)
                 r = redis.Redis.from_url(valkey.url)
