@@ -1,10 +1,12 @@
 """A userspace TCP proxy that makes loopback behave like a WAN (Toxiproxy's toxics are the model).
 
 A `Link` listens on a port and forwards every connection to an upstream address. Each direction of a
-link has its own `Toxics`: latency with jitter (applied per chunk, order preserved), a bandwidth cap, a
-blackhole (bytes are read and dropped: connections hang, as in a real partition), and it can reset
-every connection or go down (refuse new connections, close current ones). Settings change at runtime
-and apply at once, to connections already open too.
+link has its own `Toxics`: latency with jitter (applied per chunk, order preserved), a bandwidth cap,
+and a blackhole. A blackholed direction holds its bytes and stops reading, so senders' buffers fill
+and connections hang as on a real partition; when it heals, the held bytes flow on in order, as TCP
+retransmission would deliver them (dropping bytes from the middle of a stream is not something a
+network does to TCP). A link can also reset every connection or go down (refuse new connections,
+close current ones). Settings change at runtime and apply at once, to connections already open too.
 
 Directions are named from the link's point of view: `up` carries bytes from the connecting side to
 the upstream, `down` carries the replies.
@@ -43,21 +45,19 @@ class _Pipe:
 
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
-    toxics: dict[str, Toxics]
+    link: Link
     direction: str
-    rng: random.Random
-    counters: dict[str, int]  # the link's, for this direction: bytes "delivered" and "dropped"
     queue: asyncio.Queue[tuple[float, bytes]] = field(default_factory=asyncio.Queue)
 
     async def read_loop(self) -> None:
         last_due = 0.0
-        while data := await self.reader.read(CHUNK):
-            toxics = self.toxics[self.direction]
-            if toxics.blackhole:
-                self.counters["dropped"] += len(data)
-                continue
+        while True:
+            await self.link.passable(self.direction)
+            data = await self.reader.read(CHUNK)
+            if not data:
+                break
             # A chunk never overtakes the one before it, whatever its jitter.
-            last_due = max(last_due, time.monotonic() + toxics.delay_s(self.rng))
+            last_due = max(last_due, time.monotonic() + self.link.toxics[self.direction].delay_s(self.link.rng))
             self.queue.put_nowait((last_due, data))
         self.queue.put_nowait((0.0, b""))  # end of stream
 
@@ -72,13 +72,11 @@ class _Pipe:
             wait = due - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
-            toxics = self.toxics[self.direction]
-            if toxics.blackhole:  # partitioned while in flight
-                self.counters["dropped"] += len(data)
-                continue
+            await self.link.passable(self.direction)  # partitioned while in flight: hold it
             self.writer.write(data)
             await self.writer.drain()
-            self.counters["delivered"] += len(data)
+            self.link.delivered[self.direction] += len(data)
+            toxics = self.link.toxics[self.direction]
             if toxics.bandwidth_kbps:
                 await asyncio.sleep(len(data) / (toxics.bandwidth_kbps * 1024))
 
@@ -92,8 +90,9 @@ class Link:
         self.listen_port = listen_port
         self.toxics = {"up": Toxics(), "down": Toxics()}
         self.is_down = False
-        self.counters = {d: {"delivered": 0, "dropped": 0} for d in ("up", "down")}
-        self._rng = random.Random(seed)
+        self.delivered = {"up": 0, "down": 0}  # bytes
+        self.rng = random.Random(seed)
+        self._changed = asyncio.Event()  # replaced by a fresh one at every change of toxics
         self._server: asyncio.Server | None = None
         self._connections: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -120,8 +119,18 @@ class Link:
             await asyncio.wait(self._tasks, timeout=5)
 
     def set(self, direction: str, **changes: float | bool) -> Toxics:
-        self.toxics[direction] = replace(self.toxics[direction], **changes)
-        return self.toxics[direction]
+        return self.set_toxics(direction, replace(self.toxics[direction], **changes))
+
+    def set_toxics(self, direction: str, toxics: Toxics) -> Toxics:
+        self.toxics[direction] = toxics
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+        return toxics
+
+    async def passable(self, direction: str) -> None:
+        """Return once `direction` is not blackholed."""
+        while self.toxics[direction].blackhole:
+            await self._changed.wait()
 
     def reset(self) -> None:
         """Reset every open connection (RST to both sides)."""
@@ -150,8 +159,8 @@ class Link:
                 return
             pair = (c_writer, u_writer)
             self._connections.add(pair)
-            up = _Pipe(c_reader, u_writer, self.toxics, "up", self._rng, self.counters["up"])
-            down = _Pipe(u_reader, c_writer, self.toxics, "down", self._rng, self.counters["down"])
+            up = _Pipe(c_reader, u_writer, self, "up")
+            down = _Pipe(u_reader, c_writer, self, "down")
             try:
                 # A failure in one pipe (a reset peer) ends the others: the connection is over.
                 async with asyncio.TaskGroup() as pipes:

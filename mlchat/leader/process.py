@@ -13,6 +13,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from mlchat.leader.valkey import die_with_parent
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -55,6 +57,13 @@ class LeaderProcess:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 30.0) -> LeaderProcess:
+        self.spawn()
+        self.wait_ready(timeout_s)
+        return self
+
+    def spawn(self) -> None:
+        """Start the process without waiting. Call it from a thread that outlives the leader: the
+        leader gets SIGTERM when that thread ends (so that no leader outlives its launcher)."""
         args = [sys.executable, "-m", "mlchat", "--log-level", self.log_level, "leader", "--region", self.region,
                 "--listen", self.address, "--data-dir", str(self.data_dir), *self.extra_args]
         if self.redis_url:
@@ -62,14 +71,15 @@ class LeaderProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.data_dir / "leader.log", "ab")  # noqa: SIM115 - the child owns it
         self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=die_with_parent)
         log.close()
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
         try:
             wait_serving(self.address, timeout_s)
         except TimeoutError:
             self.kill()
             raise TimeoutError(f"leader {self.region} did not start; log:\n{self.log_tail()}") from None
-        return self
 
     def log_tail(self, lines: int = 40) -> str:
         path = self.data_dir / "leader.log"

@@ -1,0 +1,151 @@
+"""A simulated multi-region cluster on one machine: one leader per region and a mesh of WAN proxies.
+
+For every client location L and region R there is a proxy link `L->R` in front of R's leader; a client
+in L (and, once regions talk to each other, L's leader) reaches R through it. The link's `up` direction
+carries traffic from L to R and its `down` direction the replies, so "traffic from A to B" is link
+A->B up plus link B->A down. Partitions and delays are kept as directed state and applied to every link
+at once, while everything runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dcsim.proxy import Link, Toxics
+from dcsim.topology import Topology
+from mlchat.leader.process import LeaderProcess, free_port
+
+
+class ClusterError(Exception):
+    """A command that cannot be carried out; the message says why."""
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@dataclass
+class Cluster:
+    run_dir: Path
+    topology: Topology
+    base_port: int | None = None
+    leaders: dict[str, LeaderProcess] = field(default_factory=dict)
+    links: dict[tuple[str, str], Link] = field(default_factory=dict)
+    cuts: set[tuple[str, str]] = field(default_factory=set)  # (a, b): traffic from a to b is dropped
+    delays: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)  # (a, b): (ms, jitter)
+
+    def _ports(self, count: int) -> list[int]:
+        if self.base_port is None:
+            return [free_port() for _ in range(count)]
+        ports = list(range(self.base_port, self.base_port + count))
+        busy = [p for p in ports if not port_is_free(p)]
+        if busy:
+            raise ClusterError(f"port {busy[0]} is in use (ports {ports[0]}-{ports[-1]} are needed): "
+                               "choose another --base-port")
+        return ports
+
+    async def start(self) -> None:
+        regions = self.topology.regions
+        ports = iter(self._ports(len(regions) + len(regions) ** 2))
+        secret = self.run_dir / "cluster-secret"
+        secret.write_text(secrets.token_hex(32))
+        secret.chmod(0o600)
+        for region in regions:
+            self.leaders[region] = LeaderProcess(region, self.run_dir / region, port=next(ports),
+                                                 extra_args=("--secret-file", str(secret)))
+        for leader in self.leaders.values():
+            leader.spawn()  # from the loop's thread, which lives as long as the cluster
+        await asyncio.gather(*(asyncio.to_thread(leader.wait_ready) for leader in self.leaders.values()))
+        for src in regions:
+            for dst in regions:
+                link = Link(f"{src}->{dst}", ("127.0.0.1", self.leaders[dst].port), next(ports))
+                self.links[src, dst] = link
+                await link.start()
+        for a in regions:
+            for b in regions:
+                self.delays[a, b] = (self.topology.one_way_ms(a, b), 0.0)
+        self._apply()
+
+    async def stop(self) -> None:
+        for link in self.links.values():
+            await link.stop()
+        for leader in self.leaders.values():
+            leader.stop()
+
+    def _apply(self) -> None:
+        for (src, dst), link in self.links.items():
+            for direction, (a, b) in (("up", (src, dst)), ("down", (dst, src))):
+                ms, jitter = self.delays[a, b]
+                link.set_toxics(direction, Toxics(latency_ms=ms, jitter_ms=jitter, blackhole=(a, b) in self.cuts))
+
+    def _region(self, name: str) -> str:
+        if name not in self.leaders:
+            raise ClusterError(f"unknown region {name!r}; regions: {', '.join(self.leaders)}")
+        return name
+
+    # Commands -----------------------------------------------------------------------------------
+
+    def partition(self, a: str, b: str, one_way: bool = False) -> str:
+        a, b = self._region(a), self._region(b)
+        if a == b:
+            raise ClusterError("a region cannot be partitioned from itself")
+        self.cuts.add((a, b))
+        if not one_way:
+            self.cuts.add((b, a))
+        self._apply()
+        return f"partitioned {a} -> {b}" + ("" if one_way else f" and {b} -> {a}")
+
+    def heal(self, a: str | None = None, b: str | None = None) -> str:
+        if a is None or b is None:
+            self.cuts.clear()
+            self._apply()
+            return "healed every partition"
+        a, b = self._region(a), self._region(b)
+        self.cuts -= {(a, b), (b, a)}
+        self._apply()
+        return f"healed {a} <-> {b}"
+
+    def latency(self, a: str, b: str, ms: float, jitter: float = 0.0) -> str:
+        a, b = self._region(a), self._region(b)
+        if ms < 0 or jitter < 0:
+            raise ClusterError("latency and jitter must not be negative")
+        self.delays[a, b] = self.delays[b, a] = (ms, jitter)
+        self._apply()
+        return f"one-way delay {a} <-> {b} is now {ms:g} ms (jitter {jitter:g} ms)"
+
+    def kill(self, region: str) -> str:
+        leader = self.leaders[self._region(region)]
+        if leader.proc is None:
+            raise ClusterError(f"region {region} is not running")
+        leader.kill()
+        return f"killed {region} (SIGKILL)"
+
+    async def restart(self, region: str) -> str:
+        leader = self.leaders[self._region(region)]
+        if leader.proc is not None:
+            leader.stop()
+        leader.spawn()
+        await asyncio.to_thread(leader.wait_ready)
+        return f"restarted {region} on {leader.address}"
+
+    def status(self) -> dict[str, object]:
+        return {
+            "regions": {
+                r: {"leader": leader.address, "pid": leader.proc.pid if leader.proc else None,
+                    "running": leader.proc is not None and leader.proc.poll() is None,
+                    "endpoints": {src: self.links[src, r].address for src in self.leaders}}
+                for r, leader in self.leaders.items()
+            },
+            "partitions": sorted(f"{a}->{b}" for a, b in self.cuts),
+            "one_way_delay_ms": {f"{a}->{b}": {"ms": ms, "jitter": j}
+                                 for (a, b), (ms, j) in sorted(self.delays.items()) if a != b},
+        }

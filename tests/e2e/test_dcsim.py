@@ -1,0 +1,167 @@
+"""dc-sim end to end: real leader processes behind the WAN proxy mesh, driven by the dcsim command."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mlchat.geo.client import ChatClient
+
+REGIONS = "us-east,eu-west"
+US_EU_RTT_MS = 80.5  # from the default matrix
+
+
+def dcsim(run_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "dcsim.cli", "--run-dir", str(run_dir), *args],
+                            capture_output=True, text=True, timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"dcsim {' '.join(args)} failed: {result.stderr}")
+    return result
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"
+
+
+def _descendants(pid: int) -> set[int]:
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            out |= {int(child), *_descendants(int(child))}
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    run_dir = tmp_path_factory.mktemp("dcsim")
+    dcsim(run_dir, "up", "--regions", REGIONS)
+    state = json.loads((run_dir / "state.json").read_text())
+    state["run_dir"] = run_dir
+    state["processes"] = {state["pid"], *_descendants(state["pid"])}
+    try:
+        yield state
+    finally:
+        if (run_dir / "state.json").exists():
+            dcsim(run_dir, "down")
+
+
+def _endpoint(run: dict, client_in: str, region: str) -> str:
+    return run["regions"][region]["endpoints"][client_in]
+
+
+def _health_rtts(address: str, count: int = 15, timeout: float = 5.0) -> list[float]:
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)  # connect first
+        rtts = []
+        for _ in range(count):
+            started = time.perf_counter()
+            stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            rtts.append((time.perf_counter() - started) * 1000)
+    return rtts
+
+
+def test_status_lists_every_region_and_its_endpoints(run):
+    out = dcsim(run["run_dir"], "status").stdout
+    for region in REGIONS.split(","):
+        assert f"{region:<14} running" in out
+    assert "delay us-east->eu-west: 40.25 ms" in out
+    assert "partitions: none" in out
+
+
+def test_round_trip_through_the_mesh_matches_the_wan_matrix(run):
+    far = statistics.median(_health_rtts(_endpoint(run, "eu-west", "us-east")))
+    near = statistics.median(_health_rtts(_endpoint(run, "us-east", "us-east")))
+    assert abs(far - US_EU_RTT_MS) <= 0.1 * US_EU_RTT_MS, far
+    assert near < 10, near
+
+
+def test_latency_changes_at_runtime(run):
+    try:
+        dcsim(run["run_dir"], "latency", "us-east", "eu-west", "15")
+        rtt = statistics.median(_health_rtts(_endpoint(run, "eu-west", "us-east")))
+        assert abs(rtt - 30) <= 3, rtt
+    finally:
+        dcsim(run["run_dir"], "latency", "us-east", "eu-west", str(US_EU_RTT_MS / 2))
+
+
+def test_partition_makes_calls_fail_by_their_deadline_and_heal_restores_them(run):
+    address = _endpoint(run, "eu-west", "us-east")
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        dcsim(run["run_dir"], "partition", "eu-west", "us-east")
+        try:
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert time.monotonic() - started < 2
+            assert "eu-west->us-east" in dcsim(run["run_dir"], "status").stdout
+        finally:
+            dcsim(run["run_dir"], "heal")
+        assert stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+            health_pb2.HealthCheckResponse.SERVING
+
+
+def test_kill_and_restart_a_region_keeps_its_data(run):
+    address = _endpoint(run, "us-east", "eu-west")
+    with ChatClient(address) as client:
+        client.claim("dcsim_ann", "dcsim-claim-key-001")
+        client.post("general", "before the crash", "m1")
+    dcsim(run["run_dir"], "kill", "eu-west")
+    with ChatClient(address, timeout_s=2) as client, pytest.raises(grpc.RpcError) as err:
+        client.claim("dcsim_ann", "dcsim-claim-key-001")
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    dcsim(run["run_dir"], "restart", "eu-west")
+    with ChatClient(address) as client:
+        client.claim("dcsim_ann", "dcsim-claim-key-001")
+        assert [m.body for m in client.list("general").messages] == ["before the crash"]
+
+
+def test_clear_errors(run, tmp_path):
+    bad = dcsim(run["run_dir"], "partition", "us-east", "mars", check=False)
+    assert bad.returncode != 0 and "unknown region 'mars'" in bad.stderr
+    again = dcsim(run["run_dir"], "up", check=False)
+    assert again.returncode != 0 and "already up" in again.stderr
+    nothing = dcsim(tmp_path / "empty", "status", check=False)
+    assert nothing.returncode != 0 and "no run is up" in nothing.stderr
+    unknown = dcsim(tmp_path / "other", "up", "--regions", "us-east,mars", check=False)
+    assert unknown.returncode != 0 and "mars" in unknown.stderr
+
+
+def test_port_in_use_is_reported(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        result = dcsim(tmp_path, "up", "--regions", "us-east", "--base-port", str(port), check=False)
+    assert result.returncode != 0 and f"port {port} is in use" in result.stderr
+    assert not (tmp_path / "state.json").exists()
+
+
+def test_down_leaves_no_process_behind(tmp_path):
+    dcsim(tmp_path, "up", "--regions", "us-east,eu-west")
+    state = json.loads((tmp_path / "state.json").read_text())
+    processes = {state["pid"], *_descendants(state["pid"])}
+    assert len(processes) >= 5  # controller, two leaders, two Valkeys
+    dcsim(tmp_path, "down")
+    assert not [p for p in processes if _alive(p)]
+    assert not (tmp_path / "state.json").exists()
