@@ -20,6 +20,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m mlchat.bench
+	$(PY) -m dcsim.bench
 
 proto: $(STAMP)
 	$(PY) -m mlchat.protoc

@@ -98,6 +98,10 @@ async def dispatch(cluster: Cluster, request: dict[str, Any], stop: asyncio.Even
         return cluster.heal(request.get("a"), request.get("b"))
     if command == "latency":
         return cluster.latency(request["a"], request["b"], float(request["ms"]), float(request.get("jitter", 0)))
+    if command == "bandwidth":
+        return cluster.bandwidth(request["a"], request["b"], float(request["kbps"]))
+    if command == "reset":
+        return cluster.reset(request["a"], request["b"])
     if command == "kill":
         return cluster.kill(request["region"])
     if command == "restart":
@@ -190,9 +194,10 @@ def print_status(status: dict[str, Any]) -> None:
         others = ", ".join(f"from {src}: {addr}" for src, addr in info["endpoints"].items() if src != region)
         if others:
             print(f"{'':14} {others}")
-    for link, delay in status["one_way_delay_ms"].items():
-        jitter = f" +/- {delay['jitter']:g}" if delay["jitter"] else ""
-        print(f"delay {link}: {delay['ms']:g}{jitter} ms")
+    for path, t in status["paths"].items():
+        jitter = f" +/- {t['jitter_ms']:g}" if t["jitter_ms"] else ""
+        cap = f", capped at {t['bandwidth_kbps']:g} KiB/s" if t["bandwidth_kbps"] else ""
+        print(f"delay {path}: {t['latency_ms']:g}{jitter} ms{cap}")
     print("partitions: " + (", ".join(status["partitions"]) or "none"))
 
 
@@ -218,6 +223,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("b")
     p.add_argument("ms", type=float)
     p.add_argument("--jitter", type=float, default=0.0)
+    p = sub.add_parser("bandwidth", help="cap the traffic from A to B (0: no cap)")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("kbps", type=float, help="KiB per second")
+    p = sub.add_parser("reset", help="reset every connection between two regions")
+    p.add_argument("a")
+    p.add_argument("b")
     for name, text in (("kill", "SIGKILL a region's leader"), ("restart", "start a region's leader again")):
         sub.add_parser(name, help=text).add_argument("region")
     sub.add_parser("down", help="stop the run")

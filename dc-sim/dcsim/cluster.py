@@ -2,9 +2,9 @@
 
 For every client location L and region R there is a proxy link `L->R` in front of R's leader; a client
 in L (and, once regions talk to each other, L's leader) reaches R through it. The link's `up` direction
-carries traffic from L to R and its `down` direction the replies, so "traffic from A to B" is link
-A->B up plus link B->A down. Partitions and delays are kept as directed state and applied to every link
-at once, while everything runs.
+carries traffic from L to R and its `down` direction the replies, so the path "from A to B" is link
+A->B up plus link B->A down. The cluster keeps the toxics of every directed path and applies them to
+every link at once, while everything runs.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dcsim.proxy import Link, Toxics
@@ -40,8 +40,7 @@ class Cluster:
     base_port: int | None = None
     leaders: dict[str, LeaderProcess] = field(default_factory=dict)
     links: dict[tuple[str, str], Link] = field(default_factory=dict)
-    cuts: set[tuple[str, str]] = field(default_factory=set)  # (a, b): traffic from a to b is dropped
-    delays: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)  # (a, b): (ms, jitter)
+    paths: dict[tuple[str, str], Toxics] = field(default_factory=dict)  # (a, b): what traffic a -> b meets
 
     def _ports(self, count: int) -> list[int]:
         if self.base_port is None:
@@ -72,7 +71,7 @@ class Cluster:
                 await link.start()
         for a in regions:
             for b in regions:
-                self.delays[a, b] = (self.topology.one_way_ms(a, b), 0.0)
+                self.paths[a, b] = Toxics(latency_ms=self.topology.one_way_ms(a, b))
         self._apply()
 
     async def stop(self) -> None:
@@ -83,9 +82,11 @@ class Cluster:
 
     def _apply(self) -> None:
         for (src, dst), link in self.links.items():
-            for direction, (a, b) in (("up", (src, dst)), ("down", (dst, src))):
-                ms, jitter = self.delays[a, b]
-                link.set_toxics(direction, Toxics(latency_ms=ms, jitter_ms=jitter, blackhole=(a, b) in self.cuts))
+            link.set_toxics("up", self.paths[src, dst])
+            link.set_toxics("down", self.paths[dst, src])
+
+    def _change(self, a: str, b: str, **changes: float | bool) -> None:
+        self.paths[a, b] = replace(self.paths[a, b], **changes)
 
     def _region(self, name: str) -> str:
         if name not in self.leaders:
@@ -98,19 +99,21 @@ class Cluster:
         a, b = self._region(a), self._region(b)
         if a == b:
             raise ClusterError("a region cannot be partitioned from itself")
-        self.cuts.add((a, b))
+        self._change(a, b, blackhole=True)
         if not one_way:
-            self.cuts.add((b, a))
+            self._change(b, a, blackhole=True)
         self._apply()
         return f"partitioned {a} -> {b}" + ("" if one_way else f" and {b} -> {a}")
 
     def heal(self, a: str | None = None, b: str | None = None) -> str:
         if a is None or b is None:
-            self.cuts.clear()
+            for x, y in self.paths:
+                self._change(x, y, blackhole=False)
             self._apply()
             return "healed every partition"
         a, b = self._region(a), self._region(b)
-        self.cuts -= {(a, b), (b, a)}
+        self._change(a, b, blackhole=False)
+        self._change(b, a, blackhole=False)
         self._apply()
         return f"healed {a} <-> {b}"
 
@@ -118,9 +121,24 @@ class Cluster:
         a, b = self._region(a), self._region(b)
         if ms < 0 or jitter < 0:
             raise ClusterError("latency and jitter must not be negative")
-        self.delays[a, b] = self.delays[b, a] = (ms, jitter)
+        self._change(a, b, latency_ms=ms, jitter_ms=jitter)
+        self._change(b, a, latency_ms=ms, jitter_ms=jitter)
         self._apply()
         return f"one-way delay {a} <-> {b} is now {ms:g} ms (jitter {jitter:g} ms)"
+
+    def bandwidth(self, a: str, b: str, kbps: float) -> str:
+        a, b = self._region(a), self._region(b)
+        if kbps < 0:
+            raise ClusterError("bandwidth must not be negative (0 removes the cap)")
+        self._change(a, b, bandwidth_kbps=kbps)
+        self._apply()
+        return f"traffic {a} -> {b} capped at {kbps:g} KiB/s" if kbps else f"traffic {a} -> {b} uncapped"
+
+    def reset(self, a: str, b: str) -> str:
+        a, b = self._region(a), self._region(b)
+        for link in {self.links[a, b], self.links[b, a]}:
+            link.reset()
+        return f"reset every connection between {a} and {b}"
 
     def kill(self, region: str) -> str:
         leader = self.leaders[self._region(region)]
@@ -145,7 +163,8 @@ class Cluster:
                     "endpoints": {src: self.links[src, r].address for src in self.leaders}}
                 for r, leader in self.leaders.items()
             },
-            "partitions": sorted(f"{a}->{b}" for a, b in self.cuts),
-            "one_way_delay_ms": {f"{a}->{b}": {"ms": ms, "jitter": j}
-                                 for (a, b), (ms, j) in sorted(self.delays.items()) if a != b},
+            "partitions": sorted(f"{a}->{b}" for (a, b), t in self.paths.items() if t.blackhole),
+            "paths": {f"{a}->{b}": {"latency_ms": t.latency_ms, "jitter_ms": t.jitter_ms,
+                                    "bandwidth_kbps": t.bandwidth_kbps}
+                      for (a, b), t in sorted(self.paths.items()) if a != b},
         }

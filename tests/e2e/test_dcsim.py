@@ -15,6 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dcsim.cluster import port_is_free
 from mlchat.geo.client import ChatClient
 
 REGIONS = "us-east,eu-west"
@@ -119,6 +120,32 @@ def test_partition_makes_calls_fail_by_their_deadline_and_heal_restores_them(run
             health_pb2.HealthCheckResponse.SERVING
 
 
+def test_reset_breaks_open_connections_and_clients_reconnect(run):
+    address = _endpoint(run, "eu-west", "us-east")
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert "reset" in dcsim(run["run_dir"], "reset", "eu-west", "us-east").stdout
+        # The channel notices the reset and reconnects by itself (wait_for_ready rides it out).
+        response = stub.Check(health_pb2.HealthCheckRequest(), timeout=10, wait_for_ready=True)
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_bandwidth_cap_delivers_large_responses_intact(run):
+    address = _endpoint(run, "eu-west", "us-east")
+    with ChatClient(address) as client:
+        client.claim("dcsim_bulk", "dcsim-claim-key-bulk")
+        bodies = [f"{i:03d}" + "y" * 3000 for i in range(60)]  # about 180 KiB in one page
+        for i, body in enumerate(bodies):
+            client.post("bulk", body, f"b{i}")
+        dcsim(run["run_dir"], "bandwidth", "us-east", "eu-west", "256")
+        try:
+            assert "capped at 256 KiB/s" in dcsim(run["run_dir"], "status").stdout
+            assert [m.body for m in client.list("bulk", limit=100).messages] == bodies
+        finally:
+            dcsim(run["run_dir"], "bandwidth", "us-east", "eu-west", "0")
+
+
 def test_kill_and_restart_a_region_keeps_its_data(run):
     address = _endpoint(run, "us-east", "eu-west")
     with ChatClient(address) as client:
@@ -162,6 +189,9 @@ def test_down_leaves_no_process_behind(tmp_path):
     state = json.loads((tmp_path / "state.json").read_text())
     processes = {state["pid"], *_descendants(state["pid"])}
     assert len(processes) >= 5  # controller, two leaders, two Valkeys
+    ports = [int(info["leader"].rsplit(":", 1)[1]) for info in state["regions"].values()]
+    ports += [int(addr.rsplit(":", 1)[1]) for info in state["regions"].values() for addr in info["endpoints"].values()]
     dcsim(tmp_path, "down")
     assert not [p for p in processes if _alive(p)]
     assert not (tmp_path / "state.json").exists()
+    assert all(port_is_free(p) for p in ports)
