@@ -36,31 +36,25 @@ def _has_control_chars(text: str, newlines_and_tabs: bool = False) -> bool:
     return bool((_CONTROL_BUT_NEWLINE_TAB if newlines_and_tabs else _CONTROL).search(text))
 
 
+def _matching(pattern: re.Pattern[str], field: str, value: str, rule: str) -> str:
+    if not pattern.match(value):
+        raise InvalidArgument(f"{field} {value[:80]!r} is invalid: {rule} ({pattern.pattern})")
+    return value
+
+
 def username(name: str) -> str:
-    if not _USERNAME.match(name):
-        raise InvalidArgument(
-            f"username {name[:40]!r} is invalid: use 3 to 32 characters, lowercase letters, digits and '_', "
-            f"starting with a letter ({USERNAME_PATTERN})"
-        )
-    return name
+    return _matching(_USERNAME, "username", name, "use 3 to 32 characters, lowercase letters, digits and '_', "
+                     "starting with a letter")
 
 
 def channel(name: str) -> str:
-    if not _CHANNEL.match(name):
-        raise InvalidArgument(
-            f"channel {name[:80]!r} is invalid: use 1 to 64 characters, lowercase letters, digits, "
-            f"'_', '.' and '-', starting with a letter or digit ({CHANNEL_PATTERN})"
-        )
-    return name
+    return _matching(_CHANNEL, "channel", name, "use 1 to 64 characters, lowercase letters, digits, '_', '.' "
+                     "and '-', starting with a letter or digit")
 
 
 def client_msg_id(value: str) -> str:
-    if not _CLIENT_MSG_ID.match(value):
-        raise InvalidArgument(
-            f"client_msg_id {value[:80]!r} is invalid: use 1 to 64 characters of letters, digits and '_.:-' "
-            "(a UUID works); reuse it only to retry the same message"
-        )
-    return value
+    return _matching(_CLIENT_MSG_ID, "client_msg_id", value, "use 1 to 64 characters of letters, digits and "
+                     "'_.:-' (a UUID works); reuse it only to retry the same message")
 
 
 def claim_key(value: str) -> str:

@@ -312,9 +312,16 @@ class Region:
     # Region-wide --------------------------------------------------------------------------------
 
     async def digest(self) -> str:
-        entries, statuses, claims = [], [], []
+        entries: list[LogEntry] = []
+        statuses: list[StatusValue] = []
+        claims: list[Claim] = []
         async for item in self.store.all_state():
-            {LogEntry: entries, StatusValue: statuses, Claim: claims}[type(item)].append(item)
+            if isinstance(item, LogEntry):
+                entries.append(item)
+            elif isinstance(item, StatusValue):
+                statuses.append(item)
+            else:
+                claims.append(item)
         return state_digest(entries, statuses, claims)
 
 

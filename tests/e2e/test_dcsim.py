@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import descendants, pid_alive
 
 from dcsim.cluster import port_is_free
 from mlchat.geo.client import ChatClient
@@ -30,30 +30,13 @@ def dcsim(run_dir: Path, *args: str, check: bool = True) -> subprocess.Completed
     return result
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split()[2] != "Z"
-
-
-def _descendants(pid: int) -> set[int]:
-    out: set[int] = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            out |= {int(child), *_descendants(int(child))}
-    return out
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     run_dir = tmp_path_factory.mktemp("dcsim")
     dcsim(run_dir, "up", "--regions", REGIONS)
     state = json.loads((run_dir / "state.json").read_text())
     state["run_dir"] = run_dir
-    state["processes"] = {state["pid"], *_descendants(state["pid"])}
+    state["processes"] = {state["pid"], *descendants(state["pid"])}
     try:
         yield state
     finally:
@@ -187,11 +170,11 @@ def test_port_in_use_is_reported(tmp_path):
 def test_down_leaves_no_process_behind(tmp_path):
     dcsim(tmp_path, "up", "--regions", "us-east,eu-west")
     state = json.loads((tmp_path / "state.json").read_text())
-    processes = {state["pid"], *_descendants(state["pid"])}
+    processes = {state["pid"], *descendants(state["pid"])}
     assert len(processes) >= 5  # controller, two leaders, two Valkeys
     ports = [int(info["leader"].rsplit(":", 1)[1]) for info in state["regions"].values()]
     ports += [int(addr.rsplit(":", 1)[1]) for info in state["regions"].values() for addr in info["endpoints"].values()]
     dcsim(tmp_path, "down")
-    assert not [p for p in processes if _alive(p)]
+    assert not [p for p in processes if pid_alive(p)]
     assert not (tmp_path / "state.json").exists()
     assert all(port_is_free(p) for p in ports)

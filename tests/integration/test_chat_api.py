@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from support import wait_until
 
 from mlchat.geo.client import ChatClient
 from mlchat.v1 import chat_pb2 as pb
@@ -112,7 +113,7 @@ def test_subscriber_sees_new_messages_within_milliseconds(client, unique):
     done = threading.Event()
     threading.Thread(target=_collect, args=(stream, got, 20, done), daemon=True).start()
     # The subscription is live once the server holds it; wait on a condition, not a sleep.
-    _wait_subscribed(client, unique)
+    _wait_subscribed(client)
     sent_at = {}
     for i in range(20):
         sent_at[f"s{i}"] = time.monotonic()
@@ -123,14 +124,8 @@ def test_subscriber_sees_new_messages_within_milliseconds(client, unique):
     assert len({e.stream_cursor for e in got}) == 20
 
 
-def _wait_subscribed(client: ChatClient, channel: str, deadline_s: float = 5.0) -> None:
-    """Post probes on a side channel until the subscriber count reported by the server moves."""
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if client.cluster_status().subscribers >= 1:
-            return
-        time.sleep(0.01)
-    raise AssertionError("subscription never became live")
+def _wait_subscribed(client: ChatClient) -> None:
+    wait_until(lambda: client.cluster_status().subscribers >= 1, 5, "a live subscription")
 
 
 def test_resume_from_cursor_has_no_gap_and_no_duplicate(client, unique):
@@ -144,7 +139,7 @@ def test_resume_from_cursor_has_no_gap_and_no_duplicate(client, unique):
     done = threading.Event()
     stream = client.subscribe(unique, resume_cursor=page.subscribe_cursor)
     threading.Thread(target=_collect, args=(stream, got, 5, done), daemon=True).start()
-    _wait_until(lambda: len(got) >= 3)
+    wait_until(lambda: len(got) >= 3)
     for i in range(6, 8):
         client.post(unique, f"live {i}", f"r{i}")
     assert done.wait(10)
@@ -159,14 +154,6 @@ def test_resume_from_cursor_has_no_gap_and_no_duplicate(client, unique):
     assert done2.wait(10)
     stream2.cancel()
     assert [e.message.body for e in resumed] == ["after 5", "live 6", "live 7"]
-
-
-def _wait_until(condition, deadline_s: float = 10.0) -> None:
-    end = time.monotonic() + deadline_s
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError("condition not met before the deadline")
-        time.sleep(0.01)
 
 
 def test_status_last_writer_wins_and_is_readable_by_others(leader, client, unique):

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from support import descendants, pid_alive, wait_until
 
 from mlchat.geo.client import ChatClient
 from mlchat.leader.process import LeaderProcess
@@ -16,24 +15,6 @@ from mlchat.v1 import chat_pb2 as pb
 from mlchat.v1 import chat_pb2_grpc
 
 KEY = "durable-claim-key-0001"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead for our purposes.
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split()[2] != "Z"
-
-
-def _wait_until(condition, deadline_s: float = 10.0) -> None:
-    end = time.monotonic() + deadline_s
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError("condition not met before the deadline")
-        time.sleep(0.02)
 
 
 def _all_bodies(client: ChatClient, channel: str) -> list[str]:
@@ -79,7 +60,7 @@ def test_redis_crash_loses_no_acknowledged_message(own_valkey, tmp_path):
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         own_valkey.start()
         # The leader reconnects by itself; the failed post may be retried with the same id.
-        _wait_until(lambda: _try_list(c))
+        wait_until(lambda: _try_list(c))
         assert _all_bodies(c, "general") == [f"m{i}" for i in range(30)]
         assert not c.post("general", "during outage", "id-outage").duplicate
         assert c.post("general", "m3", "id3").duplicate
@@ -99,7 +80,7 @@ def test_sigterm_ends_streams_cleanly_and_loses_no_acknowledged_post(own_valkey,
     with ChatClient(leader.address) as c:
         c.claim("shutdown_ann", KEY)
         stream = c.subscribe("general")
-        _wait_until(lambda: c.cluster_status().subscribers == 1)
+        wait_until(lambda: c.cluster_status().subscribers == 1)
 
         def drain() -> None:
             try:
@@ -126,7 +107,7 @@ def test_sigterm_ends_streams_cleanly_and_loses_no_acknowledged_post(own_valkey,
         with ThreadPoolExecutor(4) as pool:
             for n in range(4):
                 pool.submit(post_until_stopped, n)
-            _wait_until(lambda: len(acked) >= 40)
+            wait_until(lambda: len(acked) >= 40)
             code = leader.stop()
             stop_posting.set()
         reader.join(10)
@@ -152,7 +133,7 @@ def test_embedded_valkey_keeps_data_in_the_data_dir_and_dies_with_the_leader(tmp
         assert (data / "valkey" / "appendonlydir").is_dir()
         valkey_pid = _child_pid(leader.proc.pid)
         leader.kill()  # SIGKILL: the leader cannot stop its Valkey itself
-        _wait_until(lambda: not _pid_alive(valkey_pid))
+        wait_until(lambda: not pid_alive(valkey_pid))
         leader.start()
         with ChatClient(leader.address) as c:
             c.claim("embedded_ann", KEY)
@@ -160,14 +141,12 @@ def test_embedded_valkey_keeps_data_in_the_data_dir_and_dies_with_the_leader(tmp
         valkey_pid = _child_pid(leader.proc.pid)
     finally:
         leader.stop()
-    assert not _pid_alive(valkey_pid)
+    assert not pid_alive(valkey_pid)
 
 
 def _child_pid(parent: int) -> int:
-    with open(f"/proc/{parent}/task/{parent}/children") as f:
-        children = f.read().split()
-    assert len(children) == 1, children
-    return int(children[0])
+    (child,) = descendants(parent)
+    return child
 
 
 def test_slow_subscriber_is_cut_off_without_stalling_others(own_valkey, tmp_path):
@@ -192,7 +171,7 @@ def test_slow_subscriber_is_cut_off_without_stalling_others(own_valkey, tmp_path
                     return
 
         threading.Thread(target=read_fast, daemon=True).start()
-        _wait_until(lambda: c.cluster_status().subscribers == 2)
+        wait_until(lambda: c.cluster_status().subscribers == 2)
         body = "x" * 3900  # large, so that gRPC's own flow-control windows fill quickly
         for i in range(300):
             c.post("general", f"{i}:{body}", f"s{i}")

@@ -1,0 +1,38 @@
+"""Helpers shared by the test tiers: waiting on conditions, and looking at processes."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def wait_until(condition: Callable[[], bool], deadline_s: float = 10.0, what: str = "condition") -> None:
+    """Poll `condition` until it holds; fail the test if it does not within `deadline_s`."""
+    end = time.monotonic() + deadline_s
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"{what} not met within {deadline_s}s")
+        time.sleep(0.01)
+
+
+def pid_alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid`."""
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            out |= {int(child), *descendants(int(child))}
+    return out
