@@ -21,6 +21,13 @@ def _region(name: str) -> str:
     return name
 
 
+def _peer(text: str) -> tuple[str, str]:
+    region, sep, address = text.partition("=")
+    if not sep or not address:
+        raise argparse.ArgumentTypeError(f"--peer {text!r}: expected REGION=HOST:PORT")
+    return _region(region), address
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mlchat", description="mlchat: a multi-region chat backend")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -34,6 +41,11 @@ def main(argv: list[str] | None = None) -> None:
     leader.add_argument("--secret-file", type=Path, default=None,
                         help="cluster secret (shared by all regions); default: DATA_DIR/cluster-secret")
     leader.add_argument("--token-ttl", type=float, default=24 * 3600, help="token lifetime in seconds")
+    leader.add_argument("--peer", action="append", default=[], type=_peer, metavar="REGION=HOST:PORT",
+                        help="another region of the cluster (repeat for each)")
+    leader.add_argument("--heartbeat-ms", type=int, default=500)
+    leader.add_argument("--peer-timeout-ms", type=int, default=3000,
+                        help="a peer silent this long is suspect; twice this long, down")
     leader.add_argument("--subscriber-buffer", type=int, default=limits.SUBSCRIBER_BUFFER,
                         help="messages a subscriber may fall behind before it is cut off")
 
@@ -46,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
         settings = LeaderSettings(
             region=args.region, listen=args.listen, redis_url=args.redis,
             data_dir=args.data_dir or Path("data") / args.region, secret_file=args.secret_file,
-            token_ttl_ms=int(args.token_ttl * 1000), subscriber_buffer=args.subscriber_buffer)
+            token_ttl_ms=int(args.token_ttl * 1000), subscriber_buffer=args.subscriber_buffer,
+            peers=dict(args.peer), heartbeat_ms=args.heartbeat_ms, peer_timeout_ms=args.peer_timeout_ms)
         asyncio.run(serve(settings))
 
 

@@ -1,7 +1,7 @@
 """A simulated multi-region cluster on one machine: one leader per region and a mesh of WAN proxies.
 
 For every client location L and region R there is a proxy link `L->R` in front of R's leader; a client
-in L (and, once regions talk to each other, L's leader) reaches R through it. The link's `up` direction
+in L, and L's leader replicating from R, reach R through it. The link's `up` direction
 carries traffic from L to R and its `down` direction the replies, so the path "from A to B" is link
 A->B up plus link B->A down. The cluster keeps the toxics of every directed path and applies them to
 every link at once, while everything runs.
@@ -58,21 +58,23 @@ class Cluster:
         secret = self.run_dir / "cluster-secret"
         secret.write_text(secrets.token_hex(32))
         secret.chmod(0o600)
+        leader_ports = {region: next(ports) for region in regions}
+        for src in regions:
+            for dst in regions:
+                link = Link(f"{src}->{dst}", ("127.0.0.1", leader_ports[dst]), next(ports))
+                self.links[src, dst] = link
+                await link.start()
+                self.paths[src, dst] = Toxics(latency_ms=self.topology.one_way_ms(src, dst))
+        self._apply()
         for region in regions:
-            self.leaders[region] = LeaderProcess(region, self.run_dir / region, port=next(ports),
-                                                 extra_args=("--secret-file", str(secret)))
+            # A region reaches its peers through the WAN, like its users do.
+            peers = [f"{other}={self.links[region, other].address}" for other in regions if other != region]
+            self.leaders[region] = LeaderProcess(
+                region, self.run_dir / region, port=leader_ports[region],
+                extra_args=("--secret-file", str(secret), *[a for p in peers for a in ("--peer", p)]))
         for leader in self.leaders.values():
             leader.spawn()  # from the loop's thread, which lives as long as the cluster
         await asyncio.gather(*(asyncio.to_thread(leader.wait_ready) for leader in self.leaders.values()))
-        for src in regions:
-            for dst in regions:
-                link = Link(f"{src}->{dst}", ("127.0.0.1", self.leaders[dst].port), next(ports))
-                self.links[src, dst] = link
-                await link.start()
-        for a in regions:
-            for b in regions:
-                self.paths[a, b] = Toxics(latency_ms=self.topology.one_way_ms(a, b))
-        self._apply()
 
     async def stop(self) -> None:
         for link in self.links.values():

@@ -55,6 +55,12 @@ class Hlc:
             return self._next(wall, remote.counter)
         return Hlc(wall, 0)
 
+    def previous(self) -> Hlc:
+        """The largest timestamp below this one."""
+        if self.counter:
+            return Hlc(self.wall_ms, self.counter - 1)
+        return Hlc(self.wall_ms - 1, MAX_COUNTER) if self.wall_ms else self
+
     @staticmethod
     def _next(wall_ms: int, counter: int) -> Hlc:
         # A full counter moves into the next millisecond rather than wrapping.

@@ -5,6 +5,13 @@ log, makes retries idempotent, answers reads in the documented order, fans commi
 subscribers, and tracks the version vector that causal tokens are checked against. It raises
 `MlchatError`s; the servicer turns them into gRPC statuses. Time and the pycrdt client id come in
 from outside.
+
+Replication: every change to the region's state (its own writes, and what it applies from peers that
+was new here) is published on `feed` as a `Delta`, which the replication service streams to peers;
+`delta_for` answers a peer that (re)connects with everything it lacks, and `apply` merges a peer's
+delta. The region's own entry in its version vector is a watermark: every write stamped at or below
+it is committed (stamps still being committed hold it back), so a peer that holds the vector holds
+those writes.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from mlchat.crdt.digest import state_digest
 from mlchat.crdt.hlc import ZERO, Hlc
 from mlchat.crdt.lww import StatusValue
 from mlchat.crdt.msglog import LogEntry, MessageShard, message_id, shard_name, split_order_key, split_shard_name
+from mlchat.crdt.replica import Delta, ReplicaState
 from mlchat.errors import AlreadyExists, InvalidArgument, NotFound, OutOfRange, ResourceExhausted, Unavailable
 from mlchat.leader.fanout import Fanout
 from mlchat.leader.settings import LeaderSettings
@@ -32,6 +40,7 @@ from mlchat.leader.store import Page, Store, parse_stream_id, stream_id_key
 
 log = logging.getLogger(__name__)
 CAUSAL_WAIT_MAX_S = 30.0
+FEED = "*"  # the one topic of the replication feed
 RECENT_IDS = 10_000
 
 
@@ -74,8 +83,11 @@ class Region:
         self._client_id = client_id
         self._now_ms = now_ms
         self.clock = ZERO
-        self.vector: dict[str, str] = {}
+        self.remote: dict[str, str] = {}  # other origins: hlc up to which all their writes are held here
+        self._unsettled: set[str] = set()  # stamps issued whose writes are not yet committed (or failed)
         self._vector_changed = asyncio.Event()  # replaced by a fresh one at every change
+        self.regions = frozenset({settings.region, *settings.peers})
+        self.feed: Fanout[Delta] = Fanout(settings.feed_buffer)
         self._shards: OrderedDict[str, MessageShard] = OrderedDict()
         self._pending_updates: dict[str, int] = {}  # per hot shard: updates stored since its snapshot
         # Posts waiting for their channel's writer, the writers, and every post not yet answered.
@@ -90,22 +102,42 @@ class Region:
         floor = await self.store.clock_floor()
         if floor:
             self.clock = Hlc.decode(floor)
-            self.vector[self.name] = floor
+        self.remote = {r: h for r, h in (await self.store.load_vector()).items() if r != self.name}
 
     # Clock and causality ------------------------------------------------------------------------
 
     def _stamp(self) -> str:
         self.clock = self.clock.tick(self._now_ms())
-        return self.clock.encode()
+        stamp = self.clock.encode()
+        self._unsettled.add(stamp)
+        return stamp
 
-    def _committed(self, hlc: str) -> None:
-        if hlc > self.vector.get(self.name, ""):
-            self.vector[self.name] = hlc
+    def _settle_stamps(self, stamps: list[str]) -> None:
+        self._unsettled.difference_update(stamps)
+        self._vector_moved()
+
+    def _vector_moved(self) -> None:
         changed, self._vector_changed = self._vector_changed, asyncio.Event()
         changed.set()
 
-    def causal_token(self) -> bytes:
-        return vector.encode_token(self.vector)
+    @property
+    def vector(self) -> dict[str, str]:
+        """For each origin region, the hlc up to which all its writes are held here."""
+        own = Hlc.decode(min(self._unsettled)).previous() if self._unsettled else self.clock
+        return {**self.remote, self.name: own.encode()}
+
+    def heartbeat(self) -> Delta:
+        """Move the clock on when idle (so that peers' watermarks of this region move too) and
+        return the empty delta that tells peers this region's vector."""
+        if not self._unsettled:
+            self.clock = self.clock.tick(self._now_ms())
+            self._vector_moved()
+        return Delta(vector=self.vector)
+
+    def causal_token(self, *seen: tuple[str, str]) -> bytes:
+        """The token of what a response reflects: this region's vector, and the (origin, hlc) of any
+        write the response carries (a client must be able to read its own write anywhere)."""
+        return vector.encode_token(vector.merge(self.vector, dict(seen)))
 
     async def wait_for(self, token: bytes, timeout_s: float | None) -> None:
         """Return once this region has seen everything `token` has; raise if it does not in time."""
@@ -181,14 +213,19 @@ class Region:
                 fresh.append(p)
         entries = [LogEntry(p.msg_id, channel, p.user_id, p.body, p.client_msg_id, self._stamp(), self.name)
                    for p in fresh]
-        for name, group in itertools.groupby(entries, lambda e: shard_name(channel, e.hlc, self.settings.bucket_ms)):
-            await self._commit_shard(name, list(group))
+        try:
+            for name, group in itertools.groupby(entries,
+                                                 lambda e: shard_name(channel, e.hlc, self.settings.bucket_ms)):
+                await self._commit_shard(name, list(group))
+        finally:
+            self._settle_stamps([e.hlc for e in entries])
 
     async def _commit_shard(self, name: str, entries: list[LogEntry]) -> None:
         shard = await self._shard(name)
         update = shard.add(entries)
         try:
-            outcome = await self.store.post(name, entries, update, self.settings.stream_retention)
+            outcome = await self.store.post(name, entries, update, shard.state_vector(),
+                                            self.settings.stream_retention)
         except BaseException:
             self._shards.pop(name, None)  # memory must never hold what Redis does not
             raise
@@ -203,18 +240,21 @@ class Region:
                 else:
                     self._queue.setdefault(e.channel, []).append(_Pending(e.id, e.user_id, e.body, e.client_msg_id))
             return
+        await self._stored_update(name, shard)
+        self.feed.publish(FEED, Delta(shard_updates={name: update}, vector=self.vector))
+        for entry, stream_id in zip(entries, outcome.stream_ids, strict=True):
+            self._recent[entry.id] = entry.order_key
+            self._settle(entry.id, (entry, True))
+            self.fanout.publish(entry.channel, Committed(entry, stream_id, self.causal_token((self.name, entry.hlc))))
+        while len(self._recent) > RECENT_IDS:
+            self._recent.popitem(last=False)
+
+    async def _stored_update(self, name: str, shard: MessageShard) -> None:
+        """Count an update stored for a shard; snapshot the shard when enough have piled up."""
         self._pending_updates[name] = self._pending_updates.get(name, 0) + 1
         if self._pending_updates[name] >= self.settings.compact_after:
             await self.store.compact_shard(name, shard.snapshot(), self._pending_updates[name])
             self._pending_updates[name] = 0
-        self._committed(entries[-1].hlc)
-        token = self.causal_token()
-        for entry, stream_id in zip(entries, outcome.stream_ids, strict=True):
-            self._recent[entry.id] = entry.order_key
-            self._settle(entry.id, (entry, True))
-            self.fanout.publish(entry.channel, Committed(entry, stream_id, token))
-        while len(self._recent) > RECENT_IDS:
-            self._recent.popitem(last=False)
 
     async def _shard(self, name: str) -> MessageShard:
         shard = self._shards.get(name)
@@ -250,7 +290,7 @@ class Region:
                     if not backlog:
                         break
                     for sid, entry in backlog:
-                        yield Committed(entry, sid, self.causal_token())
+                        yield Committed(entry, sid, self.causal_token((entry.region, entry.hlc)))
                     last = backlog[-1][0]
             else:
                 last = await self.store.last_stream_id(channel)
@@ -271,8 +311,12 @@ class Region:
 
     async def set_status(self, user_id: str, presence: int, text: str) -> StatusValue:
         hlc = self._stamp()
-        winner = await self.store.set_status(StatusValue(user_id, presence, text, hlc, self.name))
-        self._committed(hlc)
+        try:
+            winner, changed = await self.store.set_status(StatusValue(user_id, presence, text, hlc, self.name))
+        finally:
+            self._settle_stamps([hlc])
+        if changed:
+            self.feed.publish(FEED, Delta(statuses=(winner,), vector=self.vector))
         return winner
 
     async def status(self, user_id: str) -> StatusValue | None:
@@ -283,16 +327,21 @@ class Region:
     # Users and claims ---------------------------------------------------------------------------
 
     def _watermark(self) -> str:
-        """The hlc up to which this region knows every region's claims (only itself so far)."""
-        return self.vector.get(self.name, ZERO.encode())
+        """The hlc up to which this region knows every region's claims."""
+        current = self.vector
+        return min(current.get(r, ZERO.encode()) for r in self.regions)
 
     async def claim(self, username: str, claim_key: str) -> UserView:
         user_id = user_id_for(username, claim_key)
-        hlc = self._stamp()
-        outcome = await self.store.claim(Claim(hlc, self.name, user_id, username))
+        claim = Claim(self._stamp(), self.name, user_id, username)
+        try:
+            outcome = await self.store.claim(claim)
+        finally:
+            self._settle_stamps([claim.hlc])
         if outcome < 0:
             raise AlreadyExists(f"username {username!r} is taken: choose another one")
-        self._committed(hlc)
+        if outcome > 0:
+            self.feed.publish(FEED, Delta(claims=(claim,), vector=self.vector))
         return await self.user(user_id)
 
     async def user(self, user_id: str) -> UserView:
@@ -308,6 +357,66 @@ class Region:
         if top is None:
             raise NotFound(f"no user has claimed the username {username!r}")
         return await self.user(top.user_id)
+
+    # Replication --------------------------------------------------------------------------------
+
+    async def delta_for(self, peer: ReplicaState) -> Delta:
+        """Everything this region holds that a peer in state `peer` lacks."""
+        current = self.vector  # first: what follows covers at least this
+        updates = {}
+        for name, state_vector in (await self.store.shard_states()).items():
+            if peer.shards.get(name) != state_vector:
+                shard = await self._shard(name)
+                updates[name] = shard.delta_since(peer.shards[name]) if name in peer.shards else shard.snapshot()
+        statuses = tuple([v async for v in self.store.statuses() if v.hlc > peer.vector.get(v.region, "")])
+        claims = tuple([c async for c in self.store.claims() if c.hlc > peer.vector.get(c.region, "")])
+        return Delta(updates, statuses, claims, current)
+
+    async def state(self) -> ReplicaState:
+        return ReplicaState(await self.store.shard_states(), self.vector)
+
+    async def apply(self, delta: Delta) -> None:
+        """Merge a peer's delta; publish on the feed whatever was new here, for other peers."""
+        new_updates = {}
+        for name, update in delta.shard_updates.items():
+            part = await self._apply_shard(name, update)
+            if part is not None:
+                new_updates[name] = part
+        statuses = []
+        for value in delta.statuses:
+            _, changed = await self.store.set_status(value)
+            if changed:
+                statuses.append(value)
+        claims = [c for c in delta.claims if await self.store.add_claim(c)]
+        remote = vector.merge(self.remote, {r: h for r, h in delta.vector.items() if r != self.name})
+        if remote != self.remote:
+            await self.store.save_vector(remote)
+            self.remote = remote
+        if delta.vector:
+            self.clock = self.clock.absorb(Hlc.decode(max(delta.vector.values())), self._now_ms())
+        self._vector_moved()
+        if new_updates or statuses or claims:
+            self.feed.publish(FEED, Delta(new_updates, tuple(statuses), tuple(claims), self.vector))
+
+    async def _apply_shard(self, name: str, update: bytes) -> bytes | None:
+        """Apply a pycrdt update to a shard; store and return the part that was new here, if any."""
+        shard = await self._shard(name)
+        before = shard.state_vector()
+        added = shard.apply(update)
+        if shard.state_vector() == before:
+            return None
+        part = shard.delta_since(before)
+        try:
+            new = await self.store.apply(name, added, part, shard.state_vector(), self.settings.stream_retention)
+        except BaseException:
+            self._shards.pop(name, None)  # memory must never hold what Redis does not
+            raise
+        await self._stored_update(name, shard)
+        for entry in added:
+            if entry.id in new:
+                self.fanout.publish(entry.channel, Committed(entry, new[entry.id],
+                                                             self.causal_token((entry.region, entry.hlc))))
+        return part
 
     # Region-wide --------------------------------------------------------------------------------
 

@@ -21,15 +21,16 @@ from redis.backoff import ExponentialBackoff
 
 from mlchat.leader import limits
 from mlchat.leader.region import Region
+from mlchat.leader.replication import ReplicationServicer, Replicator
 from mlchat.leader.servicer import Authenticator, ChatServicer, ClusterServicer, wall_ms
 from mlchat.leader.settings import LeaderSettings
 from mlchat.leader.store import Store
 from mlchat.leader.tokens import TokenSigner
 from mlchat.leader.valkey import EmbeddedValkey
-from mlchat.v1 import chat_pb2, chat_pb2_grpc, cluster_pb2, cluster_pb2_grpc
+from mlchat.v1 import chat_pb2, chat_pb2_grpc, cluster_pb2, cluster_pb2_grpc, replication_pb2, replication_pb2_grpc
 
 log = logging.getLogger(__name__)
-SERVICES = ("mlchat.v1.ChatService", "mlchat.v1.ClusterService")
+SERVICES = ("mlchat.v1.ChatService", "mlchat.v1.ClusterService", "mlchat.v1.ReplicationService")
 
 
 def load_secret(path: Path) -> bytes:
@@ -81,20 +82,26 @@ async def _serve(settings: LeaderSettings, store: Store) -> None:
         options=[("grpc.max_receive_message_length", limits.MAX_REQUEST_BYTES),
                  ("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=limits.MAX_CONCURRENT_RPCS)
+    replicator = Replicator(region, signer, wall_ms)
     chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(region, auth), server)
-    cluster_pb2_grpc.add_ClusterServiceServicer_to_server(ClusterServicer(region, auth), server)
+    cluster_pb2_grpc.add_ClusterServiceServicer_to_server(ClusterServicer(region, auth, replicator.peer_status),
+                                                          server)
+    replication_pb2_grpc.add_ReplicationServiceServicer_to_server(ReplicationServicer(region, auth), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name,
          cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"].full_name,
+         replication_pb2.DESCRIPTOR.services_by_name["ReplicationService"].full_name,
          health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     if server.add_insecure_port(settings.listen) == 0:
         raise SystemExit(f"cannot listen on {settings.listen}: address in use or invalid")
     await server.start()
     for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("[%s] leader serving on %s (mode %s)", settings.region, settings.listen, settings.mode)
+    replicator.start()
+    log.info("[%s] leader serving on %s (mode %s, peers %s)", settings.region, settings.listen, settings.mode,
+             ", ".join(settings.peers) or "none")
     print(f"mlchat leader {settings.region} serving on {settings.listen}", flush=True)
 
     stop = asyncio.Event()
@@ -106,5 +113,7 @@ async def _serve(settings: LeaderSettings, store: Store) -> None:
     log.info("[%s] shutting down", settings.region)
     await health_servicer.enter_graceful_shutdown()
     region.fanout.close_all()
+    region.feed.close_all()
+    await replicator.stop()
     await server.stop(settings.grace_s)
     log.info("[%s] stopped", settings.region)

@@ -18,7 +18,7 @@ import redis.exceptions
 from mlchat.crdt.hlc import Hlc
 from mlchat.crdt.lww import StatusValue
 from mlchat.crdt.msglog import LogEntry
-from mlchat.errors import InvalidArgument, MlchatError
+from mlchat.errors import InvalidArgument, MlchatError, PermissionDenied
 from mlchat.leader import limits
 from mlchat.leader.region import Region, UserView, encode_cursor
 from mlchat.leader.tokens import Principal, TokenSigner, bearer
@@ -26,6 +26,7 @@ from mlchat.v1 import chat_pb2 as pb
 from mlchat.v1 import chat_pb2_grpc, cluster_pb2, cluster_pb2_grpc
 
 log = logging.getLogger(__name__)
+PEER_PREFIX = "region:"  # the subject of a region's token
 
 
 def _status_code(err: MlchatError) -> grpc.StatusCode:
@@ -99,8 +100,15 @@ class Authenticator:
         self.signer = signer
         self._verified: dict[str, Principal] = {}
 
-    def principal(self, context: grpc.aio.ServicerContext) -> Principal:
-        token = bearer(context.invocation_metadata())
+    def principal(self, context: grpc.aio.ServicerContext, peer: bool = False) -> Principal:
+        """The caller: a user, or with `peer` one of the cluster's regions (their tokens name a region)."""
+        principal = self._verify(bearer(context.invocation_metadata()))
+        if principal.user_id.startswith(PEER_PREFIX) != peer:
+            raise PermissionDenied("replication takes a region's token" if peer
+                                   else "a region's token cannot act as a user: call ClaimUsername")
+        return principal
+
+    def _verify(self, token: str) -> Principal:
         now = wall_ms()
         known = self._verified.get(token)
         if known is not None and known.expires_at_ms > now:
@@ -128,7 +136,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         token, principal = self.auth.signer.issue(view.user_id, view.username, wall_ms())
         return pb.ClaimUsernameResponse(user=user_pb(view), token=token,
                                         token_expires_at_ms=principal.expires_at_ms,
-                                        causal_token=self.region.causal_token())
+                                        causal_token=self.region.causal_token((view.claim.region, view.claim.hlc)))
 
     @unary
     async def PostMessage(self, request, context):
@@ -137,7 +145,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             me.user_id, limits.channel(request.channel), limits.body(request.body),
             limits.client_msg_id(request.client_msg_id))
         return pb.PostMessageResponse(message=message_pb(entry), duplicate=duplicate,
-                                      causal_token=self.region.causal_token())
+                                      causal_token=self.region.causal_token((entry.region, entry.hlc)))
 
     @unary
     async def ListMessages(self, request, context):
@@ -165,7 +173,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         if request.presence not in pb.Presence.values() or request.presence == pb.PRESENCE_UNSPECIFIED:
             raise InvalidArgument(f"presence {request.presence} is invalid: use ONLINE, AWAY, BUSY or OFFLINE")
         winner = await self.region.set_status(me.user_id, request.presence, limits.status_text(request.text))
-        return pb.SetStatusResponse(status=status_pb(me.user_id, winner), causal_token=self.region.causal_token())
+        return pb.SetStatusResponse(status=status_pb(me.user_id, winner),
+                                    causal_token=self.region.causal_token((winner.region, winner.hlc)))
 
     @unary
     async def GetStatus(self, request, context):
@@ -191,9 +200,11 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
 
 
 class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
-    def __init__(self, region: Region, auth: Authenticator) -> None:
+    def __init__(self, region: Region, auth: Authenticator,
+                 peers: Callable[[], list[cluster_pb2.PeerStatus]] = list) -> None:
         self.region = region
         self.auth = auth
+        self.peers = peers
 
     @unary
     async def GetClusterStatus(self, request, context):
@@ -202,4 +213,5 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
         return cluster_pb2.GetClusterStatusResponse(
             region=self.region.name, mode=self.region.settings.mode, users=users, channels=channels,
             messages=messages, hlc=self.region.clock.encode(), subscribers=self.region.fanout.subscriber_count(),
+            peers=self.peers(),
             state_digest=await self.region.digest() if request.with_digest else "")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlchat.crdt.replica import HOUR_MS
@@ -24,3 +24,7 @@ class LeaderSettings:
     subscriber_buffer: int = limits.SUBSCRIBER_BUFFER
     stream_retention: int = limits.SUBSCRIBE_RETENTION
     grace_s: float = 5.0  # SIGTERM: how long in-flight calls get to finish
+    peers: dict[str, str] = field(default_factory=dict)  # region -> host:port of the other regions
+    heartbeat_ms: int = 500  # a replication stream with nothing to send sends this often
+    peer_timeout_ms: int = 3000  # a peer silent this long is suspect, twice this long down
+    feed_buffer: int = 10_000  # changes a peer may fall behind before its stream is cut (it reconnects)

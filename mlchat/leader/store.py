@@ -4,13 +4,15 @@ Keys (every per-channel key carries the hash tag `{channel}`, a step towards Red
 scripts also touch the region-wide keys, which a cluster deployment will have to move out):
   c:{ch}:z     ZSET, score 0: member = order_key NUL payload (LogEntry.payload); read order
   c:{ch}:ids   HASH message id -> order_key: deduplicates retries, finds the original
-  c:{ch}:s     STREAM of order keys in commit order: what Subscribe resumes from (capped)
+  c:{ch}:s     STREAM of message ids in commit order here: what Subscribe resumes from (capped)
   y:{ch}:B:u   LIST of pycrdt updates of shard (ch, bucket B) since its snapshot
   y:{ch}:B:snap STRING pycrdt snapshot of that shard
   u:USER       HASH name, hlc, region: the user created by a claim
   n:NAME       HASH user id -> hlc NUL region: every claim on the name
   s:USER       HASH k (rank key), p, t, h, r: the user's status register
+  shards       HASH shard name -> pycrdt state vector: what a peer is told this region holds
   channels, users  SETs, for counts; meta:hlc  the largest hlc issued here (clock floor at start)
+  meta:vector  HASH origin region -> hlc up to which all its writes are held here
 
 A write is one Lua script, so the state change and everything derived from it commit together or not
 at all, and it is acknowledged only after Redis has it.
@@ -39,36 +41,82 @@ local function less(a, b)
 end
 """
 
-# A batch of new messages of one shard and the pycrdt update that adds them all.
-# KEYS: ids, zset, stream, shard update list, channels, meta:hlc. ARGV: stream cap, update, channel,
-# last hlc, then (id, order key, member) for each message. Returns {1, stream ids}; or, storing
-# nothing, {0, {id, stored order key, ...}} if any of the ids is stored already (a retry).
+# A batch of new local messages of one shard and the pycrdt update that adds them all.
+# KEYS: ids, zset, stream, shard update list, channels, meta:hlc, shards. ARGV: stream cap, update,
+# channel, last hlc, shard, shard state vector, then (id, order key, member) for each message.
+# Returns {1, stream ids}; or, storing nothing, {0, {id, stored order key, ...}} if any of the ids is
+# stored already (a retry).
 _POST = """
 local dups = {}
-for i = 5, #ARGV, 3 do
+for i = 7, #ARGV, 3 do
   local key = redis.call('HGET', KEYS[1], ARGV[i])
   if key then dups[#dups + 1] = ARGV[i]; dups[#dups + 1] = key end
 end
 if #dups > 0 then return {0, dups} end
 local sids = {}
-for i = 5, #ARGV, 3 do
+for i = 7, #ARGV, 3 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   redis.call('ZADD', KEYS[2], 0, ARGV[i + 2])
-  sids[#sids + 1] = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[1], '*', 'k', ARGV[i + 1])
+  sids[#sids + 1] = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[1], '*', 'i', ARGV[i])
 end
 redis.call('RPUSH', KEYS[4], ARGV[2])
 redis.call('SADD', KEYS[5], ARGV[3])
 redis.call('SET', KEYS[6], ARGV[4])
+redis.call('HSET', KEYS[7], ARGV[5], ARGV[6])
 return {1, sids}
 """
 
-# KEYS: status hash. ARGV: rank key, presence, text, hlc, region. Returns the winner's fields.
+# Copies of messages that arrived from another region, with the pycrdt update that brought them.
+# KEYS: ids, zset, stream, shard update list, channels, shards. ARGV: stream cap, update, channel,
+# shard, shard state vector, then (id, order key, member) for each copy. A copy of a message not
+# stored here is added; a copy of one stored here replaces it if its order key is smaller (readers
+# everywhere keep the earliest copy). Returns {id, stream id} for each message new here.
+_APPLY = _LESS + """
+redis.call('RPUSH', KEYS[4], ARGV[2])
+redis.call('SADD', KEYS[5], ARGV[3])
+redis.call('HSET', KEYS[6], ARGV[4], ARGV[5])
+local new = {}
+for i = 6, #ARGV, 3 do
+  local prior = redis.call('HGET', KEYS[1], ARGV[i])
+  if not prior then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    redis.call('ZADD', KEYS[2], 0, ARGV[i + 2])
+    new[#new + 1] = ARGV[i]
+    new[#new + 1] = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[1], '*', 'i', ARGV[i])
+  elseif less(ARGV[i + 1], prior) then
+    redis.call('ZREMRANGEBYLEX', KEYS[2], '[' .. prior .. '\\0', '[' .. prior .. '\\1')
+    redis.call('ZADD', KEYS[2], 0, ARGV[i + 2])
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+end
+return new
+"""
+
+# KEYS: status hash. ARGV: rank key, presence, text, hlc, region.
+# Returns {1 if the register changed, the winner's fields}.
 _SET_STATUS = _LESS + """
 local cur = redis.call('HGET', KEYS[1], 'k')
+local changed = 0
 if (not cur) or less(cur, ARGV[1]) then
   redis.call('HSET', KEYS[1], 'k', ARGV[1], 'p', ARGV[2], 't', ARGV[3], 'h', ARGV[4], 'r', ARGV[5])
+  changed = 1
 end
-return redis.call('HMGET', KEYS[1], 'p', 't', 'h', 'r')
+return {changed, redis.call('HMGET', KEYS[1], 'p', 't', 'h', 'r')}
+"""
+
+# A claim from another region: kept (per user, the earliest) whatever else is on the name.
+# KEYS: claims on the name, user hash, set of users. ARGV: user id, hlc, region, name.
+# Returns 1 if the claims on the name changed.
+_ADD_CLAIM = _LESS + """
+local value = ARGV[2] .. '\\0' .. ARGV[3]
+local prior = redis.call('HGET', KEYS[1], ARGV[1])
+if prior and not less(value, prior) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], value)
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('HSET', KEYS[2], 'name', ARGV[4], 'hlc', ARGV[2], 'region', ARGV[3])
+  redis.call('SADD', KEYS[3], ARGV[1])
+end
+return 1
 """
 
 # KEYS: claims on the name, user hash, set of users, meta:hlc. ARGV: user id, hlc, region, name.
@@ -140,27 +188,43 @@ class Store:
         self._post = client.register_script(_POST)
         self._set_status = client.register_script(_SET_STATUS)
         self._claim = client.register_script(_CLAIM)
+        self._apply = client.register_script(_APPLY)
+        self._add_claim = client.register_script(_ADD_CLAIM)
 
     async def close(self) -> None:
         await self.redis.aclose()
 
     # Messages -----------------------------------------------------------------------------------
 
-    async def post(self, shard: str, entries: list[LogEntry], update: bytes, stream_cap: int) -> PostOutcome:
+    async def post(self, shard: str, entries: list[LogEntry], update: bytes, state_vector: bytes,
+                   stream_cap: int) -> PostOutcome:
         """Store new messages of one shard with the pycrdt update that adds them, unless any of them
         is stored already: then store nothing and say which."""
         updates_key, _ = _shard_keys(shard)
         ch = entries[0].channel
         # meta:hlc only moves forward: entries are stamped in order.
-        args: list[str | bytes | int] = [stream_cap, update, ch, entries[-1].hlc]
+        args: list[str | bytes | int] = [stream_cap, update, ch, entries[-1].hlc, shard, state_vector]
         for e in entries:
             args += [e.id, e.order_key, _member(e)]
         stored, values = await self._post(
-            keys=[_ids(ch), _zset(ch), _stream(ch), updates_key, "channels", "meta:hlc"], args=args)
+            keys=[_ids(ch), _zset(ch), _stream(ch), updates_key, "channels", "meta:hlc", "shards"], args=args)
         decoded = [v.decode() for v in values]
         if stored:
             return PostOutcome(stream_ids=decoded)
         return PostOutcome(duplicates=dict(zip(decoded[::2], decoded[1::2], strict=True)))
+
+    async def apply(self, shard: str, entries: list[LogEntry], update: bytes, state_vector: bytes,
+                    stream_cap: int) -> dict[str, str]:
+        """Store copies of messages from another region with the update that brought them; return
+        {message id: stream id} of the messages that are new here."""
+        updates_key, _ = _shard_keys(shard)
+        ch = split_shard_name(shard)[0]
+        args: list[str | bytes | int] = [stream_cap, update, ch, shard, state_vector]
+        for e in entries:
+            args += [e.id, e.order_key, _member(e)]
+        values = [v.decode() for v in await self._apply(
+            keys=[_ids(ch), _zset(ch), _stream(ch), updates_key, "channels", "shards"], args=args)]
+        return dict(zip(values[::2], values[1::2], strict=True))
 
     async def message_at(self, channel: str, order_key: str) -> LogEntry:
         (member,) = await self.redis.zrangebylex(_zset(channel), f"[{order_key}\x00", f"[{order_key}\x01", 0, 1)
@@ -181,10 +245,12 @@ class Store:
     async def stream_after(self, channel: str, stream_id: str, count: int) -> list[tuple[str, LogEntry]]:
         """Messages committed after `stream_id`, oldest first, with their stream ids."""
         rows = await self.redis.xrange(_stream(channel), f"({stream_id}", "+", count)
+        if not rows:
+            return []
+        keys = await self.redis.hmget(_ids(channel), [fields[b"i"] for _, fields in rows])
         async with self.redis.pipeline(transaction=False) as pipe:
-            for _, fields in rows:
-                key = fields[b"k"].decode()
-                pipe.zrangebylex(_zset(channel), f"[{key}\x00", f"[{key}\x01", 0, 1)
+            for key in keys:  # the copy readers see now (an earlier copy may have replaced the first)
+                pipe.zrangebylex(_zset(channel), b"[" + key + b"\x00", b"[" + key + b"\x01", 0, 1)
             members = await pipe.execute()
         return [(sid.decode(), _entry(channel, m[0].decode())) for (sid, _), m in zip(rows, members, strict=True)]
 
@@ -223,12 +289,12 @@ class Store:
 
     # Status -------------------------------------------------------------------------------------
 
-    async def set_status(self, value: StatusValue) -> StatusValue:
-        """Merge `value` into the user's register; return the winner."""
-        p, t, h, r = await self._set_status(
+    async def set_status(self, value: StatusValue) -> tuple[StatusValue, bool]:
+        """Merge `value` into the user's register; return the winner and whether the register changed."""
+        changed, (p, t, h, r) = await self._set_status(
             keys=[f"s:{value.user_id}"],
             args=[status_rank_key(value), value.presence, value.text, value.hlc, value.region])
-        return StatusValue(value.user_id, int(p), t.decode(), h.decode(), r.decode())
+        return StatusValue(value.user_id, int(p), t.decode(), h.decode(), r.decode()), bool(changed)
 
     async def status(self, user_id: str) -> StatusValue | None:
         p, t, h, r = await self.redis.hmget(f"s:{user_id}", "p", "t", "h", "r")
@@ -241,6 +307,12 @@ class Store:
         outcome = await self._claim(keys=[f"n:{claim.name}", f"u:{claim.user_id}", "users", "meta:hlc"],
                                     args=[claim.user_id, claim.hlc, claim.region, claim.name])
         return int(outcome)
+
+    async def add_claim(self, claim: Claim) -> bool:
+        """Record a claim from another region; True if it changed the claims on its name."""
+        changed = await self._add_claim(keys=[f"n:{claim.name}", f"u:{claim.user_id}", "users"],
+                                        args=[claim.user_id, claim.hlc, claim.region, claim.name])
+        return bool(changed)
 
     async def claims_on(self, name: str) -> list[Claim]:
         raw = await self.redis.hgetall(f"n:{name}")
@@ -255,6 +327,28 @@ class Store:
         return None if name is None else name.decode()
 
     # Region-wide --------------------------------------------------------------------------------
+
+    async def shard_states(self) -> dict[str, bytes]:
+        """Every shard held here, with its pycrdt state vector."""
+        return {k.decode(): v for k, v in (await self.redis.hgetall("shards")).items()}
+
+    async def load_vector(self) -> dict[str, str]:
+        return {k.decode(): v.decode() for k, v in (await self.redis.hgetall("meta:vector")).items()}
+
+    async def save_vector(self, vector: dict[str, str]) -> None:
+        if vector:
+            await self.redis.hset("meta:vector", mapping=vector)
+
+    async def statuses(self) -> AsyncIterator[StatusValue]:
+        async for key in self.redis.scan_iter(match="s:*", count=1000):
+            value = await self.status(key.decode()[2:])
+            if value is not None:
+                yield value
+
+    async def claims(self) -> AsyncIterator[Claim]:
+        async for key in self.redis.scan_iter(match="n:*", count=1000):
+            for claim in await self.claims_on(key.decode()[2:]):
+                yield claim
 
     async def clock_floor(self) -> str:
         value = await self.redis.get("meta:hlc")
@@ -275,13 +369,10 @@ class Store:
         for ch in sorted(c.decode() for c in await self.redis.smembers("channels")):
             for member in await self.redis.zrange(_zset(ch), 0, -1):
                 yield _entry(ch, member.decode())
-        async for key in self.redis.scan_iter(match="s:*", count=1000):
-            value = await self.status(key.decode()[2:])
-            if value is not None:
-                yield value
-        async for key in self.redis.scan_iter(match="n:*", count=1000):
-            for claim in await self.claims_on(key.decode()[2:]):
-                yield claim
+        async for value in self.statuses():
+            yield value
+        async for claim in self.claims():
+            yield claim
 
 
 def parse_stream_id(text: str) -> str:

@@ -1,0 +1,176 @@
+"""Asynchronous replication between regions: the stream a region serves, and the ones it opens.
+
+Each region opens one `Replicate` stream to every peer and applies what arrives. On every
+(re)connection it first sends its state (pycrdt state vectors of its shards, and its version
+vector), so that the peer answers with everything missing however long the link was down; then the
+peer streams each later change of its state, with heartbeats when idle. Because a region streams
+what it applies from others too, a change reaches a region through any path that works (A to C
+through B while A-C is cut). A receiver that falls too far behind is cut off (its sender's buffer is
+bounded) and simply reconnects. Peers authenticate with a token signed by the cluster secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc
+
+from mlchat.crdt.claims import Claim
+from mlchat.crdt.hlc import Hlc
+from mlchat.crdt.lww import StatusValue
+from mlchat.crdt.replica import Delta, ReplicaState
+from mlchat.errors import ResourceExhausted
+from mlchat.leader.region import FEED, Region
+from mlchat.leader.servicer import PEER_PREFIX, Authenticator, streaming
+from mlchat.leader.tokens import TokenSigner
+from mlchat.v1 import cluster_pb2, replication_pb2_grpc
+from mlchat.v1 import replication_pb2 as rpb
+
+log = logging.getLogger(__name__)
+
+
+def delta_pb(region: str, delta: Delta) -> rpb.Delta:
+    return rpb.Delta(
+        from_region=region,
+        shards=[rpb.ShardUpdate(shard=name, update=update) for name, update in delta.shard_updates.items()],
+        statuses=[rpb.StatusRecord(user_id=v.user_id, presence=v.presence, text=v.text, hlc=v.hlc, region=v.region)
+                  for v in delta.statuses],
+        claims=[rpb.ClaimRecord(name=c.name, user_id=c.user_id, hlc=c.hlc, region=c.region) for c in delta.claims],
+        vector=delta.vector)
+
+
+def delta_from_pb(message: rpb.Delta) -> Delta:
+    return Delta(
+        shard_updates={s.shard: s.update for s in message.shards},
+        statuses=tuple(StatusValue(v.user_id, v.presence, v.text, v.hlc, v.region) for v in message.statuses),
+        claims=tuple(Claim(c.hlc, c.region, c.user_id, c.name) for c in message.claims),
+        vector=dict(message.vector))
+
+
+class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
+    def __init__(self, region: Region, auth: Authenticator) -> None:
+        self.region = region
+        self.auth = auth
+
+    @streaming
+    async def Replicate(self, request, context):  # type: ignore[no-untyped-def]
+        self.auth.principal(context, peer=True)
+        with self.region.feed.subscribe(FEED) as changes:  # first: nothing changed from now is missed
+            state = ReplicaState({s.shard: s.state_vector for s in request.shards}, dict(request.vector))
+            yield delta_pb(self.region.name, await self.region.delta_for(state))
+            while True:
+                batch = await changes.next_batch()
+                if not batch:
+                    if changes.overflowed:
+                        raise ResourceExhausted(f"peer {request.region} fell more than {changes.capacity} changes "
+                                                "behind: reconnect to catch up")
+                    return
+                for delta in batch:
+                    yield delta_pb(self.region.name, delta)
+
+
+class PeerState(enum.IntEnum):
+    # Values match mlchat.v1.PeerState.
+    UP = 1
+    SUSPECT = 2
+    DOWN = 3
+
+
+@dataclass
+class PeerLink:
+    """What this region knows of its stream from one peer."""
+
+    region: str
+    address: str
+    connected: bool = False
+    last_heard: float = 0.0  # monotonic seconds
+    lag_ms: int = 0  # commit there to applied here, for the latest change that carried messages
+    deltas: int = 0
+
+    def state(self, now: float, timeout_s: float) -> PeerState:
+        silent = now - self.last_heard
+        if self.connected and silent <= timeout_s:
+            return PeerState.UP
+        return PeerState.SUSPECT if silent <= 2 * timeout_s else PeerState.DOWN
+
+
+class Replicator:
+    """Opens and keeps a stream to every peer, applying what arrives; sends heartbeats to the feed."""
+
+    def __init__(self, region: Region, signer: TokenSigner, now_ms: Callable[[], int]) -> None:
+        self.region = region
+        self.signer = signer
+        self.now_ms = now_ms
+        self.links = {name: PeerLink(name, address) for name, address in region.settings.peers.items()}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        if self._tasks:
+            raise RuntimeError("replicator already started")
+        self._tasks = [asyncio.create_task(self._follow(link)) for link in self.links.values()]
+        self._tasks.append(asyncio.create_task(self._heartbeats()))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.region.settings.heartbeat_ms / 1000)
+            self.region.feed.publish(FEED, self.region.heartbeat())
+
+    async def _follow(self, link: PeerLink) -> None:
+        backoff = 0.05
+        token, _ = self.signer.issue(PEER_PREFIX + self.region.name, self.region.name, self.now_ms())
+        timeout_s = self.region.settings.peer_timeout_ms / 1000
+        while True:
+            try:
+                async with grpc.aio.insecure_channel(link.address, options=[
+                        ("grpc.keepalive_time_ms", self.region.settings.heartbeat_ms * 2),
+                        ("grpc.keepalive_timeout_ms", self.region.settings.peer_timeout_ms)]) as channel:
+                    stub = replication_pb2_grpc.ReplicationServiceStub(channel)
+                    state = await self.region.state()
+                    stream = stub.Replicate(rpb.ReplicateRequest(
+                        region=self.region.name, vector=state.vector,
+                        shards=[rpb.ShardState(shard=k, state_vector=v) for k, v in state.shards.items()]),
+                        metadata=(("authorization", f"Bearer {token}"),))
+                    async for message in _with_idle_timeout(stream, timeout_s):
+                        link.connected, link.last_heard = True, time.monotonic()
+                        backoff = 0.05
+                        delta = delta_from_pb(message)
+                        await self.region.apply(delta)
+                        link.deltas += 1
+                        if delta.shard_updates and delta.vector.get(link.region):
+                            link.lag_ms = max(0, self.now_ms() - Hlc.decode(delta.vector[link.region]).wall_ms)
+            except (grpc.aio.AioRpcError, TimeoutError) as e:
+                detail = e.details() if isinstance(e, grpc.aio.AioRpcError) else "silent too long"
+                log.info("[%s] stream from %s ended: %s", self.region.name, link.region, detail)
+            except Exception:
+                log.exception("[%s] applying changes from %s failed", self.region.name, link.region)
+            link.connected = False
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    def peer_status(self) -> list[cluster_pb2.PeerStatus]:
+        now = time.monotonic()
+        timeout_s = self.region.settings.peer_timeout_ms / 1000
+        return [cluster_pb2.PeerStatus(region=link.region, address=link.address,
+                                       state=int(link.state(now, timeout_s)), replication_lag_ms=link.lag_ms)
+                for link in self.links.values()]
+
+
+async def _with_idle_timeout(stream: AsyncIterator[rpb.Delta], timeout_s: float) -> AsyncIterator[rpb.Delta]:
+    """The stream's messages; TimeoutError if none comes for `timeout_s` (a hung link)."""
+    iterator = stream.__aiter__()
+    while True:
+        try:
+            message = await asyncio.wait_for(iterator.__anext__(), timeout_s)
+        except StopAsyncIteration:
+            return
+        yield message
