@@ -40,11 +40,16 @@ def _read_state(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _alive(pid: int) -> bool:
+    """True while the process runs (a zombie, dead but not yet reaped, does not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    return True
+
+
+# Controllers started by this process (when `up` is called as a function, from the demo or the tests):
+# kept so that they can be reaped by `down`, not garbage-collected while they run.
+_controllers: dict[int, subprocess.Popen[bytes]] = {}
 
 
 # The controller ------------------------------------------------------------------------------------
@@ -170,6 +175,7 @@ def up(run_dir: Path, regions: tuple[str, ...], topology_file: Path | None, base
             proc.terminate()
             proc.wait()
         raise
+    _controllers[proc.pid] = proc
     return state
 
 
@@ -184,6 +190,8 @@ def down(run_dir: Path, timeout_s: float = 60.0) -> None:
             os.kill(state["pid"], signal.SIGKILL)
             break
         time.sleep(0.05)
+    if state["pid"] in _controllers:
+        _controllers.pop(state["pid"]).wait()
 
 
 def print_status(status: dict[str, Any]) -> None:

@@ -25,7 +25,10 @@ class ClusterError(Exception):
 
 
 def port_is_free(port: int) -> bool:
+    """True if a server could listen on the port now (as servers do, with SO_REUSEADDR: connections
+    of an earlier run lingering in TIME_WAIT do not hold it)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -77,10 +80,10 @@ class Cluster:
         await asyncio.gather(*(asyncio.to_thread(leader.wait_ready) for leader in self.leaders.values()))
 
     async def stop(self) -> None:
+        # Leaders first, together, while the proxies still carry their goodbyes.
+        await asyncio.gather(*(asyncio.to_thread(leader.stop) for leader in self.leaders.values()))
         for link in self.links.values():
             await link.stop()
-        for leader in self.leaders.values():
-            leader.stop()
 
     def _apply(self) -> None:
         for (src, dst), link in self.links.items():
@@ -152,7 +155,7 @@ class Cluster:
     async def restart(self, region: str) -> str:
         leader = self.leaders[self._region(region)]
         if leader.proc is not None:
-            leader.stop()
+            await asyncio.to_thread(leader.stop)
         leader.spawn()
         await asyncio.to_thread(leader.wait_ready)
         return f"restarted {region} on {leader.address}"

@@ -77,9 +77,9 @@ def test_round_trip_through_the_mesh_matches_the_wan_matrix(run):
 
 def test_latency_changes_at_runtime(run):
     try:
-        dcsim(run["run_dir"], "latency", "us-east", "eu-west", "15")
+        dcsim(run["run_dir"], "latency", "us-east", "eu-west", "60")
         rtt = statistics.median(_health_rtts(_endpoint(run, "eu-west", "us-east")))
-        assert abs(rtt - 30) <= 3, rtt
+        assert abs(rtt - 120) <= 12, rtt
     finally:
         dcsim(run["run_dir"], "latency", "us-east", "eu-west", str(US_EU_RTT_MS / 2))
 

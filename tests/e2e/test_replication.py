@@ -1,0 +1,171 @@
+"""Asynchronous replication end to end: three real regions behind dc-sim's WAN proxies."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from support import wait_until
+
+from dcsim import cli as dcsim
+from mlchat.geo.client import ChatClient
+from mlchat.v1 import chat_pb2 as pb
+from mlchat.v1 import cluster_pb2
+
+REGIONS = ("us-east", "eu-west", "ap-northeast")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    run_dir = tmp_path_factory.mktemp("replication") / "run"
+    state = dcsim.up(run_dir, REGIONS, None, None)
+    state["run_dir"] = run_dir
+    try:
+        yield state
+    finally:
+        dcsim.down(run_dir)
+
+
+def control(cluster: dict, command: str, **args: object) -> object:
+    return dcsim.control(cluster["run_dir"], {"command": command, **args})
+
+
+def client(cluster: dict, region: str, user: str, located_in: str | None = None) -> ChatClient:
+    c = ChatClient(cluster["regions"][region]["endpoints"][located_in or region], timeout_s=5)
+    c.claim(user, f"{user}-claim-key-0123456789")
+    return c
+
+
+def digests(cluster: dict) -> dict[str, str]:
+    out = {}
+    for region in REGIONS:
+        with ChatClient(cluster["regions"][region]["endpoints"][region]) as c:
+            c.claim("digest_reader", "digest-reader-key-0001")
+            out[region] = c.cluster_status(with_digest=True).state_digest
+    return out
+
+
+def converged(cluster: dict) -> bool:
+    return len(set(digests(cluster).values())) == 1
+
+
+def bodies(c: ChatClient, channel: str) -> list[str]:
+    return [m.body for m in c.list(channel, limit=500).messages]
+
+
+def test_a_message_posted_in_any_region_is_visible_in_all(cluster, tmp_path):
+    clients = {r: client(cluster, r, f"poster_{r.replace('-', '_')}") for r in REGIONS}
+    for region, c in clients.items():
+        c.post("everywhere", f"hello from {region}", f"hello-{region}")
+    expected = sorted(f"hello from {r}" for r in REGIONS)
+    for c in clients.values():
+        wait_until(lambda c=c: sorted(bodies(c, "everywhere")) == expected, 15, "every message everywhere")
+    # One order everywhere: (hlc, origin region, id).
+    orders = {tuple(bodies(c, "everywhere")) for c in clients.values()}
+    assert len(orders) == 1
+    wait_until(lambda: converged(cluster), 15, "identical digests")
+
+
+def test_status_converges_to_the_last_writer(cluster):
+    home = client(cluster, "us-east", "status_ann")
+    home.set_status(pb.PRESENCE_BUSY, "first")
+    # The same user, travelling: her next status is written in ap-northeast after she saw the first.
+    away = ChatClient(cluster["regions"]["ap-northeast"]["endpoints"]["ap-northeast"], timeout_s=10)
+    away.token, away.causal = home.token, dict(home.causal)
+    away.get_status(home.user.user_id)  # waits, with her causal token, until ap-northeast has the first
+    last = away.set_status(pb.PRESENCE_AWAY, "second").status
+    for region in REGIONS:
+        reader = client(cluster, region, "status_reader")
+        reader.causal = dict(away.causal)  # as if told by ann: the read waits until the region has it
+        seen = reader.get_status(home.user.user_id).status
+        assert (seen.text, seen.hlc, seen.origin_region) == ("second", last.hlc, "ap-northeast")
+
+
+def test_concurrent_claims_of_one_name_end_with_one_owner_everywhere(cluster):
+    control(cluster, "partition", a="us-east", b="eu-west")
+    control(cluster, "partition", a="us-east", b="ap-northeast")
+    try:
+        first = client(cluster, "us-east", "racer")  # us-east is cut off: both claims succeed
+        second = ChatClient(cluster["regions"]["eu-west"]["endpoints"]["eu-west"], timeout_s=5)
+        second.claim("racer", "another-racer-key-0001")
+        assert first.user.user_id != second.user.user_id
+    finally:
+        control(cluster, "heal")
+    owners = set()
+    for region in REGIONS:
+        reader = client(cluster, region, "claim_reader")
+        def settled(r: ChatClient = reader) -> bool:
+            return all(r.get_user(user_id=u).user.claim_state != pb.CLAIM_STATE_PROVISIONAL
+                       for u in (first.user.user_id, second.user.user_id))
+
+        wait_until(settled, 15, f"claims settled in {region}")
+        states = {u.user.user_id: u.user.claim_state for u in (reader.get_user(user_id=first.user.user_id),
+                                                               reader.get_user(user_id=second.user.user_id))}
+        assert sorted(states.values()) == [pb.CLAIM_STATE_CONFIRMED, pb.CLAIM_STATE_LOST], states
+        owners.add(reader.get_user(username="racer").user.user_id)
+    assert len(owners) == 1
+    # The loser learns it from its own claim too.
+    loser = first if owners == {second.user.user_id} else second
+    again = loser.claim("racer", "racer-claim-key-0123456789" if loser is first else "another-racer-key-0001")
+    assert again.user.claim_state == pb.CLAIM_STATE_LOST
+
+
+def test_partition_concurrent_writes_and_heal_converge(cluster):
+    east = client(cluster, "us-east", "split_east")
+    west = client(cluster, "eu-west", "split_west")
+    control(cluster, "partition", a="us-east", b="eu-west")
+    control(cluster, "partition", a="us-east", b="ap-northeast")
+    try:
+        for i in range(20):
+            east.post("split", f"east {i}", f"e{i}")
+            west.post("split", f"west {i}", f"w{i}")
+        east.set_status(pb.PRESENCE_ONLINE, "east side")
+        assert len(bodies(east, "split")) == 20  # us-east sees only its side
+    finally:
+        control(cluster, "heal")
+    wait_until(lambda: converged(cluster), 20, "identical digests after the heal")
+    for c in (east, west):
+        assert len(bodies(c, "split")) == 40
+
+
+def test_relay_delivers_across_a_cut_link(cluster):
+    control(cluster, "partition", a="us-east", b="ap-northeast")
+    try:
+        east = client(cluster, "us-east", "relay_east")
+        tokyo = client(cluster, "ap-northeast", "relay_tokyo", located_in="ap-northeast")
+        east.post("relay", "via eu-west", "r1")
+        wait_until(lambda: bodies(tokyo, "relay") == ["via eu-west"], 15, "the relayed message")
+    finally:
+        control(cluster, "heal")
+
+
+def test_killed_while_shipping_restarts_with_nothing_lost_or_duplicated(cluster):
+    east = client(cluster, "us-east", "crash_east")
+    acked = []
+    for i in range(100):
+        acked.append(east.post("crash", f"m{i}", f"c{i}").message.id)
+        if i == 60:
+            control(cluster, "kill", region="eu-west")  # in the middle of receiving
+    control(cluster, "restart", region="eu-west")
+    west = client(cluster, "eu-west", "crash_west")
+    wait_until(lambda: len(bodies(west, "crash")) == 100, 20, "every message in the restarted region")
+    ids = [m.id for m in west.list("crash", limit=500).messages]
+    assert sorted(ids) == sorted(acked) and len(set(ids)) == len(ids)
+    wait_until(lambda: converged(cluster), 20, "identical digests after the restart")
+
+
+def test_cluster_status_shows_peers_up_and_a_dead_one_down(cluster):
+    east = client(cluster, "us-east", "status_watcher")
+    wait_until(lambda: all(p.state == cluster_pb2.PEER_STATE_UP for p in east.cluster_status().peers), 10,
+               "peers up")
+    assert {p.region for p in east.cluster_status().peers} == {"eu-west", "ap-northeast"}
+    control(cluster, "kill", region="ap-northeast")
+    try:
+        wait_until(lambda: {p.region: p.state for p in east.cluster_status().peers}["ap-northeast"]
+                   in (cluster_pb2.PEER_STATE_SUSPECT, cluster_pb2.PEER_STATE_DOWN), 10, "ap-northeast suspect")
+    finally:
+        control(cluster, "restart", region="ap-northeast")
+    wait_until(lambda: all(p.state == cluster_pb2.PEER_STATE_UP for p in east.cluster_status().peers), 15,
+               "peers up again")
+
+
