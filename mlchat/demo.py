@@ -1,9 +1,10 @@
-"""`make demo`: three regions under dc-sim, with a WAN between them, and users who talk across it.
+"""`make demo`: three regions under dc-sim, replicating to each other across a simulated WAN.
 
-It starts us-east, eu-west and ap-northeast (a leader with its own embedded Valkey each, behind the WAN
-proxy mesh with the default round-trip times), then tells, step by step, what each user sees:
-claims, a conversation held in one region by users near and far, retries that never duplicate, a
-partition and its heal, bad input refused, and a region killed and restarted without losing anything.
+It starts us-east, eu-west and ap-northeast (a leader with its own embedded Valkey each, behind the
+WAN proxy mesh with the default round-trip times), then tells, step by step, what each user sees in
+their own region: claims, a conversation that replicates between regions, a retry, a cut link that
+messages route around, a region cut off that keeps taking writes and converges after the heal, two
+users racing for one username, bad input, and a region killed and restarted.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ import secrets
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from dcsim import cli as dcsim
+from mlchat.crdt.hlc import Hlc
 from mlchat.geo.client import ChatClient
 from mlchat.v1 import chat_pb2 as pb
 
@@ -32,10 +36,141 @@ def step(title: str) -> None:
     say(f"\n== {title}")
 
 
-def timed(call):  # type: ignore[no-untyped-def]
-    started = time.perf_counter()
-    result = call()
-    return result, (time.perf_counter() - started) * 1000
+def wait(condition: Callable[[], bool], deadline_s: float = 15.0) -> bool:
+    end = time.monotonic() + deadline_s
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Demo:
+    def __init__(self, run_dir: Path, status: dict[str, Any]) -> None:
+        self.run_dir = run_dir
+        self.status = status
+        self.keys = {user: secrets.token_hex(16) for user in HOME}
+        self.clients = {user: ChatClient(self.endpoint(region, region)) for user, region in HOME.items()}
+        self.names: dict[str, str] = {}
+        self.seen: dict[str, list[tuple[pb.Message, int]]] = {user: [] for user in HOME}
+
+    def endpoint(self, region: str, located_in: str) -> str:
+        return str(self.status["regions"][region]["endpoints"][located_in])
+
+    def control(self, command: str, **args: str) -> None:
+        say(f"$ dcsim {command} {' '.join(args.values())}".rstrip())
+        say(f"  {dcsim.control(self.run_dir, {'command': command, **args})}")
+
+    def subscribe(self, user: str, channel: str) -> None:
+        stream = self.clients[user].subscribe(channel)
+
+        def read() -> None:
+            try:
+                for event in stream:
+                    self.seen[user].append((event.message, now_ms()))
+            except grpc.RpcError:  # the demo is over
+                pass
+
+        threading.Thread(target=read, daemon=True).start()
+
+    def digests(self) -> dict[str, str]:
+        return {region: self.clients[user].cluster_status(with_digest=True).state_digest
+                for user, region in HOME.items()}
+
+    def run(self) -> None:
+        step("each user claims a name in their own region")
+        for user, client in self.clients.items():
+            self.names[client.claim(user, self.keys[user]).user.user_id] = user
+        for user, client in self.clients.items():
+            state = client.get_user(user_id=client.user.user_id).user.claim_state
+            say(f"{user} in {HOME[user]}: {pb.ClaimState.Name(state)} (until every region has seen past it)")
+        wait(lambda: all(c.get_user(user_id=c.user.user_id).user.claim_state == pb.CLAIM_STATE_CONFIRMED
+                         for c in self.clients.values()))
+        say("a moment later, every claim is CONFIRMED: each region's clock watermark has passed them all")
+
+        step("a conversation in #general: everyone writes and reads in their own region")
+        for user in HOME:
+            self.subscribe(user, "general")
+        wait(lambda: all(c.cluster_status().subscribers >= 1 for c in self.clients.values()))
+        for i, (user, text) in enumerate([("alice", "morning all"), ("bob", "hi from Dublin"),
+                                          ("chika", "hello from Tokyo")]):
+            self.clients[user].post("general", text, f"{user}-{i}")
+        wait(lambda: all(len(seen) >= 3 for seen in self.seen.values()))
+        for user, seen in self.seen.items():
+            for message, at in seen:
+                lag = at - Hlc.decode(message.hlc).wall_ms
+                where = "written here" if message.origin_region == HOME[user] else f"replicated in {lag} ms"
+                say(f"  {user} ({HOME[user]}) sees {self.names[message.user_id]}: {message.body!r} ({where})")
+        retry = self.clients["bob"].post("general", "hi from Dublin", "bob-1")
+        say(f"bob's client retries a post: duplicate={retry.duplicate}, nothing new for anyone")
+
+        step("cut the us-east <-> eu-west link: messages route around it through ap-northeast")
+        self.control("partition", a="us-east", b="eu-west")
+        self.clients["alice"].post("general", "can you still hear me, bob?", "alice-cut")
+        if wait(lambda: any(m.body == "can you still hear me, bob?" for m, _ in self.seen["bob"])):
+            say("  bob (eu-west) got alice's message, relayed by ap-northeast")
+        self.control("heal")
+
+        step("cut eu-west off completely: both sides keep taking writes, then converge")
+        self.control("partition", a="eu-west", b="us-east")
+        self.control("partition", a="eu-west", b="ap-northeast")
+        self.clients["bob"].post("general", "it's quiet over here", "bob-alone")
+        self.clients["alice"].post("general", "bob seems offline", "alice-alone")
+        bob_sees = [m.body for m in self.clients["bob"].list("general", limit=50).messages]
+        say(f"  during the partition eu-west holds {len(bob_sees)} messages, us-east "
+            f"{len(self.clients['alice'].list('general', limit=50).messages)}: each side has only its own news")
+        racer_east = ChatClient(self.endpoint("us-east", "us-east"))
+        racer_west = ChatClient(self.endpoint("eu-west", "eu-west"))
+        east_claim = racer_east.claim("dave", secrets.token_hex(16)).user
+        west_claim = racer_west.claim("dave", secrets.token_hex(16)).user
+        say(f"  two people claim 'dave', one in each side: both accepted, "
+            f"{pb.ClaimState.Name(east_claim.claim_state)} and {pb.ClaimState.Name(west_claim.claim_state)}")
+        self.control("heal")
+        converged = wait(lambda: len(set(self.digests().values())) == 1, 30)
+        say(f"  after the heal every region holds the same state: {converged} "
+            f"(digest {next(iter(self.digests().values()))[:16]}...)")
+        wait(lambda: all(c.get_user(user_id=u.user_id).user.claim_state != pb.CLAIM_STATE_PROVISIONAL
+                         for c, u in ((racer_east, east_claim), (racer_west, west_claim))))
+        for label, client, user in (("us-east", racer_east, east_claim), ("eu-west", racer_west, west_claim)):
+            state = client.get_user(user_id=user.user_id).user.claim_state
+            say(f"  the 'dave' who claimed in {label}: {pb.ClaimState.Name(state)}")
+        owner = self.clients["chika"].get_user(username="dave").user
+        say(f"  every region agrees the owner is {owner.user_id} (the earlier claim, by hybrid logical clock); "
+            "the other is told LOST and can claim another name")
+        racer_east.close()
+        racer_west.close()
+
+        step("bad input is refused and changes nothing")
+        for label, call in [
+            ("empty message", lambda: self.clients["alice"].post("general", "   ", "alice-empty")),
+            ("invalid channel", lambda: self.clients["alice"].post("No Spaces", "hi", "alice-x")),
+            ("oversized message", lambda: self.clients["alice"].post("general", "x" * 5000, "alice-big")),
+        ]:
+            try:
+                call()
+            except grpc.RpcError as e:
+                say(f"  {label}: {e.code().name}: {e.details()}")
+
+        step("kill ap-northeast (SIGKILL) while the others keep talking, then restart it")
+        self.control("kill", region="ap-northeast")
+        for i in range(5):
+            self.clients["alice"].post("general", f"update {i} while Tokyo is down", f"alice-down-{i}")
+        self.control("restart", region="ap-northeast")
+        chika = self.clients["chika"]
+        chika.claim("chika", self.keys["chika"])
+        caught_up = wait(lambda: len(set(self.digests().values())) == 1, 30)
+        say(f"  ap-northeast caught up on what it missed: {caught_up}; #general holds "
+            f"{len(chika.list('general', limit=100).messages)} messages in every region")
+        for m in chika.list("general", limit=4, newest_first=True).messages:
+            say(f"    [{m.origin_region}] {self.names.get(m.user_id, 'dave')}: {m.body}")
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.close()
 
 
 def main() -> None:
@@ -43,114 +178,14 @@ def main() -> None:
         run_dir = Path(tmp) / "run"
         step("dcsim up: three regions, each a leader with its own Valkey, behind a simulated WAN")
         status = dcsim.up(run_dir, REGIONS, None, None)
+        demo = Demo(run_dir, status)
         try:
             dcsim.print_status(status)
-            converse(run_dir, status)
+            demo.run()
         finally:
+            demo.close()
             dcsim.down(run_dir)
             step("dcsim down: every leader, Valkey and proxy stopped")
-
-
-def converse(run_dir: Path, status: dict) -> None:  # type: ignore[type-arg]
-    def endpoint(user: str, region: str) -> str:
-        return status["regions"][region]["endpoints"][HOME[user]]
-
-    keys = {user: secrets.token_hex(16) for user in HOME}
-    # Everyone talks in us-east: alice lives there, bob and chika reach it across the WAN.
-    clients = {user: ChatClient(endpoint(user, "us-east")) for user in HOME}
-    try:
-        step("claim usernames (each user's call crosses the WAN from their home to us-east)")
-        for user, client in clients.items():
-            resp, ms = timed(lambda c=client, u=user: c.claim(u, keys[u]))
-            say(f"{user} (in {HOME[user]}): {pb.ClaimState.Name(resp.user.claim_state)}, "
-                f"user id {resp.user.user_id}, {ms:.0f} ms")
-        try:
-            ChatClient(endpoint("alice", "us-east")).claim("bob", secrets.token_hex(16))
-        except grpc.RpcError as e:
-            say(f"someone else tries 'bob': {e.code().name}: {e.details()}")
-
-        step("alice subscribes to #general; everyone talks")
-        received: list[tuple[pb.SubscribeResponse, float]] = []
-        stream = clients["alice"].subscribe("general")
-
-        def read() -> None:
-            try:
-                received.extend((event, time.perf_counter()) for event in stream)
-            except grpc.RpcError:  # cancelled at the end
-                pass
-
-        threading.Thread(target=read, daemon=True).start()
-        while clients["alice"].cluster_status().subscribers < 1:
-            time.sleep(0.01)
-        names = {c.user.user_id: u for u, c in clients.items()}
-        lines = [("alice", "morning all"), ("bob", "hi from Dublin"), ("chika", "hello from Tokyo"),
-                 ("alice", "standup in 5")]
-        for i, (user, text) in enumerate(lines):
-            resp, ms = timed(lambda u=user, t=text, n=i: clients[u].post("general", t, f"{u}-{n}"))
-            say(f"{user} posts {text!r}: acknowledged after {ms:.0f} ms (from {HOME[user]})")
-        _wait(lambda: len(received) >= len(lines))
-        for event, _ in received:
-            say(f"  alice's stream: {names[event.message.user_id]}: {event.message.body}")
-
-        step("a retry never makes a second message")
-        again, ms = timed(lambda: clients["bob"].post("general", "hi from Dublin", "bob-1"))
-        say(f"bob's client retries its post: duplicate={again.duplicate}, same id {again.message.id}")
-
-        step("partition eu-west <-> us-east")
-        say(dcsim.control(run_dir, {"command": "partition", "a": "eu-west", "b": "us-east"}))
-        bob = ChatClient(endpoint("bob", "us-east"), timeout_s=1.0)
-        bob.token = clients["bob"].token
-        try:
-            bob.post("general", "anyone there?", "bob-partitioned")
-        except grpc.RpcError as e:
-            say(f"bob's post to us-east: {e.code().name} after its 1 s deadline (the WAN path hangs)")
-        resp, ms = timed(lambda: clients["chika"].post("general", "still here", "chika-partition"))
-        say(f"chika (ap-northeast) is not cut off: acknowledged after {ms:.0f} ms")
-        with ChatClient(endpoint("bob", "eu-west")) as local:
-            local.claim("bob", keys["bob"])
-            local.post("general", "writing to my own region meanwhile", "bob-local")
-            say("bob's own region eu-west still takes his writes: every region is a leader")
-        say(dcsim.control(run_dir, {"command": "heal"}))
-        resp = clients["bob"].post("general", "anyone there?", "bob-partitioned")
-        if resp.duplicate:
-            say("after the heal bob's client retries the failed post: duplicate=True. The request had been "
-                "held on the partitioned path and reached us-east at the heal; the retry returned it "
-                "instead of posting it twice")
-        else:
-            say("after the heal bob's client retries the failed post: stored now, once")
-        bob.close()
-
-        step("bad input is refused and changes nothing")
-        for label, call in [
-            ("empty message", lambda: clients["alice"].post("general", "   ", "alice-empty")),
-            ("invalid channel", lambda: clients["alice"].post("No Spaces", "hi", "alice-x")),
-            ("oversized message", lambda: clients["alice"].post("general", "x" * 5000, "alice-big")),
-        ]:
-            try:
-                call()
-            except grpc.RpcError as e:
-                say(f"{label}: {e.code().name}: {e.details()}")
-
-        step("kill us-east (SIGKILL) and restart it: nothing acknowledged is lost")
-        stream.cancel()
-        history = [m.body for m in clients["alice"].list("general", limit=100).messages]
-        say(dcsim.control(run_dir, {"command": "kill", "region": "us-east"}))
-        say(dcsim.control(run_dir, {"command": "restart", "region": "us-east"}))
-        clients["alice"].claim("alice", keys["alice"])
-        after = [m.body for m in clients["alice"].list("general", limit=100).messages]
-        say(f"#general in us-east before the kill: {len(history)} messages; after the restart: {len(after)}, "
-            f"{'identical' if after == history else 'DIFFERENT'}")
-        for m in clients["alice"].list("general", limit=3, newest_first=True).messages:
-            say(f"  latest: [{m.hlc}] {names[m.user_id]}: {m.body}")
-    finally:
-        for client in clients.values():
-            client.close()
-
-
-def _wait(condition, deadline_s: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + deadline_s
-    while not condition() and time.monotonic() < end:
-        time.sleep(0.01)
 
 
 if __name__ == "__main__":
