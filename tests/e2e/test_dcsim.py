@@ -155,6 +155,24 @@ def test_clear_errors(run, tmp_path):
     assert unknown.returncode != 0 and "mars" in unknown.stderr
 
 
+def test_topology_file_overrides_the_default_matrix(tmp_path):
+    topology = tmp_path / "wan.csv"
+    topology.write_text("# a closer eu-west\nregion_a,region_b,rtt_ms\nus-east,eu-west,20\n")
+    run_dir = tmp_path / "run"
+    dcsim(run_dir, "up", "--regions", "us-east,eu-west", "--topology", str(topology))
+    try:
+        assert "delay us-east->eu-west: 10 ms" in dcsim(run_dir, "status").stdout
+        state = json.loads((run_dir / "state.json").read_text())
+        rtt = statistics.median(_health_rtts(state["regions"]["us-east"]["endpoints"]["eu-west"]))
+        assert abs(rtt - 20) <= 3, rtt
+    finally:
+        dcsim(run_dir, "down")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("region_a,region_b,rtt_ms\nus-east,eu-west,fast\n")
+    result = dcsim(tmp_path / "run2", "up", "--regions", "us-east,eu-west", "--topology", str(bad), check=False)
+    assert result.returncode != 0 and "expected rows of region_a,region_b,rtt_ms" in result.stderr
+
+
 def test_port_in_use_is_reported(tmp_path):
     import socket
 
