@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m mlchat.demo
+	$(PY) -m dcsim.demo
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -21,6 +21,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m mlchat.bench
 	$(PY) -m dcsim.bench
+	$(PY) -m dcsim.bench_replication
 
 proto: $(STAMP)
 	$(PY) -m mlchat.protoc

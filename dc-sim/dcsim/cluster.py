@@ -170,6 +170,7 @@ class Cluster:
             },
             "partitions": sorted(f"{a}->{b}" for (a, b), t in self.paths.items() if t.blackhole),
             "paths": {f"{a}->{b}": {"latency_ms": t.latency_ms, "jitter_ms": t.jitter_ms,
-                                    "bandwidth_kbps": t.bandwidth_kbps}
+                                    "bandwidth_kbps": t.bandwidth_kbps,
+                                    "bytes": self.links[a, b].delivered["up"] + self.links[b, a].delivered["down"]}
                       for (a, b), t in sorted(self.paths.items()) if a != b},
         }

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pycrdt import merge_updates
+
 from mlchat.crdt import lww, vector
 from mlchat.crdt.claims import Claim, ClaimState, claim_state
 from mlchat.crdt.digest import state_digest
@@ -38,6 +40,34 @@ class Delta:
     claims: tuple[Claim, ...] = ()
     # The sender's vector: after applying the delta the receiver holds everything it covers.
     vector: dict[str, str] = field(default_factory=dict)
+
+
+MAX_COMBINED = 200  # merging pycrdt updates is super-linear in their number: keep groups small
+
+
+def combine(deltas: list[Delta]) -> list[Delta]:
+    """Fewer deltas with the same effect, applied in order: consecutive deltas merged, at most
+    `MAX_COMBINED` at a time (a later delta's vector covers the earlier ones': it follows them)."""
+    out = []
+    for start in range(0, len(deltas), MAX_COMBINED):
+        group = deltas[start:start + MAX_COMBINED]
+        updates: dict[str, list[bytes]] = {}
+        for d in group:
+            for name, update in d.shard_updates.items():
+                updates.setdefault(name, []).append(update)
+        out.append(Delta(
+            shard_updates={n: u[0] if len(u) == 1 else merge_updates(*u) for n, u in updates.items()},
+            statuses=tuple(v for d in group for v in d.statuses),
+            claims=tuple(c for d in group for c in d.claims),
+            vector=vector.merge({}, group[-1].vector) if group[-1].vector else {}))
+    return out
+
+
+def split(delta: Delta) -> list[Delta]:
+    """The same delta as a sequence: one message-log shard each, then statuses and claims, and the
+    vector on the last part only (a receiver holds what it covers only once it has every part)."""
+    parts = [Delta(shard_updates={name: update}) for name, update in delta.shard_updates.items()]
+    return parts + [Delta(statuses=delta.statuses, claims=delta.claims, vector=delta.vector)]
 
 
 class Replica:

@@ -84,6 +84,7 @@ class Region:
         self._now_ms = now_ms
         self.clock = ZERO
         self.remote: dict[str, str] = {}  # other origins: hlc up to which all their writes are held here
+        self._saved_remote: dict[str, str] = {}
         self._unsettled: set[str] = set()  # stamps issued whose writes are not yet committed (or failed)
         self._vector_changed = asyncio.Event()  # replaced by a fresh one at every change
         self.regions = frozenset({settings.region, *settings.peers})
@@ -103,6 +104,7 @@ class Region:
         if floor:
             self.clock = Hlc.decode(floor)
         self.remote = {r: h for r, h in (await self.store.load_vector()).items() if r != self.name}
+        self._saved_remote = dict(self.remote)
 
     # Clock and causality ------------------------------------------------------------------------
 
@@ -388,15 +390,19 @@ class Region:
             if changed:
                 statuses.append(value)
         claims = [c for c in delta.claims if await self.store.add_claim(c)]
-        remote = vector.merge(self.remote, {r: h for r, h in delta.vector.items() if r != self.name})
-        if remote != self.remote:
-            await self.store.save_vector(remote)
-            self.remote = remote
+        self.remote = vector.merge(self.remote, {r: h for r, h in delta.vector.items() if r != self.name})
         if delta.vector:
             self.clock = self.clock.absorb(Hlc.decode(max(delta.vector.values())), self._now_ms())
         self._vector_moved()
         if new_updates or statuses or claims:
             self.feed.publish(FEED, Delta(new_updates, tuple(statuses), tuple(claims), self.vector))
+
+    async def save_vector(self) -> None:
+        """Persist what this region holds of others (at heartbeats: a vector saved late only makes
+        peers resend what is here already after a restart)."""
+        if self.remote != self._saved_remote:
+            await self.store.save_vector(self.remote)
+            self._saved_remote = dict(self.remote)
 
     async def _apply_shard(self, name: str, update: bytes) -> bytes | None:
         """Apply a pycrdt update to a shard; store and return the part that was new here, if any."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,8 +24,9 @@ import grpc
 from mlchat.crdt.claims import Claim
 from mlchat.crdt.hlc import Hlc
 from mlchat.crdt.lww import StatusValue
-from mlchat.crdt.replica import Delta, ReplicaState
+from mlchat.crdt.replica import Delta, ReplicaState, combine, split
 from mlchat.errors import ResourceExhausted
+from mlchat.leader.limits import MAX_PEER_MESSAGE_BYTES
 from mlchat.leader.region import FEED, Region
 from mlchat.leader.servicer import PEER_PREFIX, Authenticator, streaming
 from mlchat.leader.tokens import TokenSigner
@@ -32,6 +34,7 @@ from mlchat.v1 import cluster_pb2, replication_pb2_grpc
 from mlchat.v1 import replication_pb2 as rpb
 
 log = logging.getLogger(__name__)
+COMPRESS_ABOVE = 2048  # bytes: smaller deltas go out as they are
 
 
 def delta_pb(region: str, delta: Delta) -> rpb.Delta:
@@ -57,12 +60,14 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
         self.region = region
         self.auth = auth
 
-    @streaming
+    @functools.partial(streaming, limit_size=False)  # a peer's state may be large
     async def Replicate(self, request, context):  # type: ignore[no-untyped-def]
         self.auth.principal(context, peer=True)
+        context.set_compression(grpc.Compression.Gzip)  # WAN links are paid by the byte
         with self.region.feed.subscribe(FEED) as changes:  # first: nothing changed from now is missed
             state = ReplicaState({s.shard: s.state_vector for s in request.shards}, dict(request.vector))
-            yield delta_pb(self.region.name, await self.region.delta_for(state))
+            for part in split(await self.region.delta_for(state)):  # one shard per message
+                yield delta_pb(self.region.name, part)
             while True:
                 batch = await changes.next_batch()
                 if not batch:
@@ -70,8 +75,11 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
                         raise ResourceExhausted(f"peer {request.region} fell more than {changes.capacity} changes "
                                                 "behind: reconnect to catch up")
                     return
-                for delta in batch:
-                    yield delta_pb(self.region.name, delta)
+                for delta in combine(batch):  # a peer that lags gets fewer, larger messages
+                    message = delta_pb(self.region.name, delta)
+                    if message.ByteSize() < COMPRESS_ABOVE:  # not worth the CPU
+                        context.disable_next_message_compression()
+                    yield message
 
 
 class PeerState(enum.IntEnum):
@@ -108,6 +116,9 @@ class Replicator:
         self.now_ms = now_ms
         self.links = {name: PeerLink(name, address) for name, address in region.settings.peers.items()}
         self._tasks: list[asyncio.Task[None]] = []
+        # One catch-up at a time: a stream says what this region holds only once the previous
+        # stream's catch-up is applied, so that two peers do not both send the same backlog.
+        self._catching_up = asyncio.Lock()
 
     def start(self) -> None:
         if self._tasks:
@@ -124,6 +135,7 @@ class Replicator:
         while True:
             await asyncio.sleep(self.region.settings.heartbeat_ms / 1000)
             self.region.feed.publish(FEED, self.region.heartbeat())
+            await self.region.save_vector()
 
     async def _follow(self, link: PeerLink) -> None:
         backoff = 0.05
@@ -131,31 +143,41 @@ class Replicator:
         timeout_s = self.region.settings.peer_timeout_ms / 1000
         while True:
             try:
-                async with grpc.aio.insecure_channel(link.address, options=[
+                # WAN links are paid by the byte: deltas travel compressed.
+                async with grpc.aio.insecure_channel(link.address, compression=grpc.Compression.Gzip, options=[
+                        ("grpc.max_receive_message_length", MAX_PEER_MESSAGE_BYTES),
                         ("grpc.keepalive_time_ms", self.region.settings.heartbeat_ms * 2),
                         ("grpc.keepalive_timeout_ms", self.region.settings.peer_timeout_ms)]) as channel:
                     stub = replication_pb2_grpc.ReplicationServiceStub(channel)
-                    state = await self.region.state()
-                    stream = stub.Replicate(rpb.ReplicateRequest(
-                        region=self.region.name, vector=state.vector,
-                        shards=[rpb.ShardState(shard=k, state_vector=v) for k, v in state.shards.items()]),
-                        metadata=(("authorization", f"Bearer {token}"),))
-                    async for message in _with_idle_timeout(stream, timeout_s):
-                        link.connected, link.last_heard = True, time.monotonic()
+                    messages = None
+                    async with self._catching_up:
+                        state = await self.region.state()
+                        stream = stub.Replicate(rpb.ReplicateRequest(
+                            region=self.region.name, vector=state.vector,
+                            shards=[rpb.ShardState(shard=k, state_vector=v) for k, v in state.shards.items()]),
+                            metadata=(("authorization", f"Bearer {token}"),))
+                        messages = _with_idle_timeout(stream, timeout_s)
+                        first = await messages.__anext__()  # the catch-up
+                        await self._received(link, first)
+                    async for message in messages:
+                        await self._received(link, message)
                         backoff = 0.05
-                        delta = delta_from_pb(message)
-                        await self.region.apply(delta)
-                        link.deltas += 1
-                        if delta.shard_updates and delta.vector.get(link.region):
-                            link.lag_ms = max(0, self.now_ms() - Hlc.decode(delta.vector[link.region]).wall_ms)
-            except (grpc.aio.AioRpcError, TimeoutError) as e:
-                detail = e.details() if isinstance(e, grpc.aio.AioRpcError) else "silent too long"
+            except (grpc.aio.AioRpcError, TimeoutError, StopAsyncIteration) as e:
+                detail = e.details() if isinstance(e, grpc.aio.AioRpcError) else "silent too long or closed"
                 log.info("[%s] stream from %s ended: %s", self.region.name, link.region, detail)
             except Exception:
                 log.exception("[%s] applying changes from %s failed", self.region.name, link.region)
             link.connected = False
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
+
+    async def _received(self, link: PeerLink, message: rpb.Delta) -> None:
+        link.connected, link.last_heard = True, time.monotonic()
+        delta = delta_from_pb(message)
+        await self.region.apply(delta)
+        link.deltas += 1
+        if delta.shard_updates and delta.vector.get(link.region):
+            link.lag_ms = max(0, self.now_ms() - Hlc.decode(delta.vector[link.region]).wall_ms)
 
     def peer_status(self) -> list[cluster_pb2.PeerStatus]:
         now = time.monotonic()

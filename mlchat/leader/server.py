@@ -79,7 +79,8 @@ async def _serve(settings: LeaderSettings, store: Store) -> None:
     auth = Authenticator(signer)
 
     server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", limits.MAX_REQUEST_BYTES),
+        # Peers send their state in one message; client requests are held to their own limit.
+        options=[("grpc.max_receive_message_length", limits.MAX_PEER_STATE_BYTES),
                  ("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=limits.MAX_CONCURRENT_RPCS)
     replicator = Replicator(region, signer, wall_ms)

@@ -18,7 +18,7 @@ import redis.exceptions
 from mlchat.crdt.hlc import Hlc
 from mlchat.crdt.lww import StatusValue
 from mlchat.crdt.msglog import LogEntry
-from mlchat.errors import InvalidArgument, MlchatError, PermissionDenied
+from mlchat.errors import InvalidArgument, MlchatError, PermissionDenied, ResourceExhausted
 from mlchat.leader import limits
 from mlchat.leader.region import Region, UserView, encode_cursor
 from mlchat.leader.tokens import Principal, TokenSigner, bearer
@@ -46,10 +46,17 @@ async def _abort_for(err: BaseException, context: grpc.aio.ServicerContext, regi
     raise err
 
 
+def _check_size(request: Any) -> None:
+    if request.ByteSize() > limits.MAX_REQUEST_BYTES:
+        raise ResourceExhausted(f"request of {request.ByteSize()} bytes is larger than the "
+                                f"{limits.MAX_REQUEST_BYTES} bytes a client request may have")
+
+
 def unary(method: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            _check_size(request)
             return await method(self, request, context)
         except (MlchatError, *_STORAGE_ERRORS) as err:
             await _abort_for(err, context, self.region.name)
@@ -57,10 +64,13 @@ def unary(method: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def streaming(method: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+def streaming(method: Callable[..., AsyncIterator[Any]], limit_size: bool = True
+              ) -> Callable[..., AsyncIterator[Any]]:
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
+            if limit_size:
+                _check_size(request)
             async for item in method(self, request, context):
                 yield item
         except (MlchatError, *_STORAGE_ERRORS) as err:

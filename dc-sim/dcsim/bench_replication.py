@@ -1,0 +1,225 @@
+"""Replication benchmark: lag between regions under load, and catch-up after a partition.
+
+Lag: three regions with the default WAN; in each, a writer posts 200 messages/s while subscribers in
+the other regions note when each message arrives. Lag = arrival - commit (the message's hlc) - the
+link's one-way delay. Baseline, in the same run over a proxied link with the same delay: Valkey's own
+replication (a replica with REPLICAOF), the lag of an XADD on the primary to the wake-up of an XREAD
+BLOCK on the replica.
+
+Catch-up: one region cut off while another posts a backlog; after the heal, the time until the cut
+region holds it all, and the bytes sent to it per message against the raw message payload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import redis
+
+from dcsim import cli as dcsim
+from dcsim.proxy import Link
+from mlchat.crdt.hlc import Hlc
+from mlchat.geo.client import ChatClient
+from mlchat.leader.process import free_port
+from mlchat.leader.valkey import EmbeddedValkey
+from mlchat.v1 import chat_pb2 as pb
+from mlchat.v1 import chat_pb2_grpc
+
+REGIONS = ("us-east", "eu-west", "ap-northeast")
+BODY = "x" * 100
+
+
+def now_ms() -> float:
+    return time.time_ns() / 1e6
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def paced_posts(address: str, token: str, rate: float, seconds: float, tag: str) -> None:
+    metadata = (("authorization", f"Bearer {token}"),)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        start = time.monotonic()
+        pending = set()
+        for i in range(int(rate * seconds)):
+            await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
+            pending.add(asyncio.ensure_future(stub.PostMessage(
+                pb.PostMessageRequest(channel="lag", body=BODY, client_msg_id=f"{tag}-{i}"), metadata=metadata)))
+            pending = {p for p in pending if not p.done()}
+        await asyncio.gather(*pending)
+
+
+def mlchat_lag(status: dict, run_dir: Path, rate: float, seconds: float) -> dict[tuple[str, str], list[float]]:
+    endpoints = {r: status["regions"][r]["endpoints"][r] for r in REGIONS}
+    one_way = {tuple(k.split("->")): v["latency_ms"] for k, v in status["paths"].items()}
+    clients = {}
+    for region in REGIONS:
+        clients[region] = ChatClient(endpoints[region])
+        clients[region].claim(f"bench_{region.replace('-', '_')}", f"bench-key-{region}-000000")
+    lags: dict[tuple[str, str], list[float]] = {}
+    streams = []
+
+    def watch(region: str) -> None:
+        stream = clients[region].subscribe("lag")
+        streams.append(stream)
+        try:
+            for event in stream:
+                m = event.message
+                if m.origin_region != region:
+                    lag = now_ms() - Hlc.decode(m.hlc).wall_ms - one_way[(m.origin_region, region)]
+                    lags.setdefault((m.origin_region, region), []).append(lag)
+        except grpc.RpcError:
+            pass
+
+    for region in REGIONS:
+        threading.Thread(target=watch, args=(region,), daemon=True).start()
+    while any(c.cluster_status().subscribers < 1 for c in clients.values()):
+        time.sleep(0.01)
+
+    async def load() -> None:
+        await asyncio.gather(*(paced_posts(endpoints[r], clients[r].token, rate, seconds, r) for r in REGIONS))
+
+    asyncio.run(load())
+    expected = int(rate * seconds) * (len(REGIONS) - 1)
+    deadline = time.monotonic() + 30
+    while sum(len(v) for v in lags.values()) < expected * len(REGIONS) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for stream in streams:
+        stream.cancel()
+    for c in clients.values():
+        c.close()
+    return lags
+
+
+def native_lag(one_way_ms: float, rate: float, seconds: float, workdir: Path) -> list[float]:
+    """Valkey primary -> replica through a proxy link with `one_way_ms` each way."""
+    primary = EmbeddedValkey(workdir / "primary", port=free_port())
+    primary.start()
+    replica_port = free_port()
+    lags: list[float] = []
+
+    async def run() -> None:
+        link = Link("native", ("127.0.0.1", primary.port or 0))
+        await link.start()
+        link.set("up", latency_ms=one_way_ms)
+        link.set("down", latency_ms=one_way_ms)
+        replica = EmbeddedValkey(workdir / "replica", port=replica_port)
+        await asyncio.to_thread(replica.start)
+        r = redis.Redis(port=replica_port)
+        r.execute_command("REPLICAOF", "127.0.0.1", link.listen_port)
+        while r.info("replication").get("master_link_status") != "up":  # noqa: ASYNC110 - polls Valkey
+            await asyncio.sleep(0.05)
+        done = threading.Event()
+
+        def read() -> None:
+            reader = redis.Redis(port=replica_port)
+            last = "$"
+            while not done.is_set():
+                for _, entries in reader.xread({"lag": last}, block=200) or []:
+                    for entry_id, fields in entries:
+                        lags.append(now_ms() - float(fields[b"t"]) - one_way_ms)
+                        last = entry_id
+            reader.close()
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        writer = redis.asyncio.Redis(port=primary.port)
+        start = time.monotonic()
+        for i in range(int(rate * seconds)):
+            await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
+            await writer.xadd("lag", {"t": repr(now_ms()), "b": BODY})
+        while len(lags) < int(rate * seconds):  # noqa: ASYNC110 - filled by the reader thread
+            await asyncio.sleep(0.05)
+        done.set()
+        await asyncio.to_thread(reader.join)
+        await writer.aclose()
+        r.close()
+        await asyncio.to_thread(replica.stop)
+        await link.stop()
+
+    try:
+        asyncio.run(run())
+    finally:
+        primary.stop()
+    return lags
+
+
+def catch_up(status: dict, run_dir: Path, backlog: int) -> tuple[float, float, float]:
+    """(seconds to converge, bytes sent to the cut region per message, raw payload bytes per message)."""
+    east = ChatClient(status["regions"]["us-east"]["endpoints"]["us-east"], timeout_s=30)
+    east.claim("backlog_writer", "backlog-writer-key-0001")
+    west = ChatClient(status["regions"]["eu-west"]["endpoints"]["eu-west"], timeout_s=30)
+    west.claim("backlog_reader", "backlog-reader-key-0001")
+    before = west.cluster_status().messages
+    for other in ("us-east", "ap-northeast"):
+        dcsim.control(run_dir, {"command": "partition", "a": "eu-west", "b": other})
+
+    async def fill() -> None:
+        metadata = (("authorization", f"Bearer {east.token}"),)
+        async with grpc.aio.insecure_channel(east.address) as channel:
+            stub = chat_pb2_grpc.ChatServiceStub(channel)
+            numbers = iter(range(backlog))
+
+            async def worker() -> None:
+                for i in numbers:
+                    await stub.PostMessage(pb.PostMessageRequest(channel="backlog", body=BODY,
+                                                                 client_msg_id=f"b{i}"), metadata=metadata)
+
+            await asyncio.gather(*(worker() for _ in range(64)))
+
+    asyncio.run(fill())
+    paths = dcsim.control(run_dir, {"command": "status"})["paths"]
+    sent_before = sum(paths[f"{src}->eu-west"]["bytes"] for src in ("us-east", "ap-northeast"))
+    started = time.monotonic()
+    dcsim.control(run_dir, {"command": "heal"})
+    while west.cluster_status().messages < before + backlog:
+        time.sleep(0.05)
+    elapsed = time.monotonic() - started
+    paths = dcsim.control(run_dir, {"command": "status"})["paths"]
+    sent = sum(paths[f"{src}->eu-west"]["bytes"] for src in ("us-east", "ap-northeast")) - sent_before
+    payload = len(BODY) + len("u") + 16 + len("b12345")  # body, user id, client_msg_id
+    east.close()
+    west.close()
+    return elapsed, sent / backlog, payload
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, default=200, help="messages per second per region")
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--backlog", type=int, default=100_000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="mlchat-bench-") as tmp:
+        run_dir = Path(tmp) / "run"
+        status = dcsim.up(run_dir, REGIONS, None, None)
+        try:
+            print(f"replication lag at {args.rate:g} messages/s per region for {args.seconds:g}s", flush=True)
+            lags = mlchat_lag(status, run_dir, args.rate, args.seconds)
+            print(f"catch-up after a {args.backlog}-message backlog", flush=True)
+            elapsed, per_message, payload = catch_up(status, run_dir, args.backlog)
+        finally:
+            dcsim.down(run_dir)
+        native = native_lag(40.25, args.rate, args.seconds, Path(tmp))
+    everything = [lag for values in lags.values() for lag in values]
+    east_west = lags.get(("us-east", "eu-west"), [])
+    print("| measure | mlchat | baseline (same run) | ratio |\n|---|---|---|---|")
+    for label, values in (("lag us-east -> eu-west, minus the one-way delay", east_west),
+                          ("lag over all six directed links, minus each one-way delay", everything)):
+        print(f"| {label} | p50 {pct(values, .5):.1f} ms, p99 {pct(values, .99):.1f} ms | Valkey REPLICAOF over "
+              f"the us-east -> eu-west link: p50 {pct(native, .5):.1f} ms, p99 {pct(native, .99):.1f} ms | "
+              f"p99 {pct(values, .99) / max(pct(native, .99), 0.1):.1f}x (targets: p99 <= 25 ms, <= 1.5x) |")
+    print(f"| catch-up of {args.backlog} messages after a partition | {elapsed:.1f} s, {per_message:.0f} B sent "
+          f"per message | raw payload {payload} B per message | {per_message / payload:.2f}x (target <= 1.5x) |")
+
+
+if __name__ == "__main__":
+    main()
