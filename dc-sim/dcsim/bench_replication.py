@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import tempfile
 import threading
 import time
@@ -32,7 +33,17 @@ from mlchat.v1 import chat_pb2 as pb
 from mlchat.v1 import chat_pb2_grpc
 
 REGIONS = ("us-east", "eu-west", "ap-northeast")
-BODY = "x" * 100
+WORDS = ("the deploy is done so we can ship today lunch at noon anyone around for a quick call "
+         "review my change please the build is green again thanks everyone see you tomorrow").split()
+
+
+def body(i: int) -> str:
+    """About 100 bytes of chat-like text, different for every message (compresses like real text)."""
+    rng = random.Random(i)
+    words: list[str] = []
+    while sum(len(w) + 1 for w in words) < 100:
+        words.append(rng.choice(WORDS))
+    return " ".join(words)[:100]
 
 
 def now_ms() -> float:
@@ -53,7 +64,7 @@ async def paced_posts(address: str, token: str, rate: float, seconds: float, tag
         for i in range(int(rate * seconds)):
             await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
             pending.add(asyncio.ensure_future(stub.PostMessage(
-                pb.PostMessageRequest(channel="lag", body=BODY, client_msg_id=f"{tag}-{i}"), metadata=metadata)))
+                pb.PostMessageRequest(channel="lag", body=body(i), client_msg_id=f"{tag}-{i}"), metadata=metadata)))
             pending = {p for p in pending if not p.done()}
         await asyncio.gather(*pending)
 
@@ -136,7 +147,7 @@ def native_lag(one_way_ms: float, rate: float, seconds: float, workdir: Path) ->
         start = time.monotonic()
         for i in range(int(rate * seconds)):
             await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
-            await writer.xadd("lag", {"t": repr(now_ms()), "b": BODY})
+            await writer.xadd("lag", {"t": repr(now_ms()), "b": body(i)})
         while len(lags) < int(rate * seconds):  # noqa: ASYNC110 - filled by the reader thread
             await asyncio.sleep(0.05)
         done.set()
@@ -171,7 +182,7 @@ def catch_up(status: dict, run_dir: Path, backlog: int) -> tuple[float, float, f
 
             async def worker() -> None:
                 for i in numbers:
-                    await stub.PostMessage(pb.PostMessageRequest(channel="backlog", body=BODY,
+                    await stub.PostMessage(pb.PostMessageRequest(channel="backlog", body=body(i),
                                                                  client_msg_id=f"b{i}"), metadata=metadata)
 
             await asyncio.gather(*(worker() for _ in range(64)))
@@ -186,7 +197,7 @@ def catch_up(status: dict, run_dir: Path, backlog: int) -> tuple[float, float, f
     elapsed = time.monotonic() - started
     paths = dcsim.control(run_dir, {"command": "status"})["paths"]
     sent = sum(paths[f"{src}->eu-west"]["bytes"] for src in ("us-east", "ap-northeast")) - sent_before
-    payload = len(BODY) + len("u") + 16 + len("b12345")  # body, user id, client_msg_id
+    payload = 100 + len("u") + 16 + len("b12345")  # body, user id, client_msg_id
     east.close()
     west.close()
     return elapsed, sent / backlog, payload

@@ -63,13 +63,6 @@ def combine(deltas: list[Delta]) -> list[Delta]:
     return out
 
 
-def split(delta: Delta) -> list[Delta]:
-    """The same delta as a sequence: one message-log shard each, then statuses and claims, and the
-    vector on the last part only (a receiver holds what it covers only once it has every part)."""
-    parts = [Delta(shard_updates={name: update}) for name, update in delta.shard_updates.items()]
-    return parts + [Delta(statuses=delta.statuses, claims=delta.claims, vector=delta.vector)]
-
-
 class Replica:
     def __init__(self, region: str, client_id: int, regions: frozenset[str] = frozenset(),
                  bucket_ms: int = HOUR_MS) -> None:

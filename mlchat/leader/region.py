@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -96,7 +97,8 @@ class Region:
         self._writers: dict[str, asyncio.Task[None]] = {}
         self._inflight: dict[str, list[asyncio.Future[tuple[LogEntry, bool]]]] = {}
         # Ids of messages committed lately, so that a retry is answered without a shard reload.
-        self._recent: OrderedDict[str, str] = OrderedDict()
+        self._recent: OrderedDict[str, None] = OrderedDict()
+        self._shard_locks: dict[str, asyncio.Lock] = {}
         self.fanout: Fanout[Committed] = Fanout(settings.subscriber_buffer)
 
     async def start(self) -> None:
@@ -210,7 +212,7 @@ class Region:
         fresh = []
         for p in batch:
             if p.msg_id in self._recent:  # a retry of a message committed lately
-                self._settle(p.msg_id, (await self.store.message_at(channel, self._recent[p.msg_id]), False))
+                self._settle(p.msg_id, (await self._stored_message(channel, p.msg_id), False))
             else:
                 fresh.append(p)
         entries = [LogEntry(p.msg_id, channel, p.user_id, p.body, p.client_msg_id, self._stamp(), self.name)
@@ -223,40 +225,66 @@ class Region:
             self._settle_stamps([e.hlc for e in entries])
 
     async def _commit_shard(self, name: str, entries: list[LogEntry]) -> None:
-        shard = await self._shard(name)
-        update = shard.add(entries)
-        try:
-            outcome = await self.store.post(name, entries, update, shard.state_vector(),
-                                            self.settings.stream_retention)
-        except BaseException:
-            self._shards.pop(name, None)  # memory must never hold what Redis does not
-            raise
-        if outcome.duplicates:
-            # Retries of messages stored before (by an earlier process, or another process of this
-            # region). Nothing was stored: drop the shard, which holds what Redis does not, answer
-            # the retries, and queue the other posts again.
-            self._shards.pop(name, None)
-            for e in entries:
-                if e.id in outcome.duplicates:
-                    self._settle(e.id, (await self.store.message_at(e.channel, outcome.duplicates[e.id]), False))
-                else:
-                    self._queue.setdefault(e.channel, []).append(_Pending(e.id, e.user_id, e.body, e.client_msg_id))
-            return
-        await self._stored_update(name, shard)
+        async with self._locked_shard(name) as shard:
+            update = shard.add(entries)
+            try:
+                outcome = await self.store.post(name, entries, update, shard.state_vector(),
+                                                self.settings.stream_retention)
+            except BaseException:
+                self._shards.pop(name, None)  # memory must never hold what Redis does not
+                raise
+            # Every id stored under the key just built: the script ran before (a retried call whose
+            # reply was lost), so this is a success.
+            ours = outcome.duplicates and all(outcome.duplicates.get(e.id) == e.order_key for e in entries)
+            if outcome.duplicates and not ours:
+                # Retries of messages stored before (by an earlier process, or another process of
+                # this region). Nothing was stored: drop the shard, which holds what Redis does not,
+                # answer the retries, and queue the other posts again.
+                self._shards.pop(name, None)
+                for e in entries:
+                    if e.id in outcome.duplicates:
+                        self._settle(e.id, (await self._stored_message(e.channel, e.id), False))
+                    else:
+                        self._queue.setdefault(e.channel, []).append(
+                            _Pending(e.id, e.user_id, e.body, e.client_msg_id))
+                return
+            await self._stored_update(name, shard)
+        self._settle_stamps([e.hlc for e in entries])  # so that the published vector covers them
         self.feed.publish(FEED, Delta(shard_updates={name: update}, vector=self.vector))
-        for entry, stream_id in zip(entries, outcome.stream_ids, strict=True):
-            self._recent[entry.id] = entry.order_key
+        for i, entry in enumerate(entries):
+            stream_id = outcome.stream_ids[i] if outcome.stream_ids else ""
+            self._recent[entry.id] = None
             self._settle(entry.id, (entry, True))
-            self.fanout.publish(entry.channel, Committed(entry, stream_id, self.causal_token((self.name, entry.hlc))))
+            if stream_id:
+                self.fanout.publish(entry.channel,
+                                    Committed(entry, stream_id, self.causal_token((self.name, entry.hlc))))
         while len(self._recent) > RECENT_IDS:
             self._recent.popitem(last=False)
 
+    async def _stored_message(self, channel: str, msg_id: str) -> LogEntry:
+        """The copy of a stored message that readers see now."""
+        entry = await self.store.find(channel, msg_id)
+        if entry is None:
+            raise Unavailable(f"message {msg_id} is being stored; retry")
+        return entry
+
     async def _stored_update(self, name: str, shard: MessageShard) -> None:
-        """Count an update stored for a shard; snapshot the shard when enough have piled up."""
+        """Count an update stored for a shard; snapshot the shard when enough have piled up. Called
+        with the shard's lock held, so the snapshot holds exactly what Redis holds."""
         self._pending_updates[name] = self._pending_updates.get(name, 0) + 1
         if self._pending_updates[name] >= self.settings.compact_after:
-            await self.store.compact_shard(name, shard.snapshot(), self._pending_updates[name])
-            self._pending_updates[name] = 0
+            try:
+                await self.store.compact_shard(name, shard.snapshot(), self._pending_updates[name])
+                self._pending_updates[name] = 0
+            except Exception:  # the updates stay in their list; compaction is tried again later
+                log.warning("[%s] compacting shard %s failed", self.name, name, exc_info=True)
+
+    @contextlib.asynccontextmanager
+    async def _locked_shard(self, name: str) -> AsyncIterator[MessageShard]:
+        """A shard, held while the caller changes or reads it: one holder at a time, so what anyone
+        reads of a shard in memory (to store, ship or snapshot it) is what Redis holds."""
+        async with self._shard_locks.setdefault(name, asyncio.Lock()):
+            yield await self._shard(name)
 
     async def _shard(self, name: str) -> MessageShard:
         shard = self._shards.get(name)
@@ -362,17 +390,18 @@ class Region:
 
     # Replication --------------------------------------------------------------------------------
 
-    async def delta_for(self, peer: ReplicaState) -> Delta:
-        """Everything this region holds that a peer in state `peer` lacks."""
+    async def delta_for(self, peer: ReplicaState) -> AsyncIterator[Delta]:
+        """Everything this region holds that a peer in state `peer` lacks, in parts: one shard each,
+        then statuses and claims, then the vector that the whole covers (on the last part only)."""
         current = self.vector  # first: what follows covers at least this
-        updates = {}
         for name, state_vector in (await self.store.shard_states()).items():
             if peer.shards.get(name) != state_vector:
-                shard = await self._shard(name)
-                updates[name] = shard.delta_since(peer.shards[name]) if name in peer.shards else shard.snapshot()
+                async with self._locked_shard(name) as shard:
+                    update = shard.delta_since(peer.shards[name]) if name in peer.shards else shard.snapshot()
+                yield Delta(shard_updates={name: update})
         statuses = tuple([v async for v in self.store.statuses() if v.hlc > peer.vector.get(v.region, "")])
         claims = tuple([c async for c in self.store.claims() if c.hlc > peer.vector.get(c.region, "")])
-        return Delta(updates, statuses, claims, current)
+        yield Delta(statuses=statuses, claims=claims, vector=current)
 
     async def state(self) -> ReplicaState:
         return ReplicaState(await self.store.shard_states(), self.vector)
@@ -398,31 +427,35 @@ class Region:
             self.feed.publish(FEED, Delta(new_updates, tuple(statuses), tuple(claims), self.vector))
 
     async def save_vector(self) -> None:
-        """Persist what this region holds of others (at heartbeats: a vector saved late only makes
-        peers resend what is here already after a restart)."""
+        """Persist what this region holds of others, and its clock (at heartbeats: a vector saved
+        late only makes peers resend what is here already after a restart, and the clock must not
+        restart below what peers have been told)."""
+        await self.store.raise_clock_floor(self.clock.encode())
         if self.remote != self._saved_remote:
             await self.store.save_vector(self.remote)
             self._saved_remote = dict(self.remote)
 
     async def _apply_shard(self, name: str, update: bytes) -> bytes | None:
-        """Apply a pycrdt update to a shard; store and return the part that was new here, if any."""
-        shard = await self._shard(name)
-        before = shard.state_vector()
-        added = shard.apply(update)
-        if shard.state_vector() == before:
-            return None
-        part = shard.delta_since(before)
-        try:
-            new = await self.store.apply(name, added, part, shard.state_vector(), self.settings.stream_retention)
-        except BaseException:
-            self._shards.pop(name, None)  # memory must never hold what Redis does not
-            raise
-        await self._stored_update(name, shard)
+        """Apply a pycrdt update to a shard; if anything in it was new here, store it and return it
+        (for other peers). The update is stored as it came: pycrdt holds back items whose
+        predecessors have not arrived yet, and the stored update keeps them until they do."""
+        async with self._locked_shard(name) as shard:
+            before = shard.state_vector()
+            added = shard.apply(update)
+            if not added and shard.state_vector() == before:
+                return None
+            try:
+                new = await self.store.apply(name, added, update, shard.state_vector(),
+                                             self.settings.stream_retention)
+            except BaseException:
+                self._shards.pop(name, None)  # memory must never hold what Redis does not
+                raise
+            await self._stored_update(name, shard)
         for entry in added:
             if entry.id in new:
                 self.fanout.publish(entry.channel, Committed(entry, new[entry.id],
                                                              self.causal_token((entry.region, entry.hlc))))
-        return part
+        return update
 
     # Region-wide --------------------------------------------------------------------------------
 

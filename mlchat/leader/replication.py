@@ -24,7 +24,7 @@ import grpc
 from mlchat.crdt.claims import Claim
 from mlchat.crdt.hlc import Hlc
 from mlchat.crdt.lww import StatusValue
-from mlchat.crdt.replica import Delta, ReplicaState, combine, split
+from mlchat.crdt.replica import Delta, ReplicaState, combine
 from mlchat.errors import ResourceExhausted
 from mlchat.leader.limits import MAX_PEER_MESSAGE_BYTES
 from mlchat.leader.region import FEED, Region
@@ -66,7 +66,7 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
         context.set_compression(grpc.Compression.Gzip)  # WAN links are paid by the byte
         with self.region.feed.subscribe(FEED) as changes:  # first: nothing changed from now is missed
             state = ReplicaState({s.shard: s.state_vector for s in request.shards}, dict(request.vector))
-            for part in split(await self.region.delta_for(state)):  # one shard per message
+            async for part in self.region.delta_for(state):
                 yield delta_pb(self.region.name, part)
             while True:
                 batch = await changes.next_batch()
@@ -135,7 +135,10 @@ class Replicator:
         while True:
             await asyncio.sleep(self.region.settings.heartbeat_ms / 1000)
             self.region.feed.publish(FEED, self.region.heartbeat())
-            await self.region.save_vector()
+            try:
+                await self.region.save_vector()
+            except Exception:  # storage down: the next heartbeat tries again
+                log.warning("[%s] saving the version vector failed", self.region.name, exc_info=True)
 
     async def _follow(self, link: PeerLink) -> None:
         backoff = 0.05
@@ -157,8 +160,11 @@ class Replicator:
                             shards=[rpb.ShardState(shard=k, state_vector=v) for k, v in state.shards.items()]),
                             metadata=(("authorization", f"Bearer {token}"),))
                         messages = _with_idle_timeout(stream, timeout_s)
-                        first = await messages.__anext__()  # the catch-up
-                        await self._received(link, first)
+                        while True:  # the catch-up: its last part carries the vector
+                            part = await messages.__anext__()
+                            await self._received(link, part)
+                            if part.vector:
+                                break
                     async for message in messages:
                         await self._received(link, message)
                         backoff = 0.05

@@ -46,7 +46,7 @@ end
 # channel, last hlc, shard, shard state vector, then (id, order key, member) for each message.
 # Returns {1, stream ids}; or, storing nothing, {0, {id, stored order key, ...}} if any of the ids is
 # stored already (a retry).
-_POST = """
+_POST = _LESS + """
 local dups = {}
 for i = 7, #ARGV, 3 do
   local key = redis.call('HGET', KEYS[1], ARGV[i])
@@ -61,7 +61,8 @@ for i = 7, #ARGV, 3 do
 end
 redis.call('RPUSH', KEYS[4], ARGV[2])
 redis.call('SADD', KEYS[5], ARGV[3])
-redis.call('SET', KEYS[6], ARGV[4])
+local floor = redis.call('GET', KEYS[6])
+if (not floor) or less(floor, ARGV[4]) then redis.call('SET', KEYS[6], ARGV[4]) end
 redis.call('HSET', KEYS[7], ARGV[5], ARGV[6])
 return {1, sids}
 """
@@ -90,6 +91,19 @@ for i = 6, #ARGV, 3 do
   end
 end
 return new
+"""
+
+# KEYS: meta:hlc. ARGV: hlc. The clock floor only moves forward.
+_RAISE_FLOOR = _LESS + """
+local floor = redis.call('GET', KEYS[1])
+if (not floor) or less(floor, ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
+"""
+
+# KEYS: ids, zset. ARGV: message id. Returns the member of the copy readers see, or nil.
+_FIND = """
+local key = redis.call('HGET', KEYS[1], ARGV[1])
+if not key then return false end
+return redis.call('ZRANGEBYLEX', KEYS[2], '[' .. key .. '\\0', '[' .. key .. '\\1', 'LIMIT', 0, 1)[1]
 """
 
 # KEYS: status hash. ARGV: rank key, presence, text, hlc, region.
@@ -121,13 +135,14 @@ return 1
 
 # KEYS: claims on the name, user hash, set of users, meta:hlc. ARGV: user id, hlc, region, name.
 # Returns 1 if claimed now, 0 if this user already claimed it, -1 if another user holds a claim.
-_CLAIM = """
+_CLAIM = _LESS + """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
 if redis.call('HLEN', KEYS[1]) > 0 then return -1 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '\\0' .. ARGV[3])
 redis.call('HSET', KEYS[2], 'name', ARGV[4], 'hlc', ARGV[2], 'region', ARGV[3])
 redis.call('SADD', KEYS[3], ARGV[1])
-redis.call('SET', KEYS[4], ARGV[2])
+local floor = redis.call('GET', KEYS[4])
+if (not floor) or less(floor, ARGV[2]) then redis.call('SET', KEYS[4], ARGV[2]) end
 return 1
 """
 
@@ -189,6 +204,8 @@ class Store:
         self._set_status = client.register_script(_SET_STATUS)
         self._claim = client.register_script(_CLAIM)
         self._apply = client.register_script(_APPLY)
+        self._find = client.register_script(_FIND)
+        self._raise_floor = client.register_script(_RAISE_FLOOR)
         self._add_claim = client.register_script(_ADD_CLAIM)
 
     async def close(self) -> None:
@@ -202,7 +219,6 @@ class Store:
         is stored already: then store nothing and say which."""
         updates_key, _ = _shard_keys(shard)
         ch = entries[0].channel
-        # meta:hlc only moves forward: entries are stamped in order.
         args: list[str | bytes | int] = [stream_cap, update, ch, entries[-1].hlc, shard, state_vector]
         for e in entries:
             args += [e.id, e.order_key, _member(e)]
@@ -226,9 +242,10 @@ class Store:
             keys=[_ids(ch), _zset(ch), _stream(ch), updates_key, "channels", "shards"], args=args)]
         return dict(zip(values[::2], values[1::2], strict=True))
 
-    async def message_at(self, channel: str, order_key: str) -> LogEntry:
-        (member,) = await self.redis.zrangebylex(_zset(channel), f"[{order_key}\x00", f"[{order_key}\x01", 0, 1)
-        return _entry(channel, member.decode())
+    async def find(self, channel: str, msg_id: str) -> LogEntry | None:
+        """The copy of a message that readers see, or None if the message is not stored here."""
+        member = await self._find(keys=[_ids(channel), _zset(channel)], args=[msg_id])
+        return None if member is None else _entry(channel, member.decode())
 
     async def page(self, channel: str, cursor: str, limit: int, newest_first: bool) -> Page:
         """Up to `limit` messages after `cursor` (before it, newest first), read atomically with the
@@ -349,6 +366,9 @@ class Store:
         async for key in self.redis.scan_iter(match="n:*", count=1000):
             for claim in await self.claims_on(key.decode()[2:]):
                 yield claim
+
+    async def raise_clock_floor(self, hlc: str) -> None:
+        await self._raise_floor(keys=["meta:hlc"], args=[hlc])
 
     async def clock_floor(self) -> str:
         value = await self.redis.get("meta:hlc")
