@@ -30,7 +30,7 @@ from mlchat.geo.client import ChatClient
 from mlchat.leader.process import free_port
 from mlchat.leader.valkey import EmbeddedValkey
 from mlchat.v1 import chat_pb2 as pb
-from mlchat.v1 import chat_pb2_grpc
+from mlchat.v1 import chat_pb2_grpc, cluster_pb2
 
 REGIONS = ("us-east", "eu-west", "ap-northeast")
 WORDS = ("the deploy is done so we can ship today lunch at noon anyone around for a quick call "
@@ -91,6 +91,9 @@ def mlchat_lag(status: dict, run_dir: Path, rate: float, seconds: float) -> dict
         except grpc.RpcError:
             pass
 
+    # Measure the steady state: every replication stream up, every subscriber live.
+    while not all(p.state == cluster_pb2.PEER_STATE_UP for c in clients.values() for p in c.cluster_status().peers):
+        time.sleep(0.05)
     for region in REGIONS:
         threading.Thread(target=watch, args=(region,), daemon=True).start()
     while any(c.cluster_status().subscribers < 1 for c in clients.values()):
