@@ -23,6 +23,7 @@ from dcsim import cli as dcsim
 from mlchat.crdt.hlc import Hlc
 from mlchat.geo.client import ChatClient
 from mlchat.v1 import chat_pb2 as pb
+from mlchat.v1 import cluster_pb2
 
 REGIONS = ("us-east", "eu-west", "ap-northeast")
 HOME = {"alice": "us-east", "bob": "eu-west", "chika": "ap-northeast"}
@@ -85,6 +86,8 @@ class Demo:
         step("each user claims a name in their own region")
         for user, client in self.clients.items():
             self.names[client.claim(user, self.keys[user]).user.user_id] = user
+        wait(lambda: all(p.state == cluster_pb2.PEER_STATE_UP
+                         for c in self.clients.values() for p in c.cluster_status().peers))
         for user, client in self.clients.items():
             state = client.get_user(user_id=client.user.user_id).user.claim_state
             say(f"{user} in {HOME[user]}: {pb.ClaimState.Name(state)} (until every region has seen past it)")
