@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 
 log = logging.getLogger(__name__)
 CHUNK = 64 * 1024
+MAX_IN_FLIGHT = 256 * 1024  # bytes a direction of a connection holds before it stops reading
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ class _Pipe:
     link: Link
     direction: str
     queue: asyncio.Queue[tuple[float, bytes]] = field(default_factory=asyncio.Queue)
+    queued: int = 0  # bytes read and not yet written
+    room: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def read_loop(self) -> None:
         last_due = 0.0
@@ -59,6 +62,12 @@ class _Pipe:
             # A chunk never overtakes the one before it, whatever its jitter.
             last_due = max(last_due, time.monotonic() + self.link.toxics[self.direction].delay_s(self.link.rng))
             self.queue.put_nowait((last_due, data))
+            self.queued += len(data)
+            # Like a network path, hold only so much in flight: past it, stop reading, so that a
+            # slow link pushes back on the sender instead of buffering without end.
+            while self.queued > MAX_IN_FLIGHT:
+                self.room.clear()
+                await self.room.wait()
         self.queue.put_nowait((0.0, b""))  # end of stream
 
     async def write_loop(self) -> None:
@@ -76,6 +85,8 @@ class _Pipe:
             self.writer.write(data)
             await self.writer.drain()
             self.link.delivered[self.direction] += len(data)
+            self.queued -= len(data)
+            self.room.set()
             toxics = self.link.toxics[self.direction]
             if toxics.bandwidth_kbps:
                 await asyncio.sleep(len(data) / (toxics.bandwidth_kbps * 1024))

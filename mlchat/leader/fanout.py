@@ -24,6 +24,10 @@ class Subscription(Generic[T]):
         self._items: deque[T] = deque()
         self._wake = asyncio.Event()
 
+    @property
+    def pending(self) -> int:
+        return len(self._items)
+
     def offer(self, item: T) -> None:
         if len(self._items) >= self.capacity:
             self.overflowed = True

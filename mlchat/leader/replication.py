@@ -75,8 +75,10 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
                         raise ResourceExhausted(f"peer {request.region} fell more than {changes.capacity} changes "
                                                 "behind: reconnect to catch up")
                     return
-                for delta in combine(batch):  # a peer that lags gets fewer, larger messages
+                parts = combine(batch)  # a peer that lags gets fewer, larger messages
+                for i, delta in enumerate(parts):
                     message = delta_pb(self.region.name, delta)
+                    message.backlog = changes.pending + len(parts) - i - 1
                     if message.ByteSize() < COMPRESS_ABOVE:  # not worth the CPU
                         context.disable_next_message_compression()
                     yield message
@@ -98,6 +100,7 @@ class PeerLink:
     connected: bool = False
     last_heard: float = 0.0  # monotonic seconds
     lag_ms: int = 0  # commit there to applied here, for the latest change that carried messages
+    backlog: int = 0  # changes the peer still had queued for this region, at its latest message
     deltas: int = 0
 
     def state(self, now: float, timeout_s: float) -> PeerState:
@@ -178,7 +181,7 @@ class Replicator:
             backoff = min(backoff * 2, 2.0)
 
     async def _received(self, link: PeerLink, message: rpb.Delta) -> None:
-        link.connected, link.last_heard = True, time.monotonic()
+        link.connected, link.last_heard, link.backlog = True, time.monotonic(), message.backlog
         delta = delta_from_pb(message)
         await self.region.apply(delta)
         link.deltas += 1
@@ -189,7 +192,8 @@ class Replicator:
         now = time.monotonic()
         timeout_s = self.region.settings.peer_timeout_ms / 1000
         return [cluster_pb2.PeerStatus(region=link.region, address=link.address,
-                                       state=int(link.state(now, timeout_s)), replication_lag_ms=link.lag_ms)
+                                       state=int(link.state(now, timeout_s)), replication_lag_ms=link.lag_ms,
+                                       replication_lag_entries=link.backlog)
                 for link in self.links.values()]
 
 

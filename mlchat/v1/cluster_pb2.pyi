@@ -51,6 +51,9 @@ class PeerStatus(_message.Message):
     address: _builtins.str
     state: Global___PeerState.ValueType
     replication_lag_ms: _builtins.int
+    """How far this region is behind the peer: from a change's commit there to its application here
+    (for the latest change that carried messages), and the changes the peer still has queued for it.
+    """
     replication_lag_entries: _builtins.int
     def __init__(
         self,

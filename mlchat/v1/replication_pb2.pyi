@@ -201,7 +201,10 @@ class Delta(_message.Message):
     STATUSES_FIELD_NUMBER: _builtins.int
     CLAIMS_FIELD_NUMBER: _builtins.int
     VECTOR_FIELD_NUMBER: _builtins.int
+    BACKLOG_FIELD_NUMBER: _builtins.int
     from_region: _builtins.str
+    backlog: _builtins.int
+    """Changes the sender still has queued for this receiver after this one: how far behind it is."""
     @_builtins.property
     def shards(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShardUpdate]: ...
     @_builtins.property
@@ -222,10 +225,11 @@ class Delta(_message.Message):
         statuses: _abc.Iterable[Global___StatusRecord] | None = ...,
         claims: _abc.Iterable[Global___ClaimRecord] | None = ...,
         vector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        backlog: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["claims", b"claims", "from_region", b"from_region", "shards", b"shards", "statuses", b"statuses", "vector", b"vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "claims", b"claims", "from_region", b"from_region", "shards", b"shards", "statuses", b"statuses", "vector", b"vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -169,3 +169,4 @@ def test_cluster_status_shows_peers_up_and_a_dead_one_down(cluster):
                "peers up again")
 
 
+

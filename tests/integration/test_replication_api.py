@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 
 import grpc
@@ -46,6 +47,28 @@ def test_a_new_region_first_receives_everything(leader, client, unique):
     assert any(v.user_id == client.user.user_id and v.text == "around" for p in parts for v in p.statuses)
     assert any(c.user_id == client.user.user_id for p in parts for c in p.claims)
     assert parts[-1].vector["us-east"]
+
+
+def test_a_peer_that_reads_slowly_is_told_its_backlog(leader, client, unique):
+    # A small fixed receive window (no BDP probing): not reading soon stops the sender.
+    with grpc.insecure_channel(leader.address, options=[("grpc.http2.bdp_probe", 0)]) as channel:
+        stream = replication_pb2_grpc.ReplicationServiceStub(channel).Replicate(
+            rpb.ReplicateRequest(region="eu-west"),
+            metadata=(("authorization", f"Bearer {_region_token(leader)}"),), timeout=60)
+        try:
+            while not next(stream).vector:  # the catch-up
+                pass
+            for i in range(2000):  # about 8 MB: more than the buffers between the two
+                client.post(unique, secrets.token_hex(2000), f"b{i}")
+            backlogs = []
+            for message in stream:
+                backlogs.append(message.backlog)
+                if not message.shards and message.backlog == 0:  # a heartbeat: everything was sent
+                    break
+        finally:
+            stream.cancel()
+    assert max(backlogs) > 0
+    assert backlogs[-1] == 0  # and it drains
 
 
 def test_only_the_clusters_regions_may_replicate(leader, client):
