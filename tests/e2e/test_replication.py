@@ -170,3 +170,14 @@ def test_cluster_status_shows_peers_up_and_a_dead_one_down(cluster):
 
 
 
+
+
+def test_a_client_moving_region_reads_its_own_writes(cluster):
+    traveller = client(cluster, "us-east", "traveller")
+    for i in range(5):
+        posted = traveller.post("travel", f"written in us-east {i}", f"t{i}").message
+    # The traveller lands in eu-west and reads there at once, before replication (40 ms away) can
+    # have delivered: with the causal token it carries, the read waits until eu-west holds its writes.
+    traveller.move_to(cluster["regions"]["eu-west"]["endpoints"]["eu-west"])
+    assert posted.id in [m.id for m in traveller.list("travel").messages]
+    assert len(traveller.list("travel").messages) == 5
