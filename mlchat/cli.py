@@ -43,6 +43,12 @@ def main(argv: list[str] | None = None) -> None:
     leader.add_argument("--token-ttl", type=float, default=24 * 3600, help="token lifetime in seconds")
     leader.add_argument("--peer", action="append", default=[], type=_peer, metavar="REGION=HOST:PORT",
                         help="another region of the cluster (repeat for each)")
+    leader.add_argument("--join", default="", metavar="HOST:PORT",
+                        help="join a running cluster through any member (at the first start)")
+    leader.add_argument("--advertise", default="", metavar="HOST:PORT",
+                        help="where other regions reach this one (default: --listen)")
+    leader.add_argument("--routes", type=Path, default=None, metavar="FILE",
+                        help="JSON {region: host:port} overriding members' addresses, read at each connection")
     leader.add_argument("--heartbeat-ms", type=int, default=500)
     leader.add_argument("--peer-timeout-ms", type=int, default=3000,
                         help="a peer silent this long is suspect; twice this long, down")
@@ -59,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
             region=args.region, listen=args.listen, redis_url=args.redis,
             data_dir=args.data_dir or Path("data") / args.region, secret_file=args.secret_file,
             token_ttl_ms=int(args.token_ttl * 1000), subscriber_buffer=args.subscriber_buffer,
-            peers=dict(args.peer), heartbeat_ms=args.heartbeat_ms, peer_timeout_ms=args.peer_timeout_ms)
+            peers=dict(args.peer), heartbeat_ms=args.heartbeat_ms, peer_timeout_ms=args.peer_timeout_ms,
+            join=args.join, advertise=args.advertise, routes_file=args.routes)
         asyncio.run(serve(settings))
 
 

@@ -55,8 +55,8 @@ _controllers: dict[int, subprocess.Popen[bytes]] = {}
 # The controller ------------------------------------------------------------------------------------
 
 
-async def serve(run_dir: Path, topo: topology.Topology, base_port: int | None) -> None:
-    cluster = Cluster(run_dir, topo, base_port)
+async def serve(run_dir: Path, topo: topology.Topology, base_port: int | None, topology_file: Path | None) -> None:
+    cluster = Cluster(run_dir, topo, base_port, topology_file)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -107,6 +107,10 @@ async def dispatch(cluster: Cluster, request: dict[str, Any], stop: asyncio.Even
         return cluster.bandwidth(request["a"], request["b"], float(request["kbps"]))
     if command == "reset":
         return cluster.reset(request["a"], request["b"])
+    if command == "add":
+        return await cluster.add(request["region"])
+    if command == "leave":
+        return await cluster.leave(request["region"])
     if command == "kill":
         return cluster.kill(request["region"])
     if command == "restart":
@@ -238,7 +242,9 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("reset", help="reset every connection between two regions")
     p.add_argument("a")
     p.add_argument("b")
-    for name, text in (("kill", "SIGKILL a region's leader"), ("restart", "start a region's leader again")):
+    for name, text in (("kill", "SIGKILL a region's leader"), ("restart", "start a region's leader again"),
+                       ("add", "start a new region that joins the cluster"),
+                       ("leave", "take a region out of the cluster, then stop it")):
         sub.add_parser(name, help=text).add_argument("region")
     sub.add_parser("down", help="stop the run")
     args = parser.parse_args(argv)
@@ -247,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command in ("up", "serve"):
         regions = tuple(r.strip() for r in args.regions.split(",") if r.strip())
         if args.command == "serve":
-            asyncio.run(serve(run_dir, topology.load(regions, args.topology), args.base_port))
+            asyncio.run(serve(run_dir, topology.load(regions, args.topology), args.base_port, args.topology))
             return
         print_status(up(run_dir, regions, args.topology, args.base_port))
         print(f"run directory: {run_dir} ('dcsim down' stops it)")

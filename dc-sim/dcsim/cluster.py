@@ -10,14 +10,23 @@ every link at once, while everything runs.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import socket
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import grpc
+
+from dcsim import topology
 from dcsim.proxy import Link, Toxics
 from dcsim.topology import Topology
 from mlchat.leader.process import LeaderProcess, free_port
+from mlchat.leader.servicer import PEER_PREFIX
+from mlchat.leader.tokens import TokenSigner
+from mlchat.v1 import replication_pb2 as rpb
+from mlchat.v1 import replication_pb2_grpc
 
 
 class ClusterError(Exception):
@@ -41,14 +50,17 @@ class Cluster:
     run_dir: Path
     topology: Topology
     base_port: int | None = None
+    topology_file: Path | None = None
     leaders: dict[str, LeaderProcess] = field(default_factory=dict)
     links: dict[tuple[str, str], Link] = field(default_factory=dict)
     paths: dict[tuple[str, str], Toxics] = field(default_factory=dict)  # (a, b): what traffic a -> b meets
+    _ports_of: dict[str, int] = field(default_factory=dict)  # region -> its leader's port
 
     def _ports(self, count: int) -> list[int]:
         if self.base_port is None:
             return [free_port() for _ in range(count)]
-        ports = list(range(self.base_port, self.base_port + count))
+        first = self.base_port + len(self.links) + len(self._ports_of)  # after those handed out
+        ports = list(range(first, first + count))
         busy = [p for p in ports if not port_is_free(p)]
         if busy:
             raise ClusterError(f"port {busy[0]} is in use (ports {ports[0]}-{ports[-1]} are needed): "
@@ -57,27 +69,76 @@ class Cluster:
 
     async def start(self) -> None:
         regions = self.topology.regions
-        ports = iter(self._ports(len(regions) + len(regions) ** 2))
         secret = self.run_dir / "cluster-secret"
         secret.write_text(secrets.token_hex(32))
         secret.chmod(0o600)
-        leader_ports = {region: next(ports) for region in regions}
-        for src in regions:
-            for dst in regions:
-                link = Link(f"{src}->{dst}", ("127.0.0.1", leader_ports[dst]), next(ports))
-                self.links[src, dst] = link
-                await link.start()
-                self.paths[src, dst] = Toxics(latency_ms=self.topology.one_way_ms(src, dst))
-        self._apply()
         for region in regions:
-            # A region reaches its peers through the WAN, like its users do.
-            peers = [f"{other}={self.links[region, other].address}" for other in regions if other != region]
-            self.leaders[region] = LeaderProcess(
-                region, self.run_dir / region, port=leader_ports[region],
-                extra_args=("--secret-file", str(secret), *[a for p in peers for a in ("--peer", p)]))
+            await self._add_links(region)
+        self._write_routes()
+        for region in regions:
+            # A region reaches its peers through the WAN, like its users do (its routes file).
+            peers = [f"{other}=127.0.0.1:{self._ports_of[other]}" for other in regions if other != region]
+            self._new_leader(region, *[a for p in peers for a in ("--peer", p)])
         for leader in self.leaders.values():
             leader.spawn()  # from the loop's thread, which lives as long as the cluster
         await asyncio.gather(*(asyncio.to_thread(leader.wait_ready) for leader in self.leaders.values()))
+
+    async def _add_links(self, region: str) -> None:
+        """A leader port for `region` and the proxy links between it and every region so far."""
+        known = [*self._ports_of, region]
+        fresh = iter(self._ports(1 + 2 * len(known) - 1))
+        self._ports_of[region] = next(fresh)
+        for src, dst in {(region, other) for other in known} | {(other, region) for other in known}:
+            link = Link(f"{src}->{dst}", ("127.0.0.1", self._ports_of[dst]), next(fresh))
+            self.links[src, dst] = link
+            await link.start()
+            self.paths[src, dst] = Toxics(latency_ms=self.topology.one_way_ms(src, dst))
+        self._apply()
+
+    def _write_routes(self) -> None:
+        for region in self._ports_of:
+            (self.run_dir / region).mkdir(parents=True, exist_ok=True)
+            routes = {other: self.links[region, other].address for other in self._ports_of if other != region}
+            (self.run_dir / region / "routes.json").write_text(json.dumps(routes))
+
+    def _new_leader(self, region: str, *args: str) -> LeaderProcess:
+        leader = LeaderProcess(region, self.run_dir / region, port=self._ports_of[region], extra_args=(
+            "--secret-file", str(self.run_dir / "cluster-secret"),
+            "--routes", str(self.run_dir / region / "routes.json"), *args))
+        self.leaders[region] = leader
+        return leader
+
+    async def add(self, region: str) -> str:
+        """Start a new region that joins the running cluster through one of its members."""
+        if region in self._ports_of:
+            raise ClusterError(f"region {region} is already part of this run")
+        try:
+            self.topology = topology.load((*self._ports_of, region), self.topology_file)
+        except topology.TopologyError as e:
+            raise ClusterError(str(e)) from None
+        member = next(r for r, leader in self.leaders.items() if leader.proc is not None)
+        await self._add_links(region)
+        self._write_routes()
+        leader = self._new_leader(region, "--join", self.links[region, member].address)
+        leader.spawn()
+        await asyncio.to_thread(leader.wait_ready)
+        return f"{region} joined through {member}; clients in {region} connect to {self.links[region, region].address}"
+
+    async def leave(self, region: str) -> str:
+        """Take a region out of the cluster for good, then stop its leader."""
+        region = self._region(region)
+        for other, leader in self.leaders.items():
+            if other != region and leader.proc is not None:
+                await self._peer_call(leader, "Leave", rpb.LeaveRequest(region=region))
+        await asyncio.to_thread(self.leaders[region].stop)
+        return f"{region} left the cluster"
+
+    async def _peer_call(self, leader: LeaderProcess, method: str, request: object) -> None:
+        secret = (self.run_dir / "cluster-secret").read_bytes().strip()
+        token, _ = TokenSigner(secret).issue(PEER_PREFIX + "dcsim", "dcsim", time.time_ns() // 1_000_000)
+        async with grpc.aio.insecure_channel(leader.address) as channel:
+            stub = replication_pb2_grpc.ReplicationServiceStub(channel)
+            await getattr(stub, method)(request, metadata=(("authorization", f"Bearer {token}"),), timeout=10)
 
     async def stop(self) -> None:
         # Leaders first, together, while the proxies still carry their goodbyes.

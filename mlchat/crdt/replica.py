@@ -40,6 +40,9 @@ class Delta:
     claims: tuple[Claim, ...] = ()
     # The sender's vector: after applying the delta the receiver holds everything it covers.
     vector: dict[str, str] = field(default_factory=dict)
+    # Membership as the sender knows it (heartbeats carry it): region -> address, and who left.
+    members: dict[str, str] = field(default_factory=dict)
+    departed: tuple[str, ...] = ()
 
 
 MAX_COMBINED = 200  # merging pycrdt updates is super-linear in their number: keep groups small
@@ -59,7 +62,9 @@ def combine(deltas: list[Delta]) -> list[Delta]:
             shard_updates={n: u[0] if len(u) == 1 else merge_updates(*u) for n, u in updates.items()},
             statuses=tuple(v for d in group for v in d.statuses),
             claims=tuple(c for d in group for c in d.claims),
-            vector=vector.merge({}, group[-1].vector) if group[-1].vector else {}))
+            vector=vector.merge({}, group[-1].vector) if group[-1].vector else {},
+            members={r: a for d in group for r, a in d.members.items()},
+            departed=tuple(sorted({r for d in group for r in d.departed}))))
     return out
 
 

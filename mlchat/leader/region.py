@@ -88,7 +88,8 @@ class Region:
         self._saved_remote: dict[str, str] = {}
         self._unsettled: set[str] = set()  # stamps issued whose writes are not yet committed (or failed)
         self._vector_changed = asyncio.Event()  # replaced by a fresh one at every change
-        self.regions = frozenset({settings.region, *settings.peers})
+        self.members: dict[str, str] = dict(settings.peers)  # the other regions: name -> address
+        self.departed: set[str] = set()
         self.feed: Fanout[Delta] = Fanout(settings.feed_buffer)
         self._shards: OrderedDict[str, MessageShard] = OrderedDict()
         self._pending_updates: dict[str, int] = {}  # per hot shard: updates stored since its snapshot
@@ -107,6 +108,35 @@ class Region:
             self.clock = Hlc.decode(floor)
         self.remote = {r: h for r, h in (await self.store.load_vector()).items() if r != self.name}
         self._saved_remote = dict(self.remote)
+        members, self.departed = await self.store.load_members()
+        for region, address in self.members.items():
+            if region not in members:
+                await self.store.save_member(region, address)
+        self.members = {r: a for r, a in {**members, **self.members}.items() if r not in self.departed}
+
+    @property
+    def regions(self) -> frozenset[str]:
+        """This region and its members: every clock a claim waits for."""
+        return frozenset({self.name, *self.members})
+
+    async def add_member(self, region: str, address: str) -> bool:
+        """Take a region in; False if it is known already, has left, or is this one."""
+        if region == self.name or region in self.members or region in self.departed:
+            return False
+        await self.store.save_member(region, address)
+        self.members[region] = address
+        self._vector_moved()
+        return True
+
+    async def remove_member(self, region: str) -> bool:
+        """A region leaves for good; False if it had left already."""
+        if region in self.departed:
+            return False
+        await self.store.save_departure(region)
+        self.departed.add(region)
+        self.members.pop(region, None)
+        self._vector_moved()
+        return True
 
     # Clock and causality ------------------------------------------------------------------------
 
@@ -136,7 +166,8 @@ class Region:
         if not self._unsettled:
             self.clock = self.clock.tick(self._now_ms())
             self._vector_moved()
-        return Delta(vector=self.vector)
+        advertised = {self.name: self.settings.advertise or self.settings.listen}
+        return Delta(vector=self.vector, members={**self.members, **advertised}, departed=tuple(sorted(self.departed)))
 
     def causal_token(self, *seen: tuple[str, str]) -> bytes:
         """The token of what a response reflects: this region's vector, and the (origin, hlc) of any

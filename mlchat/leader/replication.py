@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -28,7 +29,7 @@ from mlchat.crdt.replica import Delta, ReplicaState, combine
 from mlchat.errors import ResourceExhausted
 from mlchat.leader.limits import MAX_PEER_MESSAGE_BYTES
 from mlchat.leader.region import FEED, Region
-from mlchat.leader.servicer import PEER_PREFIX, Authenticator, streaming
+from mlchat.leader.servicer import PEER_PREFIX, Authenticator, streaming, unary
 from mlchat.leader.tokens import TokenSigner
 from mlchat.v1 import cluster_pb2, replication_pb2_grpc
 from mlchat.v1 import replication_pb2 as rpb
@@ -44,7 +45,7 @@ def delta_pb(region: str, delta: Delta) -> rpb.Delta:
         statuses=[rpb.StatusRecord(user_id=v.user_id, presence=v.presence, text=v.text, hlc=v.hlc, region=v.region)
                   for v in delta.statuses],
         claims=[rpb.ClaimRecord(name=c.name, user_id=c.user_id, hlc=c.hlc, region=c.region) for c in delta.claims],
-        vector=delta.vector)
+        vector=delta.vector, members=delta.members, departed=delta.departed)
 
 
 def delta_from_pb(message: rpb.Delta) -> Delta:
@@ -52,13 +53,27 @@ def delta_from_pb(message: rpb.Delta) -> Delta:
         shard_updates={s.shard: s.update for s in message.shards},
         statuses=tuple(StatusValue(v.user_id, v.presence, v.text, v.hlc, v.region) for v in message.statuses),
         claims=tuple(Claim(c.hlc, c.region, c.user_id, c.name) for c in message.claims),
-        vector=dict(message.vector))
+        vector=dict(message.vector), members=dict(message.members), departed=tuple(message.departed))
 
 
 class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
-    def __init__(self, region: Region, auth: Authenticator) -> None:
+    def __init__(self, region: Region, auth: Authenticator, replicator: Replicator) -> None:
         self.region = region
         self.auth = auth
+        self.replicator = replicator
+
+    @unary
+    async def Join(self, request, context):  # type: ignore[no-untyped-def]
+        self.auth.principal(context, peer=True)
+        await self.replicator.admit(request.region, request.address)
+        advertised = {self.region.name: self.region.settings.advertise or self.region.settings.listen}
+        return rpb.JoinResponse(members={**self.region.members, **advertised})
+
+    @unary
+    async def Leave(self, request, context):  # type: ignore[no-untyped-def]
+        self.auth.principal(context, peer=True)
+        await self.replicator.dismiss(request.region)
+        return rpb.LeaveResponse()
 
     @functools.partial(streaming, limit_size=False)  # a peer's state may be large
     async def Replicate(self, request, context):  # type: ignore[no-untyped-def]
@@ -117,22 +132,82 @@ class Replicator:
         self.region = region
         self.signer = signer
         self.now_ms = now_ms
-        self.links = {name: PeerLink(name, address) for name, address in region.settings.peers.items()}
+        self.links: dict[str, PeerLink] = {}
+        self._followers: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         # One catch-up at a time: a stream says what this region holds only once the previous
         # stream's catch-up is applied, so that two peers do not both send the same backlog.
         self._catching_up = asyncio.Lock()
 
-    def start(self) -> None:
+    async def start(self) -> None:
         if self._tasks:
             raise RuntimeError("replicator already started")
-        self._tasks = [asyncio.create_task(self._follow(link)) for link in self.links.values()]
-        self._tasks.append(asyncio.create_task(self._heartbeats()))
+        settings = self.region.settings
+        if settings.join and not self.region.members:  # a newcomer: any member tells it the rest
+            for name, address in (await self._join(settings.join)).items():
+                await self.region.add_member(name, address)
+        for name in self.region.members:
+            self._follow_region(name)
+        self._tasks = [asyncio.create_task(self._heartbeats())]
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._followers.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _join(self, address: str) -> dict[str, str]:
+        settings = self.region.settings
+        async with grpc.aio.insecure_channel(address) as channel:
+            response = await replication_pb2_grpc.ReplicationServiceStub(channel).Join(
+                rpb.JoinRequest(region=self.region.name, address=settings.advertise or settings.listen),
+                metadata=self._metadata(), timeout=30)
+        log.info("[%s] joined through %s: members %s", self.region.name, address, ", ".join(response.members))
+        return {r: a for r, a in response.members.items() if r != self.region.name}
+
+    def _metadata(self) -> tuple[tuple[str, str]]:
+        token, _ = self.signer.issue(PEER_PREFIX + self.region.name, self.region.name, self.now_ms())
+        return (("authorization", f"Bearer {token}"),)
+
+    async def admit(self, region: str, address: str) -> None:
+        """A region joins (or is heard of): follow it."""
+        if await self.region.add_member(region, address):
+            log.info("[%s] %s joined at %s", self.region.name, region, address)
+            self._follow_region(region)
+
+    async def dismiss(self, region: str) -> None:
+        """A region leaves: stop following it."""
+        if await self.region.remove_member(region):
+            log.info("[%s] %s left", self.region.name, region)
+            task = self._followers.pop(region, None)
+            if task is not None:
+                task.cancel()
+            self.links.pop(region, None)
+
+    def _follow_region(self, region: str) -> None:
+        if region not in self._followers:
+            self.links[region] = PeerLink(region, self._address(region))
+            self._followers[region] = asyncio.create_task(self._follow(self.links[region]))
+
+    def _address(self, region: str) -> str:
+        """Where to reach a member: the routes file if it names it, else the address it gave."""
+        routes_file = self.region.settings.routes_file
+        if routes_file is not None:
+            try:
+                routes = json.loads(routes_file.read_text())
+            except (OSError, ValueError):
+                routes = {}
+            if region in routes:
+                return str(routes[region])
+        return self.region.members[region]
+
+    async def _membership(self, delta: Delta) -> None:
+        """Learn of joins and departures from a peer's heartbeat (gossip)."""
+        for region in delta.departed:
+            if region != self.region.name:
+                await self.dismiss(region)
+        for region, address in delta.members.items():
+            await self.admit(region, address)
 
     async def _heartbeats(self) -> None:
         while True:
@@ -145,9 +220,9 @@ class Replicator:
 
     async def _follow(self, link: PeerLink) -> None:
         backoff = 0.05
-        token, _ = self.signer.issue(PEER_PREFIX + self.region.name, self.region.name, self.now_ms())
         timeout_s = self.region.settings.peer_timeout_ms / 1000
         while True:
+            link.address = self._address(link.region)
             try:
                 # WAN links are paid by the byte: deltas travel compressed.
                 async with grpc.aio.insecure_channel(link.address, compression=grpc.Compression.Gzip, options=[
@@ -161,7 +236,7 @@ class Replicator:
                         stream = stub.Replicate(rpb.ReplicateRequest(
                             region=self.region.name, vector=state.vector,
                             shards=[rpb.ShardState(shard=k, state_vector=v) for k, v in state.shards.items()]),
-                            metadata=(("authorization", f"Bearer {token}"),))
+                            metadata=self._metadata())
                         messages = _with_idle_timeout(stream, timeout_s)
                         while True:  # the catch-up: its last part carries the vector
                             part = await messages.__anext__()
@@ -184,6 +259,7 @@ class Replicator:
         link.connected, link.last_heard, link.backlog = True, time.monotonic(), message.backlog
         delta = delta_from_pb(message)
         await self.region.apply(delta)
+        await self._membership(delta)
         link.deltas += 1
         if delta.shard_updates and delta.vector.get(link.region):
             link.lag_ms = max(0, self.now_ms() - Hlc.decode(delta.vector[link.region]).wall_ms)

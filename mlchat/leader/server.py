@@ -87,7 +87,8 @@ async def _serve(settings: LeaderSettings, store: Store) -> None:
     chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(region, auth), server)
     cluster_pb2_grpc.add_ClusterServiceServicer_to_server(ClusterServicer(region, auth, replicator.peer_status),
                                                           server)
-    replication_pb2_grpc.add_ReplicationServiceServicer_to_server(ReplicationServicer(region, auth), server)
+    replication_pb2_grpc.add_ReplicationServiceServicer_to_server(ReplicationServicer(region, auth, replicator),
+                                                                  server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -100,9 +101,9 @@ async def _serve(settings: LeaderSettings, store: Store) -> None:
     await server.start()
     for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    replicator.start()
+    await replicator.start()
     log.info("[%s] leader serving on %s (mode %s, peers %s)", settings.region, settings.listen, settings.mode,
-             ", ".join(settings.peers) or "none")
+             ", ".join(region.members) or "none")
     print(f"mlchat leader {settings.region} serving on {settings.listen}", flush=True)
 
     stop = asyncio.Event()

@@ -25,6 +25,9 @@ class LeaderSettings:
     stream_retention: int = limits.SUBSCRIBE_RETENTION
     grace_s: float = 5.0  # SIGTERM: how long in-flight calls get to finish
     peers: dict[str, str] = field(default_factory=dict)  # region -> host:port of the other regions
+    advertise: str = ""  # where other regions reach this one; default: listen
+    join: str = ""  # host:port of any member, to join a running cluster at first start
+    routes_file: Path | None = None  # JSON region -> host:port overriding members' addresses
     heartbeat_ms: int = 500  # a replication stream with nothing to send sends this often
     peer_timeout_ms: int = 3000  # a peer silent this long is suspect, twice this long down
     feed_buffer: int = 10_000  # changes a peer may fall behind before its stream is cut (it reconnects)

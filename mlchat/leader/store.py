@@ -13,6 +13,7 @@ scripts also touch the region-wide keys, which a cluster deployment will have to
   shards       HASH shard name -> pycrdt state vector: what a peer is told this region holds
   channels, users  SETs, for counts; meta:hlc  the largest hlc issued here (clock floor at start)
   meta:vector  HASH origin region -> hlc up to which all its writes are held here
+  meta:members HASH region -> address of the other members; meta:departed  SET of regions that left
 
 A write is one Lua script, so the state change and everything derived from it commit together or not
 at all, and it is acknowledged only after Redis has it.
@@ -348,6 +349,23 @@ class Store:
     async def shard_states(self) -> dict[str, bytes]:
         """Every shard held here, with its pycrdt state vector."""
         return {k.decode(): v for k, v in (await self.redis.hgetall("shards")).items()}
+
+    async def load_members(self) -> tuple[dict[str, str], set[str]]:
+        """(region -> address of the members, regions that left)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall("meta:members")
+            pipe.smembers("meta:departed")
+            members, departed = await pipe.execute()
+        return {k.decode(): v.decode() for k, v in members.items()}, {d.decode() for d in departed}
+
+    async def save_member(self, region: str, address: str) -> None:
+        await self.redis.hset("meta:members", region, address)
+
+    async def save_departure(self, region: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hdel("meta:members", region)
+            pipe.sadd("meta:departed", region)
+            await pipe.execute()
 
     async def load_vector(self) -> dict[str, str]:
         return {k.decode(): v.decode() for k, v in (await self.redis.hgetall("meta:vector")).items()}

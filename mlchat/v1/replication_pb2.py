@@ -24,33 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmlchat/v1/replication.proto\x12\tmlchat.v1\"1\n\nShardState\x12\r\n\x05shard\x18\x01 \x01(\t\x12\x14\n\x0cstate_vector\x18\x02 \x01(\x0c\"\xb1\x01\n\x10ReplicateRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\x12%\n\x06shards\x18\x02 \x03(\x0b\x32\x15.mlchat.v1.ShardState\x12\x37\n\x06vector\x18\x03 \x03(\x0b\x32\'.mlchat.v1.ReplicateRequest.VectorEntry\x1a-\n\x0bVectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\",\n\x0bShardUpdate\x12\r\n\x05shard\x18\x01 \x01(\t\x12\x0e\n\x06update\x18\x02 \x01(\x0c\"\\\n\x0cStatusRecord\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08presence\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0b\n\x03hlc\x18\x04 \x01(\t\x12\x0e\n\x06region\x18\x05 \x01(\t\"I\n\x0b\x43laimRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0b\n\x03hlc\x18\x03 \x01(\t\x12\x0e\n\x06region\x18\x04 \x01(\t\"\x85\x02\n\x05\x44\x65lta\x12\x13\n\x0b\x66rom_region\x18\x01 \x01(\t\x12&\n\x06shards\x18\x02 \x03(\x0b\x32\x16.mlchat.v1.ShardUpdate\x12)\n\x08statuses\x18\x03 \x03(\x0b\x32\x17.mlchat.v1.StatusRecord\x12&\n\x06\x63laims\x18\x04 \x03(\x0b\x32\x16.mlchat.v1.ClaimRecord\x12,\n\x06vector\x18\x05 \x03(\x0b\x32\x1c.mlchat.v1.Delta.VectorEntry\x12\x0f\n\x07\x62\x61\x63klog\x18\x06 \x01(\x03\x1a-\n\x0bVectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32R\n\x12ReplicationService\x12<\n\tReplicate\x12\x1b.mlchat.v1.ReplicateRequest\x1a\x10.mlchat.v1.Delta0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmlchat/v1/replication.proto\x12\tmlchat.v1\".\n\x0bJoinRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"u\n\x0cJoinResponse\x12\x35\n\x07members\x18\x01 \x03(\x0b\x32$.mlchat.v1.JoinResponse.MembersEntry\x1a.\n\x0cMembersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1e\n\x0cLeaveRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\"\x0f\n\rLeaveResponse\"1\n\nShardState\x12\r\n\x05shard\x18\x01 \x01(\t\x12\x14\n\x0cstate_vector\x18\x02 \x01(\x0c\"\xb1\x01\n\x10ReplicateRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\x12%\n\x06shards\x18\x02 \x03(\x0b\x32\x15.mlchat.v1.ShardState\x12\x37\n\x06vector\x18\x03 \x03(\x0b\x32\'.mlchat.v1.ReplicateRequest.VectorEntry\x1a-\n\x0bVectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\",\n\x0bShardUpdate\x12\r\n\x05shard\x18\x01 \x01(\t\x12\x0e\n\x06update\x18\x02 \x01(\x0c\"\\\n\x0cStatusRecord\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08presence\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0b\n\x03hlc\x18\x04 \x01(\t\x12\x0e\n\x06region\x18\x05 \x01(\t\"I\n\x0b\x43laimRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0b\n\x03hlc\x18\x03 \x01(\t\x12\x0e\n\x06region\x18\x04 \x01(\t\"\xf7\x02\n\x05\x44\x65lta\x12\x13\n\x0b\x66rom_region\x18\x01 \x01(\t\x12&\n\x06shards\x18\x02 \x03(\x0b\x32\x16.mlchat.v1.ShardUpdate\x12)\n\x08statuses\x18\x03 \x03(\x0b\x32\x17.mlchat.v1.StatusRecord\x12&\n\x06\x63laims\x18\x04 \x03(\x0b\x32\x16.mlchat.v1.ClaimRecord\x12,\n\x06vector\x18\x05 \x03(\x0b\x32\x1c.mlchat.v1.Delta.VectorEntry\x12\x0f\n\x07\x62\x61\x63klog\x18\x06 \x01(\x03\x12.\n\x07members\x18\x07 \x03(\x0b\x32\x1d.mlchat.v1.Delta.MembersEntry\x12\x10\n\x08\x64\x65parted\x18\x08 \x03(\t\x1a-\n\x0bVectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cMembersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xc7\x01\n\x12ReplicationService\x12<\n\tReplicate\x12\x1b.mlchat.v1.ReplicateRequest\x1a\x10.mlchat.v1.Delta0\x01\x12\x37\n\x04Join\x12\x16.mlchat.v1.JoinRequest\x1a\x17.mlchat.v1.JoinResponse\x12:\n\x05Leave\x12\x17.mlchat.v1.LeaveRequest\x1a\x18.mlchat.v1.LeaveResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mlchat.v1.replication_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_JOINRESPONSE_MEMBERSENTRY']._loaded_options = None
+  _globals['_JOINRESPONSE_MEMBERSENTRY']._serialized_options = b'8\001'
   _globals['_REPLICATEREQUEST_VECTORENTRY']._loaded_options = None
   _globals['_REPLICATEREQUEST_VECTORENTRY']._serialized_options = b'8\001'
   _globals['_DELTA_VECTORENTRY']._loaded_options = None
   _globals['_DELTA_VECTORENTRY']._serialized_options = b'8\001'
-  _globals['_SHARDSTATE']._serialized_start=42
-  _globals['_SHARDSTATE']._serialized_end=91
-  _globals['_REPLICATEREQUEST']._serialized_start=94
-  _globals['_REPLICATEREQUEST']._serialized_end=271
-  _globals['_REPLICATEREQUEST_VECTORENTRY']._serialized_start=226
-  _globals['_REPLICATEREQUEST_VECTORENTRY']._serialized_end=271
-  _globals['_SHARDUPDATE']._serialized_start=273
-  _globals['_SHARDUPDATE']._serialized_end=317
-  _globals['_STATUSRECORD']._serialized_start=319
-  _globals['_STATUSRECORD']._serialized_end=411
-  _globals['_CLAIMRECORD']._serialized_start=413
-  _globals['_CLAIMRECORD']._serialized_end=486
-  _globals['_DELTA']._serialized_start=489
-  _globals['_DELTA']._serialized_end=750
-  _globals['_DELTA_VECTORENTRY']._serialized_start=226
-  _globals['_DELTA_VECTORENTRY']._serialized_end=271
-  _globals['_REPLICATIONSERVICE']._serialized_start=752
-  _globals['_REPLICATIONSERVICE']._serialized_end=834
+  _globals['_DELTA_MEMBERSENTRY']._loaded_options = None
+  _globals['_DELTA_MEMBERSENTRY']._serialized_options = b'8\001'
+  _globals['_JOINREQUEST']._serialized_start=42
+  _globals['_JOINREQUEST']._serialized_end=88
+  _globals['_JOINRESPONSE']._serialized_start=90
+  _globals['_JOINRESPONSE']._serialized_end=207
+  _globals['_JOINRESPONSE_MEMBERSENTRY']._serialized_start=161
+  _globals['_JOINRESPONSE_MEMBERSENTRY']._serialized_end=207
+  _globals['_LEAVEREQUEST']._serialized_start=209
+  _globals['_LEAVEREQUEST']._serialized_end=239
+  _globals['_LEAVERESPONSE']._serialized_start=241
+  _globals['_LEAVERESPONSE']._serialized_end=256
+  _globals['_SHARDSTATE']._serialized_start=258
+  _globals['_SHARDSTATE']._serialized_end=307
+  _globals['_REPLICATEREQUEST']._serialized_start=310
+  _globals['_REPLICATEREQUEST']._serialized_end=487
+  _globals['_REPLICATEREQUEST_VECTORENTRY']._serialized_start=442
+  _globals['_REPLICATEREQUEST_VECTORENTRY']._serialized_end=487
+  _globals['_SHARDUPDATE']._serialized_start=489
+  _globals['_SHARDUPDATE']._serialized_end=533
+  _globals['_STATUSRECORD']._serialized_start=535
+  _globals['_STATUSRECORD']._serialized_end=627
+  _globals['_CLAIMRECORD']._serialized_start=629
+  _globals['_CLAIMRECORD']._serialized_end=702
+  _globals['_DELTA']._serialized_start=705
+  _globals['_DELTA']._serialized_end=1080
+  _globals['_DELTA_VECTORENTRY']._serialized_start=442
+  _globals['_DELTA_VECTORENTRY']._serialized_end=487
+  _globals['_DELTA_MEMBERSENTRY']._serialized_start=161
+  _globals['_DELTA_MEMBERSENTRY']._serialized_end=207
+  _globals['_REPLICATIONSERVICE']._serialized_start=1083
+  _globals['_REPLICATIONSERVICE']._serialized_end=1282
 # @@protoc_insertion_point(module_scope)

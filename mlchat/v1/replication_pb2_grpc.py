@@ -39,6 +39,16 @@ class ReplicationServiceStub:
                 request_serializer=mlchat_dot_v1_dot_replication__pb2.ReplicateRequest.SerializeToString,
                 response_deserializer=mlchat_dot_v1_dot_replication__pb2.Delta.FromString,
                 _registered_method=True)
+        self.Join = channel.unary_unary(
+                '/mlchat.v1.ReplicationService/Join',
+                request_serializer=mlchat_dot_v1_dot_replication__pb2.JoinRequest.SerializeToString,
+                response_deserializer=mlchat_dot_v1_dot_replication__pb2.JoinResponse.FromString,
+                _registered_method=True)
+        self.Leave = channel.unary_unary(
+                '/mlchat.v1.ReplicationService/Leave',
+                request_serializer=mlchat_dot_v1_dot_replication__pb2.LeaveRequest.SerializeToString,
+                response_deserializer=mlchat_dot_v1_dot_replication__pb2.LeaveResponse.FromString,
+                _registered_method=True)
 
 
 class ReplicationServiceServicer:
@@ -55,6 +65,22 @@ class ReplicationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Join(self, request, context):
+        """A new region asks any member to let it in; the answer lists every member it should follow. The
+        members learn of the newcomer from this one, through the membership their heartbeats carry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Leave(self, request, context):
+        """Takes a region out of the cluster for good: its peers stop following it and stop waiting for its
+        clock (to confirm claims). What it wrote stays.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplicationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -62,6 +88,16 @@ def add_ReplicationServiceServicer_to_server(servicer, server):
                     servicer.Replicate,
                     request_deserializer=mlchat_dot_v1_dot_replication__pb2.ReplicateRequest.FromString,
                     response_serializer=mlchat_dot_v1_dot_replication__pb2.Delta.SerializeToString,
+            ),
+            'Join': grpc.unary_unary_rpc_method_handler(
+                    servicer.Join,
+                    request_deserializer=mlchat_dot_v1_dot_replication__pb2.JoinRequest.FromString,
+                    response_serializer=mlchat_dot_v1_dot_replication__pb2.JoinResponse.SerializeToString,
+            ),
+            'Leave': grpc.unary_unary_rpc_method_handler(
+                    servicer.Leave,
+                    request_deserializer=mlchat_dot_v1_dot_replication__pb2.LeaveRequest.FromString,
+                    response_serializer=mlchat_dot_v1_dot_replication__pb2.LeaveResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -91,6 +127,60 @@ class ReplicationService:
             '/mlchat.v1.ReplicationService/Replicate',
             mlchat_dot_v1_dot_replication__pb2.ReplicateRequest.SerializeToString,
             mlchat_dot_v1_dot_replication__pb2.Delta.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Join(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlchat.v1.ReplicationService/Join',
+            mlchat_dot_v1_dot_replication__pb2.JoinRequest.SerializeToString,
+            mlchat_dot_v1_dot_replication__pb2.JoinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Leave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlchat.v1.ReplicationService/Leave',
+            mlchat_dot_v1_dot_replication__pb2.LeaveRequest.SerializeToString,
+            mlchat_dot_v1_dot_replication__pb2.LeaveResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,6 +38,14 @@ class ReplicationServiceStub:
     heartbeat when there is nothing to send. A receiver that falls too far behind is cut off and
     reconnects, exchanging states again.
     """
+    Join: _grpc.UnaryUnaryMultiCallable[_replication_pb2.JoinRequest, _replication_pb2.JoinResponse]
+    """A new region asks any member to let it in; the answer lists every member it should follow. The
+    members learn of the newcomer from this one, through the membership their heartbeats carry.
+    """
+    Leave: _grpc.UnaryUnaryMultiCallable[_replication_pb2.LeaveRequest, _replication_pb2.LeaveResponse]
+    """Takes a region out of the cluster for good: its peers stop following it and stop waiting for its
+    clock (to confirm claims). What it wrote stays.
+    """
 
 @_typing.type_check_only
 class ReplicationServiceAsyncStub(ReplicationServiceStub):
@@ -48,6 +56,14 @@ class ReplicationServiceAsyncStub(ReplicationServiceStub):
     (its own writes and what it applies from others, so changes relay across regions), with a
     heartbeat when there is nothing to send. A receiver that falls too far behind is cut off and
     reconnects, exchanging states again.
+    """
+    Join: _aio.UnaryUnaryMultiCallable[_replication_pb2.JoinRequest, _replication_pb2.JoinResponse]  # type: ignore[assignment]
+    """A new region asks any member to let it in; the answer lists every member it should follow. The
+    members learn of the newcomer from this one, through the membership their heartbeats carry.
+    """
+    Leave: _aio.UnaryUnaryMultiCallable[_replication_pb2.LeaveRequest, _replication_pb2.LeaveResponse]  # type: ignore[assignment]
+    """Takes a region out of the cluster for good: its peers stop following it and stop waiting for its
+    clock (to confirm claims). What it wrote stays.
     """
 
 class ReplicationServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -62,6 +78,26 @@ class ReplicationServiceServicer(metaclass=_abc_1.ABCMeta):
         (its own writes and what it applies from others, so changes relay across regions), with a
         heartbeat when there is nothing to send. A receiver that falls too far behind is cut off and
         reconnects, exchanging states again.
+        """
+
+    @_abc_1.abstractmethod
+    def Join(
+        self,
+        request: _replication_pb2.JoinRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_replication_pb2.JoinResponse, _abc.Awaitable[_replication_pb2.JoinResponse]]:
+        """A new region asks any member to let it in; the answer lists every member it should follow. The
+        members learn of the newcomer from this one, through the membership their heartbeats carry.
+        """
+
+    @_abc_1.abstractmethod
+    def Leave(
+        self,
+        request: _replication_pb2.LeaveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_replication_pb2.LeaveResponse, _abc.Awaitable[_replication_pb2.LeaveResponse]]:
+        """Takes a region out of the cluster for good: its peers stop following it and stop waiting for its
+        clock (to confirm claims). What it wrote stays.
         """
 
 def add_ReplicationServiceServicer_to_server(servicer: ReplicationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

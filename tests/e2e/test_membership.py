@@ -1,0 +1,59 @@
+"""Regions joining and leaving a running cluster, end to end under dc-sim."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from support import wait_until
+
+from dcsim import cli as dcsim
+from mlchat.geo.client import ChatClient
+from mlchat.v1 import chat_pb2 as pb
+from mlchat.v1 import cluster_pb2
+
+
+def _client(state: dict, region: str, user: str) -> ChatClient:
+    c = ChatClient(state["regions"][region]["endpoints"][region], timeout_s=10)
+    c.claim(user, f"{user}-claim-key-0123456789")
+    return c
+
+
+def _peers(c: ChatClient) -> dict[str, int]:
+    return {p.region: p.state for p in c.cluster_status().peers}
+
+
+def test_a_region_joins_catches_up_and_another_leaves(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    dcsim.up(run_dir, ("us-east", "eu-west", "ap-northeast"), None, None)
+    try:
+        state = dcsim.control(run_dir, {"command": "status"})
+        east = _client(state, "us-east", "member_east")
+        for i in range(30):
+            east.post("history", f"before the join {i}", f"h{i}")
+        east.set_status(pb.PRESENCE_ONLINE, "here before the join")
+
+        dcsim.control(run_dir, {"command": "add", "region": "ap-southeast"})
+        state = dcsim.control(run_dir, {"command": "status"})
+        newcomer = _client(state, "ap-southeast", "member_new")
+        # It learned every member from the one it joined through, and caught up on the history.
+        wait_until(lambda: set(_peers(newcomer)) == {"us-east", "eu-west", "ap-northeast"}, 15, "all members known")
+        wait_until(lambda: len(newcomer.list("history", limit=100).messages) == 30, 20, "the history")
+        assert newcomer.get_status(east.user.user_id).status.text == "here before the join"
+        # Every member learned of it (the others through gossip) and receives its writes.
+        newcomer.post("history", "hello from the newcomer", "n1")
+        for region in ("us-east", "eu-west", "ap-northeast"):
+            reader = _client(state, region, "member_reader")
+            wait_until(lambda r=reader: "ap-southeast" in _peers(r), 15, f"{region} knows the newcomer")
+            wait_until(lambda r=reader: len(r.list("history", limit=100).messages) == 31, 20,
+                       f"{region} has the newcomer's message")
+
+        # eu-west leaves: the others stop following it and stop waiting for its clock.
+        dcsim.control(run_dir, {"command": "leave", "region": "eu-west"})
+        wait_until(lambda: "eu-west" not in _peers(east), 10, "eu-west gone from us-east")
+        wait_until(lambda: "eu-west" not in _peers(newcomer), 10, "eu-west gone from the newcomer")
+        claim = _client(state, "us-east", "after_the_leave").user
+        wait_until(lambda: east.get_user(user_id=claim.user_id).user.claim_state == pb.CLAIM_STATE_CONFIRMED,
+                   15, "a claim confirmed without the departed region")
+        assert all(s == cluster_pb2.PEER_STATE_UP for s in _peers(east).values())
+    finally:
+        dcsim.down(run_dir)
