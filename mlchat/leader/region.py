@@ -258,12 +258,9 @@ class Region:
     async def _commit_shard(self, name: str, entries: list[LogEntry]) -> None:
         async with self._locked_shard(name) as shard:
             update = shard.add(entries)
-            try:
+            async with self._dropped_on_failure(name):
                 outcome = await self.store.post(name, entries, update, shard.state_vector(),
                                                 self.settings.stream_retention)
-            except BaseException:
-                self._shards.pop(name, None)  # memory must never hold what Redis does not
-                raise
             # Every id stored under the key just built: the script ran before (a retried call whose
             # reply was lost), so this is a success.
             ours = outcome.duplicates and all(outcome.duplicates.get(e.id) == e.order_key for e in entries)
@@ -309,6 +306,16 @@ class Region:
                 self._pending_updates[name] = 0
             except Exception:  # the updates stay in their list; compaction is tried again later
                 log.warning("[%s] compacting shard %s failed", self.name, name, exc_info=True)
+
+    @contextlib.asynccontextmanager
+    async def _dropped_on_failure(self, name: str) -> AsyncIterator[None]:
+        """Storing a change made to a hot shard: if it fails, drop the shard from memory, which must
+        never hold what Redis does not (it is loaded again from Redis when next needed)."""
+        try:
+            yield
+        except BaseException:
+            self._shards.pop(name, None)
+            raise
 
     @contextlib.asynccontextmanager
     async def _locked_shard(self, name: str) -> AsyncIterator[MessageShard]:
@@ -475,12 +482,9 @@ class Region:
             added = shard.apply(update)
             if not added and shard.state_vector() == before:
                 return None
-            try:
+            async with self._dropped_on_failure(name):
                 new = await self.store.apply(name, added, update, shard.state_vector(),
                                              self.settings.stream_retention)
-            except BaseException:
-                self._shards.pop(name, None)  # memory must never hold what Redis does not
-                raise
             await self._stored_update(name, shard)
         for entry in added:
             if entry.id in new:
