@@ -4,7 +4,7 @@ It starts us-east, eu-west and ap-northeast (a leader with its own embedded Valk
 WAN proxy mesh with the default round-trip times), then tells, step by step, what each user sees in
 their own region: claims, a conversation that replicates between regions, a retry, a cut link that
 messages route around, a region cut off that keeps taking writes and converges after the heal, two
-users racing for one username, bad input, and a region killed and restarted.
+users racing for one username, bad input, a fourth region joining, and a region killed and restarted.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class Demo:
         self.status = status
         self.keys = {user: secrets.token_hex(16) for user in HOME}
         self.clients = {user: ChatClient(self.endpoint(region, region)) for user, region in HOME.items()}
-        self.names: dict[str, str] = {}
+        self.names: dict[str, str] = {}  # user id -> name, for printing
         self.seen: dict[str, list[tuple[pb.Message, int]]] = {user: [] for user in HOME}
 
     def endpoint(self, region: str, located_in: str) -> str:
@@ -158,6 +158,20 @@ class Demo:
             except grpc.RpcError as e:
                 say(f"  {label}: {e.code().name}: {e.details()}")
 
+        step("a fourth region, ap-southeast, joins the running cluster")
+        self.control("add", region="ap-southeast")
+        status = dcsim.control(self.run_dir, {"command": "status"})
+        with ChatClient(status["regions"]["ap-southeast"]["endpoints"]["ap-southeast"]) as dana:
+            dana.claim("dana", secrets.token_hex(16))
+            caught_up = wait(lambda: len(dana.list("general", limit=100).messages)
+                             == len(self.clients["alice"].list("general", limit=100).messages))
+            say(f"  dana, in ap-southeast, reads the whole history of #general there: {caught_up}")
+            dana.post("general", "hi all, new office in Singapore", "dana-1")
+            seen = wait(lambda: any(m.body == "hi all, new office in Singapore" for m, _ in self.seen["bob"]))
+            say(f"  bob, in eu-west, sees dana's first message: {seen}")
+            follows = wait(lambda: any(p.region == "ap-southeast" for p in self.clients["bob"].cluster_status().peers))
+            say(f"  eu-west follows ap-southeast too, having learned of it by gossip from the others: {follows}")
+
         step("kill ap-northeast (SIGKILL) while the others keep talking, then restart it")
         self.control("kill", region="ap-northeast")
         for i in range(5):
@@ -169,7 +183,7 @@ class Demo:
         say(f"  ap-northeast caught up on what it missed: {caught_up}; #general holds "
             f"{len(chika.list('general', limit=100).messages)} messages in every region")
         for m in chika.list("general", limit=4, newest_first=True).messages:
-            say(f"    [{m.origin_region}] {self.names.get(m.user_id, 'dave')}: {m.body}")
+            say(f"    [{m.origin_region}] {self.names.get(m.user_id, 'someone')}: {m.body}")
 
     def close(self) -> None:
         for client in self.clients.values():
