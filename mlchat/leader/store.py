@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -333,12 +334,7 @@ class Store:
         return bool(changed)
 
     async def claims_on(self, name: str) -> list[Claim]:
-        raw = await self.redis.hgetall(f"n:{name}")
-        claims = []
-        for user_id, value in raw.items():
-            hlc, region = value.decode().split("\x00")
-            claims.append(Claim(hlc, region, user_id.decode(), name))
-        return claims
+        return _claims(name, await self.redis.hgetall(f"n:{name}"))
 
     async def user_name(self, user_id: str) -> str | None:
         name = await self.redis.hget(f"u:{user_id}", "name")
@@ -374,15 +370,29 @@ class Store:
         if vector:
             await self.redis.hset("meta:vector", mapping=vector)
 
+    async def _scan_read(self, pattern: str, read: str, *fields: str) -> AsyncIterator[tuple[str, Any]]:
+        """(key suffix, value) for every key matching `pattern`, read with `read` a page at a time:
+        one round trip per page, not per key."""
+        cursor = 0
+        while True:
+            cursor, keys = await self.redis.scan(cursor, match=pattern, count=1000)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    getattr(pipe, read)(key, *fields)
+                values = await pipe.execute()
+            for key, value in zip(keys, values, strict=True):
+                yield key.decode()[2:], value
+            if cursor == 0:
+                return
+
     async def statuses(self) -> AsyncIterator[StatusValue]:
-        async for key in self.redis.scan_iter(match="s:*", count=1000):
-            value = await self.status(key.decode()[2:])
-            if value is not None:
-                yield value
+        async for user_id, (p, t, h, r) in self._scan_read("s:*", "hmget", "p", "t", "h", "r"):
+            if h is not None:
+                yield StatusValue(user_id, int(p), t.decode(), h.decode(), r.decode())
 
     async def claims(self) -> AsyncIterator[Claim]:
-        async for key in self.redis.scan_iter(match="n:*", count=1000):
-            for claim in await self.claims_on(key.decode()[2:]):
+        async for name, raw in self._scan_read("n:*", "hgetall"):
+            for claim in _claims(name, raw):
                 yield claim
 
     async def raise_clock_floor(self, hlc: str) -> None:
@@ -419,6 +429,14 @@ def parse_stream_id(text: str) -> str:
     if not (sep and ms.isdigit() and seq.isdigit() and len(ms) <= 20 and len(seq) <= 20):
         raise ValueError(f"not a stream position: {text[:40]!r}")
     return f"{int(ms)}-{int(seq)}"
+
+
+def _claims(name: str, raw: dict[bytes, bytes]) -> list[Claim]:
+    claims = []
+    for user_id, value in raw.items():
+        hlc, region = value.decode().split("\x00")
+        claims.append(Claim(hlc, region, user_id.decode(), name))
+    return claims
 
 
 def stream_id_key(stream_id: str) -> tuple[int, int]:
