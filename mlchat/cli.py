@@ -9,6 +9,7 @@ import re
 import sys
 from pathlib import Path
 
+from mlchat.geo.modes import Mode, SyncAcks
 from mlchat.leader import limits
 from mlchat.leader.settings import LeaderSettings
 
@@ -52,6 +53,14 @@ def main(argv: list[str] | None = None) -> None:
     leader.add_argument("--heartbeat-ms", type=int, default=500)
     leader.add_argument("--peer-timeout-ms", type=int, default=3000,
                         help="a peer silent this long is suspect; twice this long, down")
+    leader.add_argument("--mode", default=Mode.ASYNC, type=Mode, choices=list(Mode),
+                        help="replication mode, the same for every region of a cluster (default: async)")
+    leader.add_argument("--sync", default=SyncAcks.QUORUM, type=SyncAcks, choices=list(SyncAcks), dest="sync_acks",
+                        help="sync mode: a write waits until every region holds it, or a majority (default)")
+    leader.add_argument("--write-timeout-ms", type=int, default=5000,
+                        help="longest a write waits for other regions (sync, consensus, forwarding to the primary)")
+    leader.add_argument("--primary", default=None, type=_region,
+                        help="single-leader mode: the first primary (default: the first region by name)")
     leader.add_argument("--subscriber-buffer", type=int, default=limits.SUBSCRIBER_BUFFER,
                         help="messages a subscriber may fall behind before it is cut off")
 
@@ -66,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
             data_dir=args.data_dir or Path("data") / args.region, secret_file=args.secret_file,
             token_ttl_ms=int(args.token_ttl * 1000), subscriber_buffer=args.subscriber_buffer,
             peers=dict(args.peer), heartbeat_ms=args.heartbeat_ms, peer_timeout_ms=args.peer_timeout_ms,
-            join=args.join, advertise=args.advertise, routes_file=args.routes)
+            join=args.join, advertise=args.advertise, routes_file=args.routes, mode=args.mode,
+            sync_acks=args.sync_acks, write_timeout_ms=args.write_timeout_ms, primary=args.primary or "")
         asyncio.run(serve(settings))
 
 

@@ -47,3 +47,11 @@ class Unavailable(MlchatError):
 
     grpc_status = "UNAVAILABLE"
     retriable = True
+
+
+class Relayed(MlchatError):
+    """An error another region answered a forwarded call with, passed on with its status."""
+
+    def __init__(self, grpc_status: str, message: str) -> None:
+        super().__init__(message)
+        self.grpc_status = grpc_status

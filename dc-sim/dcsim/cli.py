@@ -22,6 +22,7 @@ from typing import Any
 
 from dcsim import topology
 from dcsim.cluster import Cluster, ClusterError
+from mlchat.geo.modes import Mode, SyncAcks
 
 DEFAULT_RUN_DIR = Path("run/dcsim")
 UP_TIMEOUT_S = 90.0
@@ -55,8 +56,9 @@ _controllers: dict[int, subprocess.Popen[bytes]] = {}
 # The controller ------------------------------------------------------------------------------------
 
 
-async def serve(run_dir: Path, topo: topology.Topology, base_port: int | None, topology_file: Path | None) -> None:
-    cluster = Cluster(run_dir, topo, base_port, topology_file)
+async def serve(run_dir: Path, topo: topology.Topology, base_port: int | None, topology_file: Path | None,
+                leader_args: tuple[str, ...] = ()) -> None:
+    cluster = Cluster(run_dir, topo, base_port, topology_file, leader_args=leader_args)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -144,7 +146,8 @@ def control(run_dir: Path, request: dict[str, Any], timeout_s: float = 60.0) -> 
     return reply["result"]
 
 
-def up(run_dir: Path, regions: tuple[str, ...], topology_file: Path | None, base_port: int | None) -> dict[str, Any]:
+def up(run_dir: Path, regions: tuple[str, ...], topology_file: Path | None, base_port: int | None,
+       mode: str = "async", sync_acks: str = "quorum") -> dict[str, Any]:
     """Start a run in the background and return its status once every region serves."""
     state = _read_state(run_dir)
     if state is not None and _alive(state["pid"]):
@@ -161,6 +164,7 @@ def up(run_dir: Path, regions: tuple[str, ...], topology_file: Path | None, base
         args += ["--topology", str(topology_file)]
     if base_port:
         args += ["--base-port", str(base_port)]
+    args += ["--mode", mode, "--sync", sync_acks]
     log = open(run_dir / "controller.log", "wb")  # noqa: SIM115 - the child owns it
     proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
     log.close()
@@ -222,6 +226,9 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--regions", default=",".join(topology.DEFAULT_REGIONS))
         p.add_argument("--topology", type=Path, help="CSV of region_a,region_b,rtt_ms overriding the default")
         p.add_argument("--base-port", type=int, help="use consecutive ports from here (default: any free)")
+        p.add_argument("--mode", default="async", choices=[str(m) for m in Mode], help="replication mode")
+        p.add_argument("--sync", default="quorum", choices=[str(a) for a in SyncAcks],
+                       help="sync mode: writes wait for all regions or a majority")
     sub.add_parser("status", help="regions, endpoints, delays and partitions")
     p = sub.add_parser("partition", help="drop traffic between two regions")
     p.add_argument("a")
@@ -253,9 +260,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.command in ("up", "serve"):
         regions = tuple(r.strip() for r in args.regions.split(",") if r.strip())
         if args.command == "serve":
-            asyncio.run(serve(run_dir, topology.load(regions, args.topology), args.base_port, args.topology))
+            asyncio.run(serve(run_dir, topology.load(regions, args.topology), args.base_port, args.topology,
+                              # single-leader: the first region listed starts as the primary
+                              ("--mode", args.mode, "--sync", args.sync, "--primary", regions[0])))
             return
-        print_status(up(run_dir, regions, args.topology, args.base_port))
+        print_status(up(run_dir, regions, args.topology, args.base_port, args.mode, args.sync))
         print(f"run directory: {run_dir} ('dcsim down' stops it)")
     elif args.command == "down":
         down(run_dir)

@@ -51,6 +51,7 @@ class Cluster:
     topology: Topology
     base_port: int | None = None
     topology_file: Path | None = None
+    leader_args: tuple[str, ...] = ()  # given to every leader, e.g. its replication mode
     leaders: dict[str, LeaderProcess] = field(default_factory=dict)
     links: dict[tuple[str, str], Link] = field(default_factory=dict)
     paths: dict[tuple[str, str], Toxics] = field(default_factory=dict)  # (a, b): what traffic a -> b meets
@@ -104,7 +105,7 @@ class Cluster:
     def _new_leader(self, region: str, *args: str) -> LeaderProcess:
         leader = LeaderProcess(region, self.run_dir / region, port=self._ports_of[region], extra_args=(
             "--secret-file", str(self.run_dir / "cluster-secret"),
-            "--routes", str(self.run_dir / region / "routes.json"), *args))
+            "--routes", str(self.run_dir / region / "routes.json"), *self.leader_args, *args))
         self.leaders[region] = leader
         return leader
 

@@ -24,7 +24,7 @@ import hashlib
 import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from mlchat.crdt import vector
@@ -35,6 +35,7 @@ from mlchat.crdt.lww import StatusValue
 from mlchat.crdt.msglog import LogEntry, MessageShard, message_id, shard_name, split_order_key, split_shard_name
 from mlchat.crdt.replica import Delta, ReplicaState
 from mlchat.errors import AlreadyExists, InvalidArgument, NotFound, OutOfRange, ResourceExhausted, Unavailable
+from mlchat.geo.modes import names_by_consensus
 from mlchat.leader.fanout import Fanout
 from mlchat.leader.settings import LeaderSettings
 from mlchat.leader.store import Page, Store, parse_stream_id, stream_id_key
@@ -87,6 +88,7 @@ class Region:
         self.remote: dict[str, str] = {}  # other origins: hlc up to which all their writes are held here
         self._saved_remote: dict[str, str] = {}
         self._unsettled: set[str] = set()  # stamps issued whose writes are not yet committed (or failed)
+        self._last_settled = ""  # the highest stamp settled: a causal token needs no more of this region
         self._vector_changed = asyncio.Event()  # replaced by a fresh one at every change
         self.members: dict[str, str] = dict(settings.peers)  # the other regions: name -> address
         self.departed: set[str] = set()
@@ -106,6 +108,7 @@ class Region:
         floor = await self.store.clock_floor()
         if floor:
             self.clock = Hlc.decode(floor)
+            self._last_settled = floor  # writes of an earlier run may reach up to here
         self.remote = {r: h for r, h in (await self.store.load_vector()).items() if r != self.name}
         self._saved_remote = dict(self.remote)
         members, self.departed = await self.store.load_members()
@@ -148,6 +151,7 @@ class Region:
 
     def _settle_stamps(self, stamps: list[str]) -> None:
         self._unsettled.difference_update(stamps)
+        self._last_settled = max([self._last_settled, *stamps])
         self._vector_moved()
 
     def _vector_moved(self) -> None:
@@ -171,8 +175,15 @@ class Region:
 
     def causal_token(self, *seen: tuple[str, str]) -> bytes:
         """The token of what a response reflects: this region's vector, and the (origin, hlc) of any
-        write the response carries (a client must be able to read its own write anywhere)."""
-        return vector.encode_token(vector.merge(self.vector, dict(seen)))
+        write the response carries (a client must be able to read its own write anywhere). This
+        region's own entry stops at its last write: the idle clock ticks beyond it hold nothing to
+        read, and a region that dies before it ships a tick must not leave tokens no one can satisfy."""
+        current = self.vector
+        if self._last_settled:
+            current[self.name] = min(current[self.name], self._last_settled)
+        else:
+            del current[self.name]
+        return vector.encode_token(vector.merge(current, dict(seen)))
 
     async def wait_for(self, token: bytes, timeout_s: float | None) -> None:
         """Return once this region has seen everything `token` has; raise if it does not in time."""
@@ -399,18 +410,41 @@ class Region:
         current = self.vector
         return min(current.get(r, ZERO.encode()) for r in self.regions)
 
-    async def claim(self, username: str, claim_key: str) -> UserView:
+    async def claim(self, username: str, claim_key: str,
+                    decide: Callable[[str, str], Awaitable[str]] | None = None) -> UserView:
+        """Claim `username` for the user that `claim_key` names. Without `decide`, a claim is taken
+        here and now and may lose to a concurrent one from another region later. With it, the owner
+        is decided once for all regions: `decide(username, user_id)` returns the user it chose."""
         user_id = user_id_for(username, claim_key)
-        claim = Claim(self._stamp(), self.name, user_id, username)
-        try:
-            outcome = await self.store.claim(claim)
-        finally:
-            self._settle_stamps([claim.hlc])
+        if decide is None:
+            claim = Claim(self._stamp(), self.name, user_id, username)
+            try:
+                outcome = await self.store.claim(claim)
+            finally:
+                self._settle_stamps([claim.hlc])
+            if outcome > 0:
+                self.feed.publish(FEED, Delta(claims=(claim,), vector=self.vector))
+        else:
+            # Only decided claims are ever stored, so a name held here is decided already.
+            known = owner(await self.store.claims_on(username))
+            holder = known.user_id if known is not None else await decide(username, user_id)
+            if known is None:
+                await self._record_claim(username, holder)
+            outcome = 0 if holder == user_id else -1
         if outcome < 0:
             raise AlreadyExists(f"username {username!r} is taken: choose another one")
-        if outcome > 0:
-            self.feed.publish(FEED, Delta(claims=(claim,), vector=self.vector))
         return await self.user(user_id)
+
+    async def _record_claim(self, username: str, user_id: str) -> None:
+        """Store a decided claim here; it replicates like any other (a name decided once may be
+        recorded by several regions, each stamping its own record of the same user)."""
+        claim = Claim(self._stamp(), self.name, user_id, username)
+        try:
+            changed = await self.store.add_claim(claim)
+        finally:
+            self._settle_stamps([claim.hlc])
+        if changed:
+            self.feed.publish(FEED, Delta(claims=(claim,), vector=self.vector))
 
     async def user(self, user_id: str) -> UserView:
         name = await self.store.user_name(user_id)
@@ -418,7 +452,11 @@ class Region:
             raise NotFound(f"no user {user_id!r} in region {self.name}")
         claims = await self.store.claims_on(name)
         mine = min(c for c in claims if c.user_id == user_id)
-        return UserView(user_id, name, mine, claim_state(mine, claims, self._watermark()))
+        if names_by_consensus(self.settings.mode):  # stored claims are decided: none is provisional
+            state = ClaimState.CONFIRMED if owner(claims).user_id == user_id else ClaimState.LOST  # type: ignore[union-attr]
+        else:
+            state = claim_state(mine, claims, self._watermark())
+        return UserView(user_id, name, mine, state)
 
     async def user_by_name(self, username: str) -> UserView:
         top = owner(await self.store.claims_on(username))

@@ -18,15 +18,18 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
+from mlchat.crdt import vector
 from mlchat.crdt.claims import Claim
 from mlchat.crdt.hlc import Hlc
 from mlchat.crdt.lww import StatusValue
 from mlchat.crdt.replica import Delta, ReplicaState, combine
 from mlchat.errors import ResourceExhausted
+from mlchat.geo.failover import Term
+from mlchat.leader.consensus import Consensus
 from mlchat.leader.limits import MAX_PEER_MESSAGE_BYTES
 from mlchat.leader.region import FEED, Region
 from mlchat.leader.servicer import PEER_PREFIX, Authenticator, streaming, unary
@@ -57,10 +60,11 @@ def delta_from_pb(message: rpb.Delta) -> Delta:
 
 
 class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
-    def __init__(self, region: Region, auth: Authenticator, replicator: Replicator) -> None:
+    def __init__(self, region: Region, auth: Authenticator, replicator: Replicator, consensus: Consensus) -> None:
         self.region = region
         self.auth = auth
         self.replicator = replicator
+        self.consensus = consensus
 
     @unary
     async def Join(self, request, context):  # type: ignore[no-untyped-def]
@@ -75,6 +79,22 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
         await self.replicator.dismiss(request.region)
         return rpb.LeaveResponse()
 
+    @unary
+    async def Prepare(self, request, context):  # type: ignore[no-untyped-def]
+        self.auth.principal(context, peer=True)
+        return await self.consensus.prepare(request)
+
+    @unary
+    async def Accept(self, request, context):  # type: ignore[no-untyped-def]
+        self.auth.principal(context, peer=True)
+        return await self.consensus.accept(request)
+
+    def _with_term(self, message: rpb.Delta) -> rpb.Delta:
+        term = self.replicator.term()
+        if term is not None:
+            message.epoch, message.primary = term.epoch, term.primary
+        return message
+
     @functools.partial(streaming, limit_size=False)  # a peer's state may be large
     async def Replicate(self, request, context):  # type: ignore[no-untyped-def]
         self.auth.principal(context, peer=True)
@@ -82,7 +102,7 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
         with self.region.feed.subscribe(FEED) as changes:  # first: nothing changed from now is missed
             state = ReplicaState({s.shard: s.state_vector for s in request.shards}, dict(request.vector))
             async for part in self.region.delta_for(state):
-                yield delta_pb(self.region.name, part)
+                yield self._with_term(delta_pb(self.region.name, part))
             while True:
                 batch = await changes.next_batch()
                 if not batch:
@@ -92,7 +112,7 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
                     return
                 parts = combine(batch)  # a peer that lags gets fewer, larger messages
                 for i, delta in enumerate(parts):
-                    message = delta_pb(self.region.name, delta)
+                    message = self._with_term(delta_pb(self.region.name, delta))
                     message.backlog = changes.pending + len(parts) - i - 1
                     if message.ByteSize() < COMPRESS_ABOVE:  # not worth the CPU
                         context.disable_next_message_compression()
@@ -117,6 +137,8 @@ class PeerLink:
     lag_ms: int = 0  # commit there to applied here, for the latest change that carried messages
     backlog: int = 0  # changes the peer still had queued for this region, at its latest message
     deltas: int = 0
+    vector: dict[str, str] = field(default_factory=dict)  # what the peer holds, as it last said
+    term: Term | None = None  # single-leader mode: the primary the peer follows, as it last said
 
     def state(self, now: float, timeout_s: float) -> PeerState:
         silent = now - self.last_heard
@@ -138,6 +160,9 @@ class Replicator:
         # One catch-up at a time: a stream says what this region holds only once the previous
         # stream's catch-up is applied, so that two peers do not both send the same backlog.
         self._catching_up = asyncio.Lock()
+        self._heard = asyncio.Event()  # replaced by a fresh one whenever a peer's vector moves
+        self._channels: dict[str, grpc.aio.Channel] = {}  # address -> channel, for calls to peers
+        self.term: Callable[[], Term | None] = lambda: None  # single-leader mode: told to peers on every message
 
     async def start(self) -> None:
         if self._tasks:
@@ -155,17 +180,48 @@ class Replicator:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for channel in self._channels.values():
+            await channel.close()
+
+    def channel(self, region: str) -> grpc.aio.Channel:
+        """For calls to a member (one channel per address, kept open)."""
+        address = self._address(region)
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address)
+        return self._channels[address]
+
+    def stub(self, region: str) -> replication_pb2_grpc.ReplicationServiceStub:
+        return replication_pb2_grpc.ReplicationServiceStub(self.channel(region))
+
+    def reachable(self) -> list[str]:
+        """The members whose stream is up now."""
+        now, timeout_s = time.monotonic(), self.region.settings.peer_timeout_ms / 1000
+        return [r for r, link in self.links.items() if link.state(now, timeout_s) is PeerState.UP]
+
+    def holders(self, origin: str, hlc: str) -> list[str]:
+        """The members known to hold the write stamped `hlc` in region `origin`."""
+        return [r for r, link in self.links.items() if link.vector.get(origin, "") >= hlc]
+
+    async def held(self, origin: str, hlc: str, copies: int, timeout_s: float) -> bool:
+        """Wait until `copies` members hold a write; False if they do not within `timeout_s`."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while len(self.holders(origin, hlc)) < copies:
+                    await self._heard.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def _join(self, address: str) -> dict[str, str]:
         settings = self.region.settings
         async with grpc.aio.insecure_channel(address) as channel:
             response = await replication_pb2_grpc.ReplicationServiceStub(channel).Join(
                 rpb.JoinRequest(region=self.region.name, address=settings.advertise or settings.listen),
-                metadata=self._metadata(), timeout=30)
+                metadata=self.metadata(), timeout=30)
         log.info("[%s] joined through %s: members %s", self.region.name, address, ", ".join(response.members))
         return {r: a for r, a in response.members.items() if r != self.region.name}
 
-    def _metadata(self) -> tuple[tuple[str, str]]:
+    def metadata(self) -> tuple[tuple[str, str]]:
         token, _ = self.signer.issue(PEER_PREFIX + self.region.name, self.region.name, self.now_ms())
         return (("authorization", f"Bearer {token}"),)
 
@@ -236,7 +292,7 @@ class Replicator:
                         stream = stub.Replicate(rpb.ReplicateRequest(
                             region=self.region.name, vector=state.vector,
                             shards=[rpb.ShardState(shard=k, state_vector=v) for k, v in state.shards.items()]),
-                            metadata=self._metadata())
+                            metadata=self.metadata())
                         messages = _with_idle_timeout(stream, timeout_s)
                         while True:  # the catch-up: its last part carries the vector
                             part = await messages.__anext__()
@@ -257,10 +313,16 @@ class Replicator:
 
     async def _received(self, link: PeerLink, message: rpb.Delta) -> None:
         link.connected, link.last_heard, link.backlog = True, time.monotonic(), message.backlog
+        if message.epoch:
+            link.term = Term(message.epoch, message.primary)
         delta = delta_from_pb(message)
         await self.region.apply(delta)
         await self._membership(delta)
         link.deltas += 1
+        if delta.vector:
+            link.vector = vector.merge(link.vector, delta.vector)
+            heard, self._heard = self._heard, asyncio.Event()
+            heard.set()
         if delta.shard_updates and delta.vector.get(link.region):
             link.lag_ms = max(0, self.now_ms() - Hlc.decode(delta.vector[link.region]).wall_ms)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import secrets
 import signal
 from pathlib import Path
@@ -19,7 +20,10 @@ from grpc_reflection.v1alpha import reflection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
+from mlchat.geo.modes import Mode
 from mlchat.leader import limits
+from mlchat.leader.consensus import Consensus
+from mlchat.leader.leadership import Leadership
 from mlchat.leader.region import Region
 from mlchat.leader.replication import ReplicationServicer, Replicator
 from mlchat.leader.servicer import Authenticator, ChatServicer, ClusterServicer, wall_ms
@@ -27,6 +31,7 @@ from mlchat.leader.settings import LeaderSettings
 from mlchat.leader.store import Store
 from mlchat.leader.tokens import TokenSigner
 from mlchat.leader.valkey import EmbeddedValkey
+from mlchat.leader.writes import Writes
 from mlchat.v1 import chat_pb2, chat_pb2_grpc, cluster_pb2, cluster_pb2_grpc, replication_pb2, replication_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -84,11 +89,16 @@ async def _serve(settings: LeaderSettings, store: Store) -> None:
                  ("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=limits.MAX_CONCURRENT_RPCS)
     replicator = Replicator(region, signer, wall_ms)
-    chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(region, auth), server)
-    cluster_pb2_grpc.add_ClusterServiceServicer_to_server(ClusterServicer(region, auth, replicator.peer_status),
-                                                          server)
-    replication_pb2_grpc.add_ReplicationServiceServicer_to_server(ReplicationServicer(region, auth, replicator),
-                                                                  server)
+    rng = random.Random()
+    consensus = Consensus(region, replicator.stub, replicator.metadata, rng, wall_ms)
+    leadership = (Leadership(region, replicator, consensus, wall_ms, rng)
+                  if settings.mode is Mode.SINGLE_LEADER else None)
+    writes = Writes(region, replicator, consensus, leadership)
+    chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(region, auth, writes), server)
+    cluster_pb2_grpc.add_ClusterServiceServicer_to_server(
+        ClusterServicer(region, auth, replicator.peer_status, lambda: replicator.term()), server)
+    replication_pb2_grpc.add_ReplicationServiceServicer_to_server(
+        ReplicationServicer(region, auth, replicator, consensus), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -102,6 +112,8 @@ async def _serve(settings: LeaderSettings, store: Store) -> None:
     for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     await replicator.start()
+    if leadership is not None:
+        await leadership.start()
     log.info("[%s] leader serving on %s (mode %s, peers %s)", settings.region, settings.listen, settings.mode,
              ", ".join(region.members) or "none")
     print(f"mlchat leader {settings.region} serving on {settings.listen}", flush=True)
@@ -116,6 +128,8 @@ async def _serve(settings: LeaderSettings, store: Store) -> None:
     await health_servicer.enter_graceful_shutdown()
     region.fanout.close_all()
     region.feed.close_all()
+    if leadership is not None:
+        await leadership.stop()
     await replicator.stop()
     await server.stop(settings.grace_s)
     log.info("[%s] stopped", settings.region)

@@ -10,7 +10,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import redis.exceptions
@@ -19,11 +19,16 @@ from mlchat.crdt.hlc import Hlc
 from mlchat.crdt.lww import StatusValue
 from mlchat.crdt.msglog import LogEntry
 from mlchat.errors import InvalidArgument, MlchatError, PermissionDenied, ResourceExhausted
+from mlchat.geo.failover import Term
+from mlchat.geo.modes import describe
 from mlchat.leader import limits
 from mlchat.leader.region import Region, UserView, encode_cursor
 from mlchat.leader.tokens import Principal, TokenSigner, bearer
 from mlchat.v1 import chat_pb2 as pb
 from mlchat.v1 import chat_pb2_grpc, cluster_pb2, cluster_pb2_grpc
+
+if TYPE_CHECKING:
+    from mlchat.leader.writes import Writes
 
 log = logging.getLogger(__name__)
 PEER_PREFIX = "region:"  # the subject of a region's token
@@ -131,9 +136,10 @@ class Authenticator:
 
 
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
-    def __init__(self, region: Region, auth: Authenticator) -> None:
+    def __init__(self, region: Region, auth: Authenticator, writes: Writes) -> None:
         self.region = region
         self.auth = auth
+        self.writes = writes
 
     async def _read_after(self, token: bytes, context: grpc.aio.ServicerContext) -> None:
         await self.region.wait_for(token, context.time_remaining())
@@ -142,7 +148,11 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def ClaimUsername(self, request, context):
         name = limits.username(request.username)
         key = limits.claim_key(request.claim_key)
-        view = await self.region.claim(name, key)
+        if (answer := await self.writes.forwarded("ClaimUsername", request, context)) is not None:
+            return answer
+        self.writes.admit()
+        view = await self.writes.claim(name, key, context.time_remaining())
+        await self.writes.confirm(view.claim.region, view.claim.hlc, context.time_remaining())
         token, principal = self.auth.signer.issue(view.user_id, view.username, wall_ms())
         return pb.ClaimUsernameResponse(user=user_pb(view), token=token,
                                         token_expires_at_ms=principal.expires_at_ms,
@@ -151,9 +161,13 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     @unary
     async def PostMessage(self, request, context):
         me = self.auth.principal(context)
-        entry, duplicate = await self.region.post(
-            me.user_id, limits.channel(request.channel), limits.body(request.body),
-            limits.client_msg_id(request.client_msg_id))
+        channel, body = limits.channel(request.channel), limits.body(request.body)
+        client_msg_id = limits.client_msg_id(request.client_msg_id)
+        if (answer := await self.writes.forwarded("PostMessage", request, context)) is not None:
+            return answer
+        self.writes.admit()
+        entry, duplicate = await self.region.post(me.user_id, channel, body, client_msg_id)
+        await self.writes.confirm(entry.region, entry.hlc, context.time_remaining())
         return pb.PostMessageResponse(message=message_pb(entry), duplicate=duplicate,
                                       causal_token=self.region.causal_token((entry.region, entry.hlc)))
 
@@ -182,7 +196,12 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         me = self.auth.principal(context)
         if request.presence not in pb.Presence.values() or request.presence == pb.PRESENCE_UNSPECIFIED:
             raise InvalidArgument(f"presence {request.presence} is invalid: use ONLINE, AWAY, BUSY or OFFLINE")
-        winner = await self.region.set_status(me.user_id, request.presence, limits.status_text(request.text))
+        text = limits.status_text(request.text)
+        if (answer := await self.writes.forwarded("SetStatus", request, context)) is not None:
+            return answer
+        self.writes.admit()
+        winner = await self.region.set_status(me.user_id, request.presence, text)
+        await self.writes.confirm(winner.region, winner.hlc, context.time_remaining())
         return pb.SetStatusResponse(status=status_pb(me.user_id, winner),
                                     causal_token=self.region.causal_token((winner.region, winner.hlc)))
 
@@ -210,18 +229,22 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
 
 
 class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
-    def __init__(self, region: Region, auth: Authenticator,
-                 peers: Callable[[], list[cluster_pb2.PeerStatus]] = list) -> None:
+    def __init__(self, region: Region, auth: Authenticator, peers: Callable[[], list[cluster_pb2.PeerStatus]],
+                 term: Callable[[], Term | None]) -> None:
         self.region = region
         self.auth = auth
         self.peers = peers
+        self.term = term
 
     @unary
     async def GetClusterStatus(self, request, context):
         self.auth.principal(context)
         users, channels, messages = await self.region.store.counts()
+        settings = self.region.settings
+        term = self.term()
         return cluster_pb2.GetClusterStatusResponse(
-            region=self.region.name, mode=self.region.settings.mode, users=users, channels=channels,
+            primary=term.primary if term else "", epoch=term.epoch if term else 0,
+            region=self.region.name, mode=describe(settings.mode, settings.sync_acks), users=users, channels=channels,
             messages=messages, hlc=self.region.clock.encode(), subscribers=self.region.fanout.subscriber_count(),
             peers=self.peers(),
             state_digest=await self.region.digest() if request.with_digest else "")

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlchat.crdt.replica import HOUR_MS
+from mlchat.geo.modes import Mode, SyncAcks
 from mlchat.leader import limits
 
 
@@ -16,7 +17,10 @@ class LeaderSettings:
     data_dir: Path
     redis_url: str | None = None  # None: start an embedded Valkey in data_dir
     secret_file: Path | None = None  # cluster secret; None: data_dir/cluster-secret, created if absent
-    mode: str = "async"
+    mode: Mode = Mode.ASYNC  # the same in every region of a cluster (see mlchat.geo.modes)
+    sync_acks: SyncAcks = SyncAcks.QUORUM  # sync mode: a write waits for every region, or a majority
+    write_timeout_ms: int = 5000  # longest a write waits for other regions (sync, consensus, forwarding)
+    primary: str = ""  # single-leader mode: the first primary; default, the first region by name
     token_ttl_ms: int = 24 * 3600 * 1000
     bucket_ms: int = HOUR_MS  # width of a message-log shard; the same in every region
     hot_shards: int = 64  # pycrdt shards kept in memory (least recently used leave)

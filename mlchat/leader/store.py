@@ -21,11 +21,12 @@ at all, and it is acknowledged only after Redis has it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from mlchat.crdt.claims import Claim
 from mlchat.crdt.hlc import ENCODED_LENGTH as HLC_LEN
@@ -186,6 +187,8 @@ def _after(order_key: str) -> str:
     """The smallest string above every member that starts with `order_key`."""
     return order_key[:-1] + chr(ord(order_key[-1]) + 1)
 
+T = TypeVar("T")
+
 
 @dataclass(frozen=True, slots=True)
 class PostOutcome:
@@ -339,6 +342,33 @@ class Store:
     async def user_name(self, user_id: str) -> str | None:
         name = await self.redis.hget(f"u:{user_id}", "name")
         return None if name is None else name.decode()
+
+    # Consensus --------------------------------------------------------------------------------
+
+    async def acceptor_step(self, key: str, step: Callable[[str | None], tuple[str, T]]) -> T:
+        """Run `step` on the stored Paxos acceptor state of `key` and store the state it returns, as one
+        atomic change (optimistic: run again if the state changed meanwhile). Returns `step`'s answer."""
+        name = f"px:{key}"
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(name)
+                    raw = await pipe.get(name)
+                    state, answer = step(None if raw is None else raw.decode())
+                    pipe.multi()
+                    pipe.set(name, state)
+                    await pipe.execute()
+                    return answer
+                except redis.exceptions.WatchError:
+                    continue
+
+    async def term(self) -> str:
+        """single-leader mode: the term this region follows, encoded; "" before the first change."""
+        value = await self.redis.get("meta:term")
+        return value.decode() if value else ""
+
+    async def save_term(self, term: str) -> None:
+        await self.redis.set("meta:term", term)
 
     # Region-wide --------------------------------------------------------------------------------
 

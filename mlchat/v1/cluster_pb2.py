@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mlchat/v1/cluster.proto\x12\tmlchat.v1\"\x8f\x01\n\nPeerStatus\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.mlchat.v1.PeerState\x12\x1a\n\x12replication_lag_ms\x18\x04 \x01(\x03\x12\x1f\n\x17replication_lag_entries\x18\x05 \x01(\x03\".\n\x17GetClusterStatusRequest\x12\x13\n\x0bwith_digest\x18\x01 \x01(\x08\"\xc9\x01\n\x18GetClusterStatusResponse\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12$\n\x05peers\x18\x03 \x03(\x0b\x32\x15.mlchat.v1.PeerStatus\x12\r\n\x05users\x18\x04 \x01(\x03\x12\x10\n\x08\x63hannels\x18\x05 \x01(\x03\x12\x10\n\x08messages\x18\x06 \x01(\x03\x12\x0b\n\x03hlc\x18\x07 \x01(\t\x12\x14\n\x0cstate_digest\x18\x08 \x01(\t\x12\x13\n\x0bsubscribers\x18\t \x01(\x03*g\n\tPeerState\x12\x1a\n\x16PEER_STATE_UNSPECIFIED\x10\x00\x12\x11\n\rPEER_STATE_UP\x10\x01\x12\x16\n\x12PEER_STATE_SUSPECT\x10\x02\x12\x13\n\x0fPEER_STATE_DOWN\x10\x03\x32m\n\x0e\x43lusterService\x12[\n\x10GetClusterStatus\x12\".mlchat.v1.GetClusterStatusRequest\x1a#.mlchat.v1.GetClusterStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mlchat/v1/cluster.proto\x12\tmlchat.v1\"\x8f\x01\n\nPeerStatus\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.mlchat.v1.PeerState\x12\x1a\n\x12replication_lag_ms\x18\x04 \x01(\x03\x12\x1f\n\x17replication_lag_entries\x18\x05 \x01(\x03\".\n\x17GetClusterStatusRequest\x12\x13\n\x0bwith_digest\x18\x01 \x01(\x08\"\xe9\x01\n\x18GetClusterStatusResponse\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12$\n\x05peers\x18\x03 \x03(\x0b\x32\x15.mlchat.v1.PeerStatus\x12\r\n\x05users\x18\x04 \x01(\x03\x12\x10\n\x08\x63hannels\x18\x05 \x01(\x03\x12\x10\n\x08messages\x18\x06 \x01(\x03\x12\x0b\n\x03hlc\x18\x07 \x01(\t\x12\x14\n\x0cstate_digest\x18\x08 \x01(\t\x12\x13\n\x0bsubscribers\x18\t \x01(\x03\x12\x0f\n\x07primary\x18\n \x01(\t\x12\r\n\x05\x65poch\x18\x0b \x01(\x03*g\n\tPeerState\x12\x1a\n\x16PEER_STATE_UNSPECIFIED\x10\x00\x12\x11\n\rPEER_STATE_UP\x10\x01\x12\x16\n\x12PEER_STATE_SUSPECT\x10\x02\x12\x13\n\x0fPEER_STATE_DOWN\x10\x03\x32m\n\x0e\x43lusterService\x12[\n\x10GetClusterStatus\x12\".mlchat.v1.GetClusterStatusRequest\x1a#.mlchat.v1.GetClusterStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mlchat.v1.cluster_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PEERSTATE']._serialized_start=436
-  _globals['_PEERSTATE']._serialized_end=539
+  _globals['_PEERSTATE']._serialized_start=468
+  _globals['_PEERSTATE']._serialized_end=571
   _globals['_PEERSTATUS']._serialized_start=39
   _globals['_PEERSTATUS']._serialized_end=182
   _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=184
   _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=230
   _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_start=233
-  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_end=434
-  _globals['_CLUSTERSERVICE']._serialized_start=541
-  _globals['_CLUSTERSERVICE']._serialized_end=650
+  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_end=466
+  _globals['_CLUSTERSERVICE']._serialized_start=573
+  _globals['_CLUSTERSERVICE']._serialized_end=682
 # @@protoc_insertion_point(module_scope)

@@ -105,6 +105,8 @@ class GetClusterStatusResponse(_message.Message):
     HLC_FIELD_NUMBER: _builtins.int
     STATE_DIGEST_FIELD_NUMBER: _builtins.int
     SUBSCRIBERS_FIELD_NUMBER: _builtins.int
+    PRIMARY_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     region: _builtins.str
     mode: _builtins.str
     """Replication mode of the whole cluster, e.g. "async"."""
@@ -118,6 +120,9 @@ class GetClusterStatusResponse(_message.Message):
     state_digest: _builtins.str
     subscribers: _builtins.int
     """Open Subscribe streams on this leader."""
+    primary: _builtins.str
+    """single-leader mode: the primary this region follows, and its term."""
+    epoch: _builtins.int
     @_builtins.property
     def peers(self) -> _containers.RepeatedCompositeFieldContainer[Global___PeerStatus]: ...
     def __init__(
@@ -132,10 +137,12 @@ class GetClusterStatusResponse(_message.Message):
         hlc: _builtins.str = ...,
         state_digest: _builtins.str = ...,
         subscribers: _builtins.int = ...,
+        primary: _builtins.str = ...,
+        epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "hlc", b"hlc", "messages", b"messages", "mode", b"mode", "peers", b"peers", "region", b"region", "state_digest", b"state_digest", "subscribers", b"subscribers", "users", b"users"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "epoch", b"epoch", "hlc", b"hlc", "messages", b"messages", "mode", b"mode", "peers", b"peers", "primary", b"primary", "region", b"region", "state_digest", b"state_digest", "subscribers", b"subscribers", "users", b"users"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmlchat/v1/replication.proto\x12\tmlchat.v1\".\n\x0bJoinRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"u\n\x0cJoinResponse\x12\x35\n\x07members\x18\x01 \x03(\x0b\x32$.mlchat.v1.JoinResponse.MembersEntry\x1a.\n\x0cMembersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1e\n\x0cLeaveRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\"\x0f\n\rLeaveResponse\"1\n\nShardState\x12\r\n\x05shard\x18\x01 \x01(\t\x12\x14\n\x0cstate_vector\x18\x02 \x01(\x0c\"\xb1\x01\n\x10ReplicateRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\x12%\n\x06shards\x18\x02 \x03(\x0b\x32\x15.mlchat.v1.ShardState\x12\x37\n\x06vector\x18\x03 \x03(\x0b\x32\'.mlchat.v1.ReplicateRequest.VectorEntry\x1a-\n\x0bVectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\",\n\x0bShardUpdate\x12\r\n\x05shard\x18\x01 \x01(\t\x12\x0e\n\x06update\x18\x02 \x01(\x0c\"\\\n\x0cStatusRecord\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08presence\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0b\n\x03hlc\x18\x04 \x01(\t\x12\x0e\n\x06region\x18\x05 \x01(\t\"I\n\x0b\x43laimRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0b\n\x03hlc\x18\x03 \x01(\t\x12\x0e\n\x06region\x18\x04 \x01(\t\"\xf7\x02\n\x05\x44\x65lta\x12\x13\n\x0b\x66rom_region\x18\x01 \x01(\t\x12&\n\x06shards\x18\x02 \x03(\x0b\x32\x16.mlchat.v1.ShardUpdate\x12)\n\x08statuses\x18\x03 \x03(\x0b\x32\x17.mlchat.v1.StatusRecord\x12&\n\x06\x63laims\x18\x04 \x03(\x0b\x32\x16.mlchat.v1.ClaimRecord\x12,\n\x06vector\x18\x05 \x03(\x0b\x32\x1c.mlchat.v1.Delta.VectorEntry\x12\x0f\n\x07\x62\x61\x63klog\x18\x06 \x01(\x03\x12.\n\x07members\x18\x07 \x03(\x0b\x32\x1d.mlchat.v1.Delta.MembersEntry\x12\x10\n\x08\x64\x65parted\x18\x08 \x03(\t\x1a-\n\x0bVectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cMembersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xc7\x01\n\x12ReplicationService\x12<\n\tReplicate\x12\x1b.mlchat.v1.ReplicateRequest\x1a\x10.mlchat.v1.Delta0\x01\x12\x37\n\x04Join\x12\x16.mlchat.v1.JoinRequest\x1a\x17.mlchat.v1.JoinResponse\x12:\n\x05Leave\x12\x17.mlchat.v1.LeaveRequest\x1a\x18.mlchat.v1.LeaveResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmlchat/v1/replication.proto\x12\tmlchat.v1\"\'\n\x06\x42\x61llot\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0e\n\x06region\x18\x02 \x01(\t\"@\n\x0ePrepareRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x06\x62\x61llot\x18\x02 \x01(\x0b\x32\x11.mlchat.v1.Ballot\"\x89\x02\n\x0fPrepareResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12#\n\x08promised\x18\x02 \x01(\x0b\x32\x11.mlchat.v1.Ballot\x12*\n\x0f\x61\x63\x63\x65pted_ballot\x18\x03 \x01(\x0b\x32\x11.mlchat.v1.Ballot\x12\x1a\n\x12has_accepted_value\x18\x04 \x01(\x08\x12\x16\n\x0e\x61\x63\x63\x65pted_value\x18\x05 \x01(\t\x12\x36\n\x06vector\x18\x06 \x03(\x0b\x32&.mlchat.v1.PrepareResponse.VectorEntry\x1a-\n\x0bVectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\rAcceptRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x06\x62\x61llot\x18\x02 \x01(\x0b\x32\x11.mlchat.v1.Ballot\x12\r\n\x05value\x18\x03 \x01(\t\"A\n\x0e\x41\x63\x63\x65ptResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12#\n\x08promised\x18\x02 \x01(\x0b\x32\x11.mlchat.v1.Ballot\".\n\x0bJoinRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"u\n\x0cJoinResponse\x12\x35\n\x07members\x18\x01 \x03(\x0b\x32$.mlchat.v1.JoinResponse.MembersEntry\x1a.\n\x0cMembersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1e\n\x0cLeaveRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\"\x0f\n\rLeaveResponse\"1\n\nShardState\x12\r\n\x05shard\x18\x01 \x01(\t\x12\x14\n\x0cstate_vector\x18\x02 \x01(\x0c\"\xb1\x01\n\x10ReplicateRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\x12%\n\x06shards\x18\x02 \x03(\x0b\x32\x15.mlchat.v1.ShardState\x12\x37\n\x06vector\x18\x03 \x03(\x0b\x32\'.mlchat.v1.ReplicateRequest.VectorEntry\x1a-\n\x0bVectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\",\n\x0bShardUpdate\x12\r\n\x05shard\x18\x01 \x01(\t\x12\x0e\n\x06update\x18\x02 \x01(\x0c\"\\\n\x0cStatusRecord\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08presence\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0b\n\x03hlc\x18\x04 \x01(\t\x12\x0e\n\x06region\x18\x05 \x01(\t\"I\n\x0b\x43laimRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0b\n\x03hlc\x18\x03 \x01(\t\x12\x0e\n\x06region\x18\x04 \x01(\t\"\x97\x03\n\x05\x44\x65lta\x12\x13\n\x0b\x66rom_region\x18\x01 \x01(\t\x12&\n\x06shards\x18\x02 \x03(\x0b\x32\x16.mlchat.v1.ShardUpdate\x12)\n\x08statuses\x18\x03 \x03(\x0b\x32\x17.mlchat.v1.StatusRecord\x12&\n\x06\x63laims\x18\x04 \x03(\x0b\x32\x16.mlchat.v1.ClaimRecord\x12,\n\x06vector\x18\x05 \x03(\x0b\x32\x1c.mlchat.v1.Delta.VectorEntry\x12\x0f\n\x07\x62\x61\x63klog\x18\x06 \x01(\x03\x12.\n\x07members\x18\x07 \x03(\x0b\x32\x1d.mlchat.v1.Delta.MembersEntry\x12\x10\n\x08\x64\x65parted\x18\x08 \x03(\t\x12\r\n\x05\x65poch\x18\t \x01(\x03\x12\x0f\n\x07primary\x18\n \x01(\t\x1a-\n\x0bVectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cMembersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xc8\x02\n\x12ReplicationService\x12<\n\tReplicate\x12\x1b.mlchat.v1.ReplicateRequest\x1a\x10.mlchat.v1.Delta0\x01\x12\x37\n\x04Join\x12\x16.mlchat.v1.JoinRequest\x1a\x17.mlchat.v1.JoinResponse\x12:\n\x05Leave\x12\x17.mlchat.v1.LeaveRequest\x1a\x18.mlchat.v1.LeaveResponse\x12@\n\x07Prepare\x12\x19.mlchat.v1.PrepareRequest\x1a\x1a.mlchat.v1.PrepareResponse\x12=\n\x06\x41\x63\x63\x65pt\x12\x18.mlchat.v1.AcceptRequest\x1a\x19.mlchat.v1.AcceptResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mlchat.v1.replication_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_PREPARERESPONSE_VECTORENTRY']._loaded_options = None
+  _globals['_PREPARERESPONSE_VECTORENTRY']._serialized_options = b'8\001'
   _globals['_JOINRESPONSE_MEMBERSENTRY']._loaded_options = None
   _globals['_JOINRESPONSE_MEMBERSENTRY']._serialized_options = b'8\001'
   _globals['_REPLICATEREQUEST_VECTORENTRY']._loaded_options = None
@@ -39,34 +41,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELTA_VECTORENTRY']._serialized_options = b'8\001'
   _globals['_DELTA_MEMBERSENTRY']._loaded_options = None
   _globals['_DELTA_MEMBERSENTRY']._serialized_options = b'8\001'
-  _globals['_JOINREQUEST']._serialized_start=42
-  _globals['_JOINREQUEST']._serialized_end=88
-  _globals['_JOINRESPONSE']._serialized_start=90
-  _globals['_JOINRESPONSE']._serialized_end=207
-  _globals['_JOINRESPONSE_MEMBERSENTRY']._serialized_start=161
-  _globals['_JOINRESPONSE_MEMBERSENTRY']._serialized_end=207
-  _globals['_LEAVEREQUEST']._serialized_start=209
-  _globals['_LEAVEREQUEST']._serialized_end=239
-  _globals['_LEAVERESPONSE']._serialized_start=241
-  _globals['_LEAVERESPONSE']._serialized_end=256
-  _globals['_SHARDSTATE']._serialized_start=258
-  _globals['_SHARDSTATE']._serialized_end=307
-  _globals['_REPLICATEREQUEST']._serialized_start=310
-  _globals['_REPLICATEREQUEST']._serialized_end=487
-  _globals['_REPLICATEREQUEST_VECTORENTRY']._serialized_start=442
-  _globals['_REPLICATEREQUEST_VECTORENTRY']._serialized_end=487
-  _globals['_SHARDUPDATE']._serialized_start=489
-  _globals['_SHARDUPDATE']._serialized_end=533
-  _globals['_STATUSRECORD']._serialized_start=535
-  _globals['_STATUSRECORD']._serialized_end=627
-  _globals['_CLAIMRECORD']._serialized_start=629
-  _globals['_CLAIMRECORD']._serialized_end=702
-  _globals['_DELTA']._serialized_start=705
-  _globals['_DELTA']._serialized_end=1080
-  _globals['_DELTA_VECTORENTRY']._serialized_start=442
-  _globals['_DELTA_VECTORENTRY']._serialized_end=487
-  _globals['_DELTA_MEMBERSENTRY']._serialized_start=161
-  _globals['_DELTA_MEMBERSENTRY']._serialized_end=207
-  _globals['_REPLICATIONSERVICE']._serialized_start=1083
-  _globals['_REPLICATIONSERVICE']._serialized_end=1282
+  _globals['_BALLOT']._serialized_start=42
+  _globals['_BALLOT']._serialized_end=81
+  _globals['_PREPAREREQUEST']._serialized_start=83
+  _globals['_PREPAREREQUEST']._serialized_end=147
+  _globals['_PREPARERESPONSE']._serialized_start=150
+  _globals['_PREPARERESPONSE']._serialized_end=415
+  _globals['_PREPARERESPONSE_VECTORENTRY']._serialized_start=370
+  _globals['_PREPARERESPONSE_VECTORENTRY']._serialized_end=415
+  _globals['_ACCEPTREQUEST']._serialized_start=417
+  _globals['_ACCEPTREQUEST']._serialized_end=495
+  _globals['_ACCEPTRESPONSE']._serialized_start=497
+  _globals['_ACCEPTRESPONSE']._serialized_end=562
+  _globals['_JOINREQUEST']._serialized_start=564
+  _globals['_JOINREQUEST']._serialized_end=610
+  _globals['_JOINRESPONSE']._serialized_start=612
+  _globals['_JOINRESPONSE']._serialized_end=729
+  _globals['_JOINRESPONSE_MEMBERSENTRY']._serialized_start=683
+  _globals['_JOINRESPONSE_MEMBERSENTRY']._serialized_end=729
+  _globals['_LEAVEREQUEST']._serialized_start=731
+  _globals['_LEAVEREQUEST']._serialized_end=761
+  _globals['_LEAVERESPONSE']._serialized_start=763
+  _globals['_LEAVERESPONSE']._serialized_end=778
+  _globals['_SHARDSTATE']._serialized_start=780
+  _globals['_SHARDSTATE']._serialized_end=829
+  _globals['_REPLICATEREQUEST']._serialized_start=832
+  _globals['_REPLICATEREQUEST']._serialized_end=1009
+  _globals['_REPLICATEREQUEST_VECTORENTRY']._serialized_start=370
+  _globals['_REPLICATEREQUEST_VECTORENTRY']._serialized_end=415
+  _globals['_SHARDUPDATE']._serialized_start=1011
+  _globals['_SHARDUPDATE']._serialized_end=1055
+  _globals['_STATUSRECORD']._serialized_start=1057
+  _globals['_STATUSRECORD']._serialized_end=1149
+  _globals['_CLAIMRECORD']._serialized_start=1151
+  _globals['_CLAIMRECORD']._serialized_end=1224
+  _globals['_DELTA']._serialized_start=1227
+  _globals['_DELTA']._serialized_end=1634
+  _globals['_DELTA_VECTORENTRY']._serialized_start=370
+  _globals['_DELTA_VECTORENTRY']._serialized_end=415
+  _globals['_DELTA_MEMBERSENTRY']._serialized_start=683
+  _globals['_DELTA_MEMBERSENTRY']._serialized_end=729
+  _globals['_REPLICATIONSERVICE']._serialized_start=1637
+  _globals['_REPLICATIONSERVICE']._serialized_end=1965
 # @@protoc_insertion_point(module_scope)

@@ -19,6 +19,161 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class Ballot(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    round: _builtins.int
+    region: _builtins.str
+    def __init__(
+        self,
+        *,
+        round: _builtins.int = ...,
+        region: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["region", b"region", "round", b"round"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Ballot: _TypeAlias = Ballot  # noqa: Y015
+
+@_typing.final
+class PrepareRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    BALLOT_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    @_builtins.property
+    def ballot(self) -> Global___Ballot: ...
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        ballot: Global___Ballot | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ballot", b"ballot"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ballot", b"ballot", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrepareRequest: _TypeAlias = PrepareRequest  # noqa: Y015
+
+@_typing.final
+class PrepareResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class VectorEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    OK_FIELD_NUMBER: _builtins.int
+    PROMISED_FIELD_NUMBER: _builtins.int
+    ACCEPTED_BALLOT_FIELD_NUMBER: _builtins.int
+    HAS_ACCEPTED_VALUE_FIELD_NUMBER: _builtins.int
+    ACCEPTED_VALUE_FIELD_NUMBER: _builtins.int
+    VECTOR_FIELD_NUMBER: _builtins.int
+    ok: _builtins.bool
+    has_accepted_value: _builtins.bool
+    accepted_value: _builtins.str
+    @_builtins.property
+    def promised(self) -> Global___Ballot:
+        """The highest ballot this acceptor has promised, and what it accepted last (if anything)."""
+
+    @_builtins.property
+    def accepted_ballot(self) -> Global___Ballot: ...
+    @_builtins.property
+    def vector(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """What the acceptor's region holds (region -> hlc): a new primary catches up with a majority's."""
+
+    def __init__(
+        self,
+        *,
+        ok: _builtins.bool = ...,
+        promised: Global___Ballot | None = ...,
+        accepted_ballot: Global___Ballot | None = ...,
+        has_accepted_value: _builtins.bool = ...,
+        accepted_value: _builtins.str = ...,
+        vector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted_ballot", b"accepted_ballot", "promised", b"promised"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_ballot", b"accepted_ballot", "accepted_value", b"accepted_value", "has_accepted_value", b"has_accepted_value", "ok", b"ok", "promised", b"promised", "vector", b"vector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrepareResponse: _TypeAlias = PrepareResponse  # noqa: Y015
+
+@_typing.final
+class AcceptRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    BALLOT_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    value: _builtins.str
+    @_builtins.property
+    def ballot(self) -> Global___Ballot: ...
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        ballot: Global___Ballot | None = ...,
+        value: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ballot", b"ballot"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ballot", b"ballot", "key", b"key", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcceptRequest: _TypeAlias = AcceptRequest  # noqa: Y015
+
+@_typing.final
+class AcceptResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OK_FIELD_NUMBER: _builtins.int
+    PROMISED_FIELD_NUMBER: _builtins.int
+    ok: _builtins.bool
+    @_builtins.property
+    def promised(self) -> Global___Ballot: ...
+    def __init__(
+        self,
+        *,
+        ok: _builtins.bool = ...,
+        promised: Global___Ballot | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["promised", b"promised"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ok", b"ok", "promised", b"promised"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcceptResponse: _TypeAlias = AcceptResponse  # noqa: Y015
+
+@_typing.final
 class JoinRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -323,9 +478,14 @@ class Delta(_message.Message):
     BACKLOG_FIELD_NUMBER: _builtins.int
     MEMBERS_FIELD_NUMBER: _builtins.int
     DEPARTED_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    PRIMARY_FIELD_NUMBER: _builtins.int
     from_region: _builtins.str
     backlog: _builtins.int
     """Changes the sender still has queued for this receiver after this one: how far behind it is."""
+    epoch: _builtins.int
+    """single-leader mode, on heartbeats: the primary the sender follows, and its term."""
+    primary: _builtins.str
     @_builtins.property
     def shards(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShardUpdate]: ...
     @_builtins.property
@@ -355,10 +515,12 @@ class Delta(_message.Message):
         backlog: _builtins.int = ...,
         members: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         departed: _abc.Iterable[_builtins.str] | None = ...,
+        epoch: _builtins.int = ...,
+        primary: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "claims", b"claims", "departed", b"departed", "from_region", b"from_region", "members", b"members", "shards", b"shards", "statuses", b"statuses", "vector", b"vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "claims", b"claims", "departed", b"departed", "epoch", b"epoch", "from_region", b"from_region", "members", b"members", "primary", b"primary", "shards", b"shards", "statuses", b"statuses", "vector", b"vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

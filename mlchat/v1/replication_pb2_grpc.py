@@ -49,6 +49,16 @@ class ReplicationServiceStub:
                 request_serializer=mlchat_dot_v1_dot_replication__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=mlchat_dot_v1_dot_replication__pb2.LeaveResponse.FromString,
                 _registered_method=True)
+        self.Prepare = channel.unary_unary(
+                '/mlchat.v1.ReplicationService/Prepare',
+                request_serializer=mlchat_dot_v1_dot_replication__pb2.PrepareRequest.SerializeToString,
+                response_deserializer=mlchat_dot_v1_dot_replication__pb2.PrepareResponse.FromString,
+                _registered_method=True)
+        self.Accept = channel.unary_unary(
+                '/mlchat.v1.ReplicationService/Accept',
+                request_serializer=mlchat_dot_v1_dot_replication__pb2.AcceptRequest.SerializeToString,
+                response_deserializer=mlchat_dot_v1_dot_replication__pb2.AcceptResponse.FromString,
+                _registered_method=True)
 
 
 class ReplicationServiceServicer:
@@ -81,6 +91,21 @@ class ReplicationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Prepare(self, request, context):
+        """Paxos between regions (the strong-names and single-leader modes), one instance per key: a
+        username ("name:<username>") or a primary's term ("epoch:<n>"). The answering region is an acceptor;
+        it stores its answer durably before it replies.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Accept(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplicationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -98,6 +123,16 @@ def add_ReplicationServiceServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=mlchat_dot_v1_dot_replication__pb2.LeaveRequest.FromString,
                     response_serializer=mlchat_dot_v1_dot_replication__pb2.LeaveResponse.SerializeToString,
+            ),
+            'Prepare': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prepare,
+                    request_deserializer=mlchat_dot_v1_dot_replication__pb2.PrepareRequest.FromString,
+                    response_serializer=mlchat_dot_v1_dot_replication__pb2.PrepareResponse.SerializeToString,
+            ),
+            'Accept': grpc.unary_unary_rpc_method_handler(
+                    servicer.Accept,
+                    request_deserializer=mlchat_dot_v1_dot_replication__pb2.AcceptRequest.FromString,
+                    response_serializer=mlchat_dot_v1_dot_replication__pb2.AcceptResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,6 +216,60 @@ class ReplicationService:
             '/mlchat.v1.ReplicationService/Leave',
             mlchat_dot_v1_dot_replication__pb2.LeaveRequest.SerializeToString,
             mlchat_dot_v1_dot_replication__pb2.LeaveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prepare(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlchat.v1.ReplicationService/Prepare',
+            mlchat_dot_v1_dot_replication__pb2.PrepareRequest.SerializeToString,
+            mlchat_dot_v1_dot_replication__pb2.PrepareResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Accept(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlchat.v1.ReplicationService/Accept',
+            mlchat_dot_v1_dot_replication__pb2.AcceptRequest.SerializeToString,
+            mlchat_dot_v1_dot_replication__pb2.AcceptResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,12 @@ class ReplicationServiceStub:
     """Takes a region out of the cluster for good: its peers stop following it and stop waiting for its
     clock (to confirm claims). What it wrote stays.
     """
+    Prepare: _grpc.UnaryUnaryMultiCallable[_replication_pb2.PrepareRequest, _replication_pb2.PrepareResponse]
+    """Paxos between regions (the strong-names and single-leader modes), one instance per key: a
+    username ("name:<username>") or a primary's term ("epoch:<n>"). The answering region is an acceptor;
+    it stores its answer durably before it replies.
+    """
+    Accept: _grpc.UnaryUnaryMultiCallable[_replication_pb2.AcceptRequest, _replication_pb2.AcceptResponse]
 
 @_typing.type_check_only
 class ReplicationServiceAsyncStub(ReplicationServiceStub):
@@ -65,6 +71,12 @@ class ReplicationServiceAsyncStub(ReplicationServiceStub):
     """Takes a region out of the cluster for good: its peers stop following it and stop waiting for its
     clock (to confirm claims). What it wrote stays.
     """
+    Prepare: _aio.UnaryUnaryMultiCallable[_replication_pb2.PrepareRequest, _replication_pb2.PrepareResponse]  # type: ignore[assignment]
+    """Paxos between regions (the strong-names and single-leader modes), one instance per key: a
+    username ("name:<username>") or a primary's term ("epoch:<n>"). The answering region is an acceptor;
+    it stores its answer durably before it replies.
+    """
+    Accept: _aio.UnaryUnaryMultiCallable[_replication_pb2.AcceptRequest, _replication_pb2.AcceptResponse]  # type: ignore[assignment]
 
 class ReplicationServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -99,5 +111,23 @@ class ReplicationServiceServicer(metaclass=_abc_1.ABCMeta):
         """Takes a region out of the cluster for good: its peers stop following it and stop waiting for its
         clock (to confirm claims). What it wrote stays.
         """
+
+    @_abc_1.abstractmethod
+    def Prepare(
+        self,
+        request: _replication_pb2.PrepareRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_replication_pb2.PrepareResponse, _abc.Awaitable[_replication_pb2.PrepareResponse]]:
+        """Paxos between regions (the strong-names and single-leader modes), one instance per key: a
+        username ("name:<username>") or a primary's term ("epoch:<n>"). The answering region is an acceptor;
+        it stores its answer durably before it replies.
+        """
+
+    @_abc_1.abstractmethod
+    def Accept(
+        self,
+        request: _replication_pb2.AcceptRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_replication_pb2.AcceptResponse, _abc.Awaitable[_replication_pb2.AcceptResponse]]: ...
 
 def add_ReplicationServiceServicer_to_server(servicer: ReplicationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

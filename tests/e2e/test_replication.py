@@ -181,3 +181,23 @@ def test_a_client_moving_region_reads_its_own_writes(cluster):
     traveller.move_to(cluster["regions"]["eu-west"]["endpoints"]["eu-west"])
     assert posted.id in [m.id for m in traveller.list("travel").messages]
     assert len(traveller.list("travel").messages) == 5
+
+
+def test_a_client_picks_the_nearest_region_and_fails_over_when_it_dies(cluster):
+    # A client located in eu-west, given every region's address as seen from there.
+    addresses = {r: cluster["regions"][r]["endpoints"]["eu-west"] for r in REGIONS}
+    c = ChatClient(addresses, timeout_s=5)
+    assert c.order[0] == "eu-west" and c.order[-1] == "ap-northeast"  # by the WAN matrix's round trips
+    c.claim("failing_over", "failing-over-claim-key-0001")
+    first = c.post("failover", "before", "f1").message
+    east = client(cluster, "us-east", "failover_watcher")
+    wait_until(lambda: bodies(east, "failover") == ["before"], 10, "the first message in us-east")
+    control(cluster, "kill", region="eu-west")
+    try:
+        second = c.post("failover", "after", "f2").message  # the same call, sent on to the next nearest
+        assert c.region == "us-east" and second.origin_region == "us-east"
+        again = c.post("failover", "after", "f2")  # a retry after the failover creates nothing new
+        assert again.duplicate and again.message.id == second.id
+        assert [m.id for m in c.list("failover").messages] == [first.id, second.id]
+    finally:
+        control(cluster, "restart", region="eu-west")

@@ -1,0 +1,111 @@
+"""Single-leader mode in a running region: the failover core (`mlchat.geo.failover`) fed and acted on.
+
+Every heartbeat interval it tells the core what each peer's stream last said (its term, and the
+latest of this region's clock stamps it holds), stores the term when it changes, and runs an
+election when the core calls for one: Paxos on "epoch:<n>" with this region as the candidate. A
+winner first catches up with what the majority that promised it held, so every write the old primary
+had acknowledged (held by a majority) is here before the new primary takes a write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+
+from mlchat.crdt import vector
+from mlchat.crdt.hlc import Hlc
+from mlchat.errors import Unavailable
+from mlchat.geo.failover import Failover, Term
+from mlchat.leader.consensus import Consensus
+from mlchat.leader.region import Region
+from mlchat.leader.replication import Replicator
+
+log = logging.getLogger(__name__)
+
+
+class Leadership:
+    def __init__(self, region: Region, replicator: Replicator, consensus: Consensus,
+                 now_ms: Callable[[], int], rng: random.Random) -> None:
+        self.region = region
+        self.replicator = replicator
+        self.consensus = consensus
+        self.now_ms = now_ms
+        self.rng = rng
+        self.failover: Failover | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self._task is not None:
+            raise RuntimeError("leadership already started")
+        settings = self.region.settings
+        saved = await self.region.store.term()
+        term = Term.decode(saved) if saved else Term(1, settings.primary or min(self.region.regions))
+        self.failover = Failover(self.region.name, term, lease_ms=settings.peer_timeout_ms,
+                                 election_timeout_ms=2 * settings.peer_timeout_ms, now_ms=self.now_ms())
+        self.replicator.term = lambda: self.term
+        log.info("[%s] single-leader: epoch %d, primary %s", self.region.name, term.epoch, term.primary)
+        self._task = asyncio.create_task(self._watch())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    @property
+    def term(self) -> Term:
+        assert self.failover is not None, "leadership not started"
+        return self.failover.term
+
+    def may_write(self) -> bool:
+        return self.failover is not None and self.failover.may_write(self.region.regions, self.now_ms())
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.region.settings.heartbeat_ms / 1000)
+            try:
+                await self._observe()
+                assert self.failover is not None
+                if self.failover.should_elect(self.now_ms()):
+                    await self._elect()
+            except Exception:  # storage down, say: the next interval tries again
+                log.warning("[%s] watching the primary failed", self.region.name, exc_info=True)
+
+    async def _observe(self) -> None:
+        assert self.failover is not None
+        now, mono = self.now_ms(), time.monotonic()
+        adopted = False
+        for link in self.replicator.links.values():
+            if link.term is None:
+                continue
+            stamp = link.vector.get(self.region.name)
+            holds_ms = Hlc.decode(stamp).wall_ms if stamp else 0
+            heard_ms = now - int((mono - link.last_heard) * 1000)
+            adopted |= self.failover.heard(link.region, link.term, holds_ms, heard_ms)
+        if adopted:
+            await self._adopted()
+
+    async def _adopted(self) -> None:
+        term = self.term
+        await self.region.store.save_term(term.encode())
+        log.info("[%s] follows primary %s (epoch %d)", self.region.name, term.primary, term.epoch)
+
+    async def _elect(self) -> None:
+        assert self.failover is not None
+        epoch = self.failover.electing()
+        log.info("[%s] primary %s silent: electing a primary for epoch %d", self.region.name,
+                 self.failover.term.primary, epoch)
+        timeout_s = self.region.settings.write_timeout_ms / 1000
+        held: dict[str, str] = {}
+        try:
+            winner = await self.consensus.propose(f"epoch:{epoch}", self.region.name, timeout_s, held.update)
+            if winner == self.region.name:  # hold what the majority held before taking writes
+                await self.region.wait_for(vector.encode_token(held), timeout_s)
+        except Unavailable as e:
+            log.info("[%s] election for epoch %d undecided: %s", self.region.name, epoch, e)
+            self.failover.election_failed(self.now_ms() + int(self.rng.uniform(0, 1000)))
+            return
+        if self.failover.adopt(Term(epoch, winner), self.now_ms()):
+            await self._adopted()

@@ -1,0 +1,103 @@
+"""What a region's replication mode asks of a write before the client is told it succeeded.
+
+`async` asks nothing more. `sync` and `single-leader` refuse a write up front when too few regions are
+reachable to hold it, and after committing it wait until enough regions hold it: a peer holds a write
+once the version vector it streams back covers the write's stamp. A write that waits too long stays
+committed (the log only grows: it reaches the other regions when they are reachable again) and the
+client hears UNAVAILABLE, saying so; retrying the same request waits for it again. Username claims
+in `strong-names` and `single-leader` are decided by consensus across regions.
+
+In `single-leader`, a region that is not the primary forwards writes to it (once: a forwarded call
+that lands on a region that is not the primary either fails, rather than travel on); the primary
+takes them only while it holds its lease.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from mlchat.errors import Relayed, Unavailable
+from mlchat.geo.modes import copies_needed, describe, names_by_consensus
+from mlchat.leader.consensus import Consensus
+from mlchat.leader.leadership import Leadership
+from mlchat.leader.region import Region, UserView
+from mlchat.leader.replication import Replicator
+from mlchat.v1 import chat_pb2_grpc
+
+FORWARDED = "x-mlchat-forwarded-by"  # metadata on a write forwarded to the primary
+
+
+class Writes:
+    def __init__(self, region: Region, replicator: Replicator, consensus: Consensus,
+                 leadership: Leadership | None = None) -> None:
+        self.region = region
+        self.replicator = replicator
+        self.consensus = consensus
+        self.leadership = leadership
+        settings = region.settings
+        self.mode = describe(settings.mode, settings.sync_acks)
+        self.timeout_s = settings.write_timeout_ms / 1000
+
+    def _copies(self) -> int:
+        settings = self.region.settings
+        return copies_needed(settings.mode, settings.sync_acks, len(self.region.regions))
+
+    def _timeout(self, time_remaining: float | None) -> float:
+        return self.timeout_s if time_remaining is None else min(time_remaining, self.timeout_s)
+
+    async def forwarded(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """single-leader mode, in a region that is not the primary: the primary's answer to the call.
+        None when this region takes the write itself."""
+        if self.leadership is None or self.leadership.may_write():
+            return None
+        term = self.leadership.term
+        metadata = context.invocation_metadata() or ()
+        if term.primary == self.region.name:
+            raise Unavailable(f"region {self.region.name} is the primary (epoch {term.epoch}) but does not hold its "
+                              "lease: it cannot reach a majority of regions, or has just been elected and is "
+                              "catching up; retry shortly")
+        if any(k == FORWARDED for k, _ in metadata):
+            raise Unavailable(f"region {self.region.name} is not the primary either (it follows {term.primary}, "
+                              f"epoch {term.epoch}); retry shortly")
+        passed_on = tuple((k, v) for k, v in metadata if k == "authorization") + ((FORWARDED, self.region.name),)
+        stub = chat_pb2_grpc.ChatServiceStub(self.replicator.channel(term.primary))
+        try:
+            return await getattr(stub, method)(request, metadata=passed_on,
+                                               timeout=self._timeout(context.time_remaining()))
+        except grpc.aio.AioRpcError as e:
+            raise Relayed(e.code().name, f"forwarded by {self.region.name} to the primary region {term.primary} "
+                                         f"(epoch {term.epoch}): {e.details()}") from None
+
+    def admit(self) -> None:
+        """Refuse a write that cannot be held by enough regions now, before anything is written."""
+        copies = self._copies()
+        if copies == 0:
+            return
+        reachable = self.replicator.reachable()
+        if len(reachable) < copies:
+            raise Unavailable(f"mode {self.mode} needs {copies} other region(s) to hold a write before it is "
+                              f"acknowledged, and region {self.region.name} reaches {len(reachable)} "
+                              f"({', '.join(reachable) or 'none'}): nothing was written; retry later")
+
+    async def confirm(self, origin: str, hlc: str, time_remaining: float | None) -> None:
+        """Return once enough regions hold the write stamped `hlc` in `origin`."""
+        copies = self._copies()
+        if copies == 0 or await self.replicator.held(origin, hlc, copies, self._timeout(time_remaining)):
+            return
+        holders = self.replicator.holders(origin, hlc)
+        raise Unavailable(f"the write is stored in region {self.region.name}, but only {len(holders)} of the "
+                          f"{copies} other region(s) mode {self.mode} waits for hold it yet. It is not lost: it "
+                          "reaches the others when they are reachable. Retry the same request to wait again")
+
+    async def claim(self, username: str, claim_key: str, time_remaining: float | None) -> UserView:
+        if not names_by_consensus(self.region.settings.mode):
+            return await self.region.claim(username, claim_key)
+        timeout_s = self._timeout(time_remaining)
+
+        async def decide(name: str, user_id: str) -> str:
+            return await self.consensus.propose(f"name:{name}", user_id, timeout_s)
+
+        return await self.region.claim(username, claim_key, decide)
+
