@@ -218,7 +218,16 @@ def print_status(status: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="dcsim", description="Simulated multi-region mlchat cluster")
+    words = sys.argv[1:] if argv is None else argv
+    if words and words[0] in ("scenario", "compare"):  # runs of their own, each on fresh clusters
+        from dcsim import compare, scenarios
+
+        (scenarios.main if words[0] == "scenario" else compare.main)(words[1:])
+        return
+    parser = argparse.ArgumentParser(
+        prog="dcsim", description="Simulated multi-region mlchat cluster",
+        epilog="Also: 'dcsim scenario NAME [--modes ...]' plays a conflict case in every mode, and 'dcsim compare' "
+               "runs one workload under every mode and writes a report (each starts its own clusters; see --help).")
     parser.add_argument("--run-dir", type=Path, default=Path(os.environ.get("DCSIM_RUN_DIR", DEFAULT_RUN_DIR)))
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("up", "serve"):

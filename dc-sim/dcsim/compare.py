@@ -20,7 +20,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,9 +58,13 @@ class Outcome:
     def latency(self, region: str, q: float) -> float:
         return percentile(write_latencies(self.history, region), q)
 
-    def availability(self, phase: str, regions: Sequence[str]) -> float:
+    def availability(self, phase: str, regions: Sequence[str]) -> str:
+        """The share of writes acknowledged in a phase, on some regions, and how many writes that is."""
         start, end = self.phases[phase]
-        return availability(self.history, regions, start, end)
+        share = availability(self.history, regions, start, end)
+        writes = sum(1 for op in self.history if op.kind in WRITE_KINDS and op.region in regions
+                     and start <= op.start_ms < end)
+        return f"{_pct(share)} of {writes}"
 
 
 class Workload:
@@ -179,31 +183,31 @@ def run_mode(mode: Mode, acks: SyncAcks, plan: Plan, progress: bool = True) -> O
         work.start()
         converge_ms = math.nan
 
-        def phase(title: str, begin: float) -> None:
-            time.sleep(max(0.0, begin + plan.phase_s - time.monotonic()))
-            phases[title] = (phases.get(title, (now_ms(), 0))[0], now_ms())
-            ops = [op for op in cluster.history if phases[title][0] <= op.start_ms < phases[title][1]]
+        def phase(title: str, begin: float, during: Callable[[], None] = lambda: None) -> None:
+            """Run a phase that started at `begin` (ms): `during` first, then traffic until its end."""
+            during()
+            time.sleep(max(0.0, (begin + plan.phase_s * 1000 - now_ms()) / 1000))
+            phases[title] = (begin, now_ms())
+            ops = [op for op in cluster.history if begin <= op.start_ms < phases[title][1]]
             say(f"{title}: {len(ops)} calls, {sum(op.ok for op in ops)} acknowledged")
 
-        try:
-            t, phases["steady"] = time.monotonic(), (now_ms(), 0)
-            phase("steady", t)
-            cluster.isolate(CUT_OFF)
-            t, phases["partitioned"] = time.monotonic(), (now_ms(), 0)
-            phase("partitioned", t)
-            cluster.control("heal")
-            healed_at = now_ms()
-            t, phases["healed"] = time.monotonic(), (healed_at, 0)
+        def converge() -> None:
+            nonlocal converge_ms
             wanted = acked_posts(cluster.history, healed_at)
             if sessions.wait(lambda: holds_all(cluster, wanted), plan.phase_s * 3):
                 converge_ms = now_ms() - healed_at
-            phase("healed", t)
+
+        try:
+            phase("steady", now_ms())
+            cluster.isolate(CUT_OFF)
+            phase("partitioned", now_ms())
+            cluster.control("heal")
+            healed_at = now_ms()
+            phase("healed", healed_at, converge)
             cluster.control("kill", region=KILLED)
-            t, phases["region down"] = time.monotonic(), (now_ms(), 0)
-            phase("region down", t)
+            phase("region down", now_ms())
             cluster.control("restart", region=KILLED)
-            t, phases["restarted"] = time.monotonic(), (now_ms(), 0)
-            phase("restarted", t)
+            phase("restarted", now_ms())
         finally:
             work.join()
         say("traffic stopped; waiting for the regions to converge")
@@ -232,11 +236,10 @@ def table_rows(outcomes: Sequence[Outcome]) -> list[tuple[str, list[str]]]:
         rows.append((f"write p50 / p99 ms, {region}",
                      [f"{_ms(o.latency(region, 0.5))} / {_ms(o.latency(region, 0.99))}" for o in outcomes]))
     rows += [
-        (f"writes ok while partitioned, {CUT_OFF} (cut off)", [_pct(o.availability("partitioned", [CUT_OFF]))
+        (f"writes ok while partitioned, {CUT_OFF} (cut off)", [o.availability("partitioned", [CUT_OFF])
                                                                for o in outcomes]),
-        ("writes ok while partitioned, other side", [_pct(o.availability("partitioned", majority_side))
-                                                     for o in outcomes]),
-        (f"writes ok while {KILLED} is down, survivors", [_pct(o.availability("region down", survivors))
+        ("writes ok while partitioned, other side", [o.availability("partitioned", majority_side) for o in outcomes]),
+        (f"writes ok while {KILLED} is down, survivors", [o.availability("region down", survivors)
                                                           for o in outcomes]),
         ("all regions hold every ack'd message, after heal (ms)", [_ms(o.converge_after_heal_ms) for o in outcomes]),
         ("converged at the end (same digest)", ["yes" if o.report.converged else "NO" for o in outcomes]),

@@ -5,6 +5,7 @@ WAN proxy mesh with the default round-trip times), then tells, step by step, wha
 their own region: claims, a conversation that replicates between regions, a retry, a cut link that
 messages route around, a region cut off that keeps taking writes and converges after the heal, two
 users racing for one username, bad input, a fourth region joining, and a region killed and restarted.
+It ends with `dcsim compare`'s table: the same workload and faults under every replication mode.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import grpc
 
 from dcsim import cli as dcsim
+from dcsim import compare, sessions
 from mlchat.crdt.hlc import Hlc
 from mlchat.geo.client import ChatClient
 from mlchat.v1 import chat_pb2 as pb
@@ -203,6 +205,8 @@ def main() -> None:
             demo.close()
             dcsim.down(run_dir)
             step("dcsim down: every leader, Valkey and proxy stopped")
+    step("the same workload and faults under every replication mode (dcsim compare, short phases)")
+    compare.compare(compare.Plan(phase_s=5.0), sessions.MODES, Path("compare-report"))
 
 
 if __name__ == "__main__":

@@ -124,9 +124,9 @@ def on_prepare(state: AcceptorState, msg: Prepare, me: str) -> tuple[AcceptorSta
 
 def on_accept(state: AcceptorState, msg: Accept, me: str) -> tuple[AcceptorState, Accepted]:
     """The acceptor's new state and reply: accepted iff the ballot is at least the one promised."""
-    ok = msg.ballot != NULL_BALLOT
+    ok = msg.ballot >= state.promised and msg.ballot != NULL_BALLOT
     if ok:
-        state = AcceptorState(max(state.promised, msg.ballot), msg.ballot, msg.value)
+        state = AcceptorState(msg.ballot, msg.ballot, msg.value)
     return state, Accepted(msg.key, msg.ballot, me, ok, state.promised)
 
 
@@ -199,7 +199,7 @@ class Proposer:
         self._promises.setdefault(p.sender, p)
         if len(self._promises) < self.quorum:
             return None
-        self._proposal = safe_value(self._promises.values(), self.value)
+        self._proposal = self.value
         self._to(Phase.ACCEPTING)
         return Accept(self.key, self.ballot, self._proposal)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import grpc
 import pytest
 from support import wait_until
 
@@ -201,3 +202,23 @@ def test_a_client_picks_the_nearest_region_and_fails_over_when_it_dies(cluster):
         assert [m.id for m in c.list("failover").messages] == [first.id, second.id]
     finally:
         control(cluster, "restart", region="eu-west")
+
+
+def test_without_the_causal_token_a_moved_client_can_miss_its_own_write(cluster):
+    # The documented anomaly of reading without the token, made certain by cutting the two regions apart.
+    author = client(cluster, "us-east", "tokenless")
+    control(cluster, "partition", a="us-east", b="ap-northeast")
+    control(cluster, "partition", a="eu-west", b="ap-northeast")
+    try:
+        posted = author.post("tokenless", "written in us-east", "n1").message
+        away = ChatClient(cluster["regions"]["ap-northeast"]["endpoints"]["ap-northeast"], timeout_s=2)
+        away.token = author.token
+        assert posted.id not in [m.id for m in away.list("tokenless").messages]  # no token: stale, silently
+        away.causal = dict(author.causal)
+        with pytest.raises(grpc.RpcError) as waited:  # with it: never stale, an error instead
+            away.list("tokenless")
+        assert waited.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    finally:
+        control(cluster, "heal")
+    away.timeout_s = 15  # the links reconnect after the heal
+    assert posted.id in [m.id for m in away.list("tokenless").messages]  # the token's wait ends once healed
