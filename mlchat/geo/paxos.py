@@ -199,7 +199,7 @@ class Proposer:
         self._promises.setdefault(p.sender, p)
         if len(self._promises) < self.quorum:
             return None
-        self._proposal = self.value
+        self._proposal = safe_value(self._promises.values(), self.value)
         self._to(Phase.ACCEPTING)
         return Accept(self.key, self.ballot, self._proposal)
 

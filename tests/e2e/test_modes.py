@@ -303,3 +303,14 @@ def test_single_leader_failover_loses_no_acknowledged_write_and_fences_the_old_p
     assert "us-east" not in outcomes
     revived.causal = {}
     assert primary_seen_by(revived) == (primary, epoch)
+
+
+def test_dcsim_scenario_tells_what_each_region_saw(capsys):
+    from dcsim import cli as dcsim_cli
+
+    dcsim_cli.main(["scenario", "username-race", "--modes", "strong-names"])
+    out = capsys.readouterr().out
+    assert "== username-race, mode strong-names" in out
+    assert out.count("user sees: claimed, confirmed") == 1
+    assert out.count("user sees: ALREADY_EXISTS: username 'ringo' is taken") == 2
+    assert out.count("user was refused at once and holds no claim") == 2

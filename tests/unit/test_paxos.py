@@ -3,6 +3,7 @@ network that loses, duplicates and reorders messages and crashes acceptors."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -305,7 +306,7 @@ class Sim:
                 new, reply = on_accept(old, msg, dest)
                 if reply.ok:
                     self.acceptances.setdefault(msg.ballot, {})[dest] = msg.value
-            pass
+            assert new.promised >= old.promised and new.accepted_ballot >= old.accepted_ballot
             self.store[dest] = new.encode()  # stored before the reply leaves
             self.pool.append((msg.ballot[1], reply))
         elif isinstance(msg, Promise):
@@ -317,6 +318,12 @@ class Sim:
             if decided is not None:
                 assert decided == self.proposers[dest].decided
                 self.decisions.append(decided)
+
+    def settle(self, allow: Callable[[str, Message], bool] = lambda dest, msg: True) -> None:
+        """Deliver the allowed messages in order, new ones included, until none is left; drop the rest."""
+        while (i := next((i for i, (dest, msg) in enumerate(self.pool) if allow(dest, msg)), None)) is not None:
+            self.deliver(i)
+        self.pool.clear()
 
     def step(self, data: st.DataObject) -> None:
         action = data.draw(st.sampled_from(ACTIONS))
@@ -347,6 +354,22 @@ class Sim:
         assert chosen <= {p.value for p in self.proposers.values()}
 
 
+def test_a_later_ballot_carries_the_value_accepted_under_the_highest_earlier_one():
+    # A is accepted by a minority under round 1, then B is chosen under round 2 by another quorum. Round 3
+    # hears of both and must carry B.
+    pa, pb, pc = (Proposer(KEY, v, r, ABC, round_=n) for v, r, n in (("A", "a", 1), ("B", "b", 2), ("C", "c", 3)))
+    sim = Sim(ABC, {"a": pa, "b": pb, "c": pc})
+    sim.broadcast(pa.prepare())
+    sim.settle(lambda dest, msg: not isinstance(msg, Accept) or dest == "a")
+    sim.broadcast(pb.prepare())
+    sim.settle(lambda dest, msg: not isinstance(msg, Prepare | Accept) or dest != "a")
+    assert sim.decisions == ["B"]
+    sim.broadcast(pc.prepare())
+    sim.settle(lambda dest, msg: not isinstance(msg, Prepare) or dest != "c")
+    assert (pa.phase, pb.decided, pc.decided) == (Phase.ACCEPTING, "B", "B")
+    sim.check()
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.data())
 def test_at_most_one_value_is_ever_chosen(data):
@@ -370,8 +393,7 @@ def test_a_proposer_left_alone_on_a_reliable_network_decides(data):
         if p.phase is Phase.DECIDED:
             break
         sim.broadcast(p.retry())
-        while sim.pool:
-            sim.deliver(0)
-            sim.check()
+        sim.settle()
+        sim.check()
     assert p.decided is not None
     assert {p.decided} == set(sim.decisions) | {p.decided}
