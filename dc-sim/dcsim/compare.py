@@ -2,7 +2,8 @@
 
 For each mode a fresh three-region cluster runs the same seeded workload: users at home in every
 region post, read (at home or in another region, with or without their causal token), set and read
-statuses, and pairs of users in different regions race for the same username. Midway, ap-northeast
+statuses (writing and reading from two threads each), and pairs of users in different regions race
+for the same username. Midway, ap-northeast
 is cut off from the others and the partition heals; later us-east (the first primary in
 single-leader mode) is killed and restarted. Then traffic stops, the regions converge, and the
 checker reads the whole client history against what every region holds.
@@ -88,7 +89,10 @@ class Workload:
                 raise RuntimeError(f"{user.name} could not sign in at {user.home} before the run started")
 
     def start(self) -> None:
-        self._threads = [threading.Thread(target=self._user, args=(u,), daemon=True) for u in self.users]
+        # Each user writes and reads from two threads, so that a read stuck behind a partition does not
+        # keep the user from writing at home (the writes are what availability counts).
+        self._threads = [threading.Thread(target=role, args=(u,), daemon=True)
+                         for u in self.users for role in (self._writer, self._reader)]
         self._threads.append(threading.Thread(target=self._races, daemon=True))
         for t in self._threads:
             t.start()
@@ -100,26 +104,28 @@ class Workload:
         for s in [*self.users, *self.racers]:
             s.close()
 
-    def _user(self, me: Session) -> None:
-        rng = random.Random(f"{self.plan.seed}-{me.name}")
-        others = [u for u in self.users if u is not me]
+    def _writer(self, me: Session) -> None:
+        rng = random.Random(f"{self.plan.seed}-{me.name}-writes")
         sent = 0
         while not self.stop.wait(self.plan.think_ms / 1000):
-            roll = rng.random()
-            elsewhere = rng.choice([r for r in REGIONS if r != me.home])
-            if roll < 0.45:
-                sent += 1
+            sent += 1
+            if rng.random() < 0.75:
                 channel, cmid = rng.choice(self.channels), f"{me.name}-{sent}"
                 op, _ = me.post(me.home, channel, f"{me.name} says {sent}", cmid)
                 if not op.ok:  # retried once, as a client would: it must not create a second message
                     me.post(me.home, channel, f"{me.name} says {sent}", cmid)
-            elif roll < 0.70:
-                me.read(rng.choice([me.home, elsewhere]), rng.choice(self.channels), with_token=rng.random() < 0.5)
-            elif roll < 0.85:
-                me.set_status(me.home, rng.choice(PRESENCES), f"status {sent}")
             else:
-                me.get_status(rng.choice([me.home, elsewhere]), rng.choice(others).user_id,
-                              with_token=rng.random() < 0.5)
+                me.set_status(me.home, rng.choice(PRESENCES), f"status {sent}")
+
+    def _reader(self, me: Session) -> None:
+        rng = random.Random(f"{self.plan.seed}-{me.name}-reads")
+        others = [u for u in self.users if u is not me]
+        while not self.stop.wait(self.plan.think_ms / 1000):
+            region = rng.choice([me.home, *(r for r in REGIONS if r != me.home)]) if rng.random() < 0.5 else me.home
+            if rng.random() < 0.7:
+                me.read(region, rng.choice(self.channels), with_token=rng.random() < 0.5)
+            else:
+                me.get_status(region, rng.choice(others).user_id, with_token=rng.random() < 0.5)
 
     def _races(self) -> None:
         rng = random.Random(f"{self.plan.seed}-races")

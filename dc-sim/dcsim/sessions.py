@@ -159,23 +159,27 @@ def read_all(c: ChatClient, channel: str) -> list[pb.Message]:
 
 
 class Session:
-    """One user, at home in one region, whose calls are recorded in the run's history."""
+    """One user, at home in one region, whose calls are recorded in the run's history. Several threads
+    may call at once (each has its own connections); the causal token is shared."""
 
     def __init__(self, cluster: Run, name: str, home: str, timeout_s: float = 10) -> None:
         self.cluster = cluster
         self.name = name
         self.home = home
         self.timeout_s = timeout_s
-        self._clients: dict[str, ChatClient] = {}
+        self._clients: dict[tuple[str, int], ChatClient] = {}  # (region, thread) -> client
+        self._lock = threading.Lock()
         self.token = ""
         self.user_id = ""
         self.causal: dict[str, str] = {}
 
     def client(self, region: str) -> ChatClient:
-        if region not in self._clients:
-            self._clients[region] = ChatClient(self.cluster.address(region, self.home), timeout_s=self.timeout_s)
-        c = self._clients[region]
-        c.token, c.causal = self.token, dict(self.causal)
+        key = (region, threading.get_ident())
+        with self._lock:
+            if key not in self._clients:
+                self._clients[key] = ChatClient(self.cluster.address(region, self.home), timeout_s=self.timeout_s)
+            c = self._clients[key]
+            c.token, c.causal = self.token, dict(self.causal)
         return c
 
     def close(self) -> None:
@@ -184,17 +188,20 @@ class Session:
 
     def _call(self, region: str, kind: str, call: Callable[[ChatClient], Any], with_token: bool = True,
               **fields: Any) -> tuple[Op, Any]:
+        # The span recorded covers taking the token and giving it back: a call that starts after
+        # another ended has seen that call's token, as the checker assumes.
+        start = now_ms()
         c = self.client(region)
         if not with_token:
             c.causal = {}
-        start = now_ms()
         try:
             response, more = call(c)
             ok = True
         except grpc.RpcError as e:
             response, more, ok = e, {}, False
+        with self._lock:
+            self.causal = vector.merge(self.causal, c.causal)
         op = Op(self.name, region, kind, start, now_ms(), ok, with_token, **{**fields, **more})
-        self.causal = vector.merge(self.causal, c.causal)
         self.cluster.record(op)
         return op, response
 

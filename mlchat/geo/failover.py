@@ -5,11 +5,15 @@ decided by Paxos on the key "epoch:<n>", so no two regions are ever primary in t
 region tells its peers its term on heartbeats, and a region that hears of a higher epoch adopts it.
 
 The primary takes writes only while it holds a lease: a majority of regions (itself included)
-follow its term and hold one of its clock stamps from the last `lease_ms`, which it learns from the
-version vectors they stream back. A follower calls an election only after hearing nothing from the
-primary for `election_timeout_ms`, longer than the lease: by then an old primary cut off on the other
-side of a partition has stopped taking writes. A revived old primary learns the higher epoch from its
-peers' first heartbeats and follows; until then its stale lease keeps it from taking writes.
+follow its term, have voted in no later election, and hold one of its clock stamps from the last
+`lease_ms`, which it learns from the version vectors they stream back. A follower calls an election
+only after hearing nothing from the primary for `election_timeout_ms`, longer than the lease. A
+region votes (promises, in the election's Paxos) only when it has not heard from a live primary for
+a whole lease, and once it has voted it no longer counts toward the old primary's lease: so by the
+time a majority has elected a new primary, the old one (even alive, across a partition, or hearing
+some regions one way only) has lost its lease, and two regions never take writes at the same time.
+A revived old primary learns the higher epoch from its peers' heartbeats and follows; until then its
+stale lease keeps it from taking writes.
 
 Pure: the caller passes the time (wall-clock milliseconds, the unit of clock stamps) and drives the
 election itself.
@@ -45,7 +49,7 @@ class Role(enum.Enum):
 _TRANSITIONS = {
     Role.FOLLOWER: {Role.FOLLOWER, Role.CANDIDATE, Role.PRIMARY},
     Role.CANDIDATE: {Role.FOLLOWER, Role.PRIMARY},
-    Role.PRIMARY: {Role.FOLLOWER, Role.PRIMARY},
+    Role.PRIMARY: {Role.FOLLOWER, Role.PRIMARY, Role.CANDIDATE},
 }
 
 
@@ -54,10 +58,12 @@ class _Heard:
     term: Term
     holds_ms: int  # the latest of our clock stamps the peer holds (wall ms of our hlc)
     at_ms: int  # when we heard it
+    voted: int  # the latest epoch it voted in an election for
 
 
 class Failover:
-    def __init__(self, me: str, term: Term, lease_ms: int, election_timeout_ms: int, now_ms: int) -> None:
+    def __init__(self, me: str, term: Term, lease_ms: int, election_timeout_ms: int, now_ms: int,
+                 voted: int = 0) -> None:
         if election_timeout_ms <= lease_ms:
             raise ValueError("the election timeout must be longer than the lease, or two primaries could overlap")
         self.me = me
@@ -67,16 +73,17 @@ class Failover:
         self.role = Role.PRIMARY if term.primary == me else Role.FOLLOWER
         self._heard: dict[str, _Heard] = {}
         self._term_since_ms = now_ms  # when this region started, or adopted its term
+        self.voted = voted  # the latest epoch this region voted in an election for (stored by the caller)
 
     def _to(self, role: Role) -> None:
         if role not in _TRANSITIONS[self.role]:
             raise RuntimeError(f"{self.me}: no transition from {self.role.value} to {role.value}")
         self.role = role
 
-    def heard(self, peer: str, term: Term, holds_ms: int, now_ms: int) -> bool:
-        """A peer's heartbeat: its term, and the latest of our stamps it holds. True if we adopted a
-        higher term from it."""
-        self._heard[peer] = _Heard(term, holds_ms, now_ms)
+    def heard(self, peer: str, term: Term, holds_ms: int, now_ms: int, voted: int = 0) -> bool:
+        """A peer's heartbeat: its term, the latest of our stamps it holds, and the latest epoch it
+        voted for. True if we adopted a higher term from it."""
+        self._heard[peer] = _Heard(term, holds_ms, now_ms, voted)
         return self.adopt(term, now_ms)
 
     def adopt(self, term: Term, now_ms: int) -> bool:
@@ -90,15 +97,41 @@ class Failover:
 
     def may_write(self, members: Iterable[str], now_ms: int) -> bool:
         """Whether this region is the primary and holds its lease now."""
-        if self.role is not Role.PRIMARY:
+        if self.role is not Role.PRIMARY or self.voted > self.term.epoch:
             return False
         others = [m for m in members if m != self.me]
-        fresh = sum(1 for m in others if (h := self._heard.get(m)) is not None
-                    and h.term == self.term and h.holds_ms >= now_ms - self.lease_ms)
+        fresh = sum(1 for m in others if (h := self._heard.get(m)) is not None and h.term == self.term
+                    and h.voted <= self.term.epoch and h.holds_ms >= now_ms - self.lease_ms)
         return 1 + fresh >= (len(others) + 1) // 2 + 1
 
-    def should_elect(self, now_ms: int) -> bool:
-        """Whether this follower has waited long enough for a silent primary to call an election."""
+    def may_vote(self, epoch: int, candidate: str, members: Iterable[str], now_ms: int) -> bool:
+        """Whether to promise in `candidate`'s election for `epoch`; if so, the vote is recorded (store
+        it before answering). No while the primary this region follows is alive (heard within a lease),
+        or while it is that primary and holds its lease, unless the candidate is that primary."""
+        if epoch <= self.term.epoch or candidate == self.term.primary:
+            # Decided already (promising cannot change the outcome), or the primary renewing itself:
+            # a vote that moves the primary nowhere cannot make two of them.
+            self.voted = max(self.voted, epoch)
+            return True
+        if self.role is Role.PRIMARY:
+            alive = self.may_write(members, now_ms)
+        else:
+            primary = self._heard.get(self.term.primary)
+            alive = primary is not None and now_ms - primary.at_ms < self.lease_ms
+        if alive:
+            return False
+        self.voted = max(self.voted, epoch)
+        return True
+
+    def should_elect(self, members: Iterable[str], now_ms: int) -> bool:
+        """Whether to call an election: as a follower, after the primary was silent for the election
+        timeout; as the primary, after it could not renew its lease for as long (its followers may
+        have voted in an election no one won)."""
+        if self.role is Role.PRIMARY:
+            if self.may_write(members, now_ms):
+                self._term_since_ms = now_ms
+                return False
+            return now_ms - self._term_since_ms > self.election_timeout_ms
         if self.role is not Role.FOLLOWER:
             return False
         primary = self._heard.get(self.term.primary)

@@ -33,6 +33,10 @@ ROUND_TIMEOUT_S = 1.0  # a phase unanswered by a majority this long starts a new
 MAX_BACKOFF_S = 0.2  # pause before a new ballot: random, so that rival proposers stop colliding
 
 
+async def _always(key: str, proposer: str) -> bool:
+    return True
+
+
 def ballot_pb(ballot: paxos.Ballot) -> rpb.Ballot:
     return rpb.Ballot(round=ballot[0], region=ballot[1])
 
@@ -52,6 +56,9 @@ class Consensus:
         self.now_ms = now_ms
         self._round = 0
         self._proposing: dict[str, tuple[asyncio.Lock, int]] = {}  # key -> its lock, and the proposals using it
+        # Whether to take part in an instance at all (single-leader mode declines elections while its
+        # primary lives); declining is always safe for Paxos.
+        self.may_promise: Callable[[str, str], Awaitable[bool]] = _always
 
     def _first_round(self) -> int:
         """A round no earlier proposal of this region used, in this process or a previous one: ballots
@@ -63,6 +70,8 @@ class Consensus:
 
     async def prepare(self, request: rpb.PrepareRequest) -> rpb.PrepareResponse:
         msg = paxos.Prepare(request.key, ballot_of(request.ballot))
+        if not await self.may_promise(msg.key, msg.ballot[1]):
+            return rpb.PrepareResponse(ok=False, promised=ballot_pb(msg.ballot))
         promise = await self._step(msg.key, lambda state: paxos.on_prepare(state, msg, self.region.name))
         return rpb.PrepareResponse(
             ok=promise.ok, promised=ballot_pb(promise.promised), accepted_ballot=ballot_pb(promise.accepted_ballot),

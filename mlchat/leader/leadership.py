@@ -41,11 +41,14 @@ class Leadership:
         if self._task is not None:
             raise RuntimeError("leadership already started")
         settings = self.region.settings
-        saved = await self.region.store.term()
+        saved, voted = await self.region.store.term()
         term = Term.decode(saved) if saved else Term(1, settings.primary or min(self.region.regions))
         self.failover = Failover(self.region.name, term, lease_ms=settings.peer_timeout_ms,
-                                 election_timeout_ms=2 * settings.peer_timeout_ms, now_ms=self.now_ms())
+                                 election_timeout_ms=2 * settings.peer_timeout_ms, now_ms=self.now_ms(),
+                                 voted=voted)
         self.replicator.term = lambda: self.term
+        self.replicator.voted = lambda: self.failover.voted if self.failover else 0
+        self.consensus.may_promise = self._may_promise
         log.info("[%s] single-leader: epoch %d, primary %s", self.region.name, term.epoch, term.primary)
         self._task = asyncio.create_task(self._watch())
 
@@ -68,7 +71,7 @@ class Leadership:
             try:
                 await self._observe()
                 assert self.failover is not None
-                if self.failover.should_elect(self.now_ms()):
+                if self.failover.should_elect(self.region.regions, self.now_ms()):
                     await self._elect()
             except Exception:  # storage down, say: the next interval tries again
                 log.warning("[%s] watching the primary failed", self.region.name, exc_info=True)
@@ -83,13 +86,24 @@ class Leadership:
             stamp = link.vector.get(self.region.name)
             holds_ms = Hlc.decode(stamp).wall_ms if stamp else 0
             heard_ms = now - int((mono - link.last_heard) * 1000)
-            adopted |= self.failover.heard(link.region, link.term, holds_ms, heard_ms)
+            adopted |= self.failover.heard(link.region, link.term, holds_ms, heard_ms, link.voted)
         if adopted:
             await self._adopted()
 
+    async def _may_promise(self, key: str, proposer: str) -> bool:
+        """The acceptor's question before an election's Prepare: vote, or keep following a live primary?"""
+        assert self.failover is not None
+        if not key.startswith("epoch:"):
+            return True
+        before = self.failover.voted
+        vote = self.failover.may_vote(int(key.removeprefix("epoch:")), proposer, self.region.regions, self.now_ms())
+        if self.failover.voted != before:  # stored before the answer leaves
+            await self.region.store.save_term(self.term.encode(), self.failover.voted)
+        return vote
+
     async def _adopted(self) -> None:
         term = self.term
-        await self.region.store.save_term(term.encode())
+        await self.region.store.save_term(term.encode(), self.failover.voted if self.failover else 0)
         log.info("[%s] follows primary %s (epoch %d)", self.region.name, term.primary, term.epoch)
 
     async def _elect(self) -> None:

@@ -92,7 +92,7 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
     def _with_term(self, message: rpb.Delta) -> rpb.Delta:
         term = self.replicator.term()
         if term is not None:
-            message.epoch, message.primary = term.epoch, term.primary
+            message.epoch, message.primary, message.voted_epoch = term.epoch, term.primary, self.replicator.voted()
         return message
 
     @functools.partial(streaming, limit_size=False)  # a peer's state may be large
@@ -139,6 +139,7 @@ class PeerLink:
     deltas: int = 0
     vector: dict[str, str] = field(default_factory=dict)  # what the peer holds, as it last said
     term: Term | None = None  # single-leader mode: the primary the peer follows, as it last said
+    voted: int = 0  # single-leader mode: the latest epoch the peer voted for, as it last said
 
     def state(self, now: float, timeout_s: float) -> PeerState:
         silent = now - self.last_heard
@@ -162,7 +163,9 @@ class Replicator:
         self._catching_up = asyncio.Lock()
         self._heard = asyncio.Event()  # replaced by a fresh one whenever a peer's vector moves
         self._channels: dict[str, grpc.aio.Channel] = {}  # address -> channel, for calls to peers
-        self.term: Callable[[], Term | None] = lambda: None  # single-leader mode: told to peers on every message
+        # single-leader mode: the term this region follows and its latest vote, told to peers on every message
+        self.term: Callable[[], Term | None] = lambda: None
+        self.voted: Callable[[], int] = lambda: 0
 
     async def start(self) -> None:
         if self._tasks:
@@ -314,7 +317,7 @@ class Replicator:
     async def _received(self, link: PeerLink, message: rpb.Delta) -> None:
         link.connected, link.last_heard, link.backlog = True, time.monotonic(), message.backlog
         if message.epoch:
-            link.term = Term(message.epoch, message.primary)
+            link.term, link.voted = Term(message.epoch, message.primary), message.voted_epoch
         delta = delta_from_pb(message)
         await self.region.apply(delta)
         await self._membership(delta)

@@ -362,13 +362,14 @@ class Store:
                 except redis.exceptions.WatchError:
                     continue
 
-    async def term(self) -> str:
-        """single-leader mode: the term this region follows, encoded; "" before the first change."""
-        value = await self.redis.get("meta:term")
-        return value.decode() if value else ""
+    async def term(self) -> tuple[str, int]:
+        """single-leader mode: the term this region follows, encoded ("" before the first change), and
+        the latest epoch it voted for."""
+        term, voted = await self.redis.hmget("meta:term", ["term", "voted"])
+        return (term.decode() if term else ""), int(voted or 0)
 
-    async def save_term(self, term: str) -> None:
-        await self.redis.set("meta:term", term)
+    async def save_term(self, term: str, voted: int) -> None:
+        await self.redis.hset("meta:term", mapping={"term": term, "voted": voted})
 
     # Region-wide --------------------------------------------------------------------------------
 

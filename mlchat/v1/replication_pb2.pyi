@@ -480,12 +480,16 @@ class Delta(_message.Message):
     DEPARTED_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     PRIMARY_FIELD_NUMBER: _builtins.int
+    VOTED_EPOCH_FIELD_NUMBER: _builtins.int
     from_region: _builtins.str
     backlog: _builtins.int
     """Changes the sender still has queued for this receiver after this one: how far behind it is."""
     epoch: _builtins.int
-    """single-leader mode, on heartbeats: the primary the sender follows, and its term."""
+    """single-leader mode: the primary the sender follows and its term, and the latest epoch the sender
+    voted for in an election (a vote withdraws its support from the current primary's lease).
+    """
     primary: _builtins.str
+    voted_epoch: _builtins.int
     @_builtins.property
     def shards(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShardUpdate]: ...
     @_builtins.property
@@ -517,10 +521,11 @@ class Delta(_message.Message):
         departed: _abc.Iterable[_builtins.str] | None = ...,
         epoch: _builtins.int = ...,
         primary: _builtins.str = ...,
+        voted_epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "claims", b"claims", "departed", b"departed", "epoch", b"epoch", "from_region", b"from_region", "members", b"members", "primary", b"primary", "shards", b"shards", "statuses", b"statuses", "vector", b"vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "claims", b"claims", "departed", b"departed", "epoch", b"epoch", "from_region", b"from_region", "members", b"members", "primary", b"primary", "shards", b"shards", "statuses", b"statuses", "vector", b"vector", "voted_epoch", b"voted_epoch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
