@@ -14,7 +14,6 @@ import secrets
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import grpc
 
 from dcsim import cli as dcsim
 from dcsim import compare, sessions
+from dcsim.sessions import wait
 from mlchat.crdt.hlc import Hlc
 from mlchat.geo.client import ChatClient
 from mlchat.v1 import chat_pb2 as pb
@@ -37,15 +37,6 @@ def say(text: str) -> None:
 
 def step(title: str) -> None:
     say(f"\n== {title}")
-
-
-def wait(condition: Callable[[], bool], deadline_s: float = 15.0) -> bool:
-    end = time.monotonic() + deadline_s
-    while not condition():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def now_ms() -> int:

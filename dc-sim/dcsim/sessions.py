@@ -44,7 +44,7 @@ def now_ms() -> float:
     return time.time_ns() / 1e6
 
 
-def wait(condition: Callable[[], bool], deadline_s: float) -> bool:
+def wait(condition: Callable[[], bool], deadline_s: float = 15.0) -> bool:
     """Poll `condition` until it holds or the deadline passes; whether it held."""
     end = time.monotonic() + deadline_s
     while not condition():
