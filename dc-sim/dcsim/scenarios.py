@@ -6,7 +6,7 @@ errors, what each region shows, and how long things took.
 
 - username-race: users in three regions claim one name at the same moment.
 - status-conflict: one user, signed in on two devices in two regions, sets two statuses at once.
-- partition-heal: a region is cut off, users on both sides keep writing, the partition heals.
+- partition-heal: a region is cut off, users on both sides post and claim one name, the partition heals.
 - region-failover: a region dies under a user who keeps posting (with a client that fails over).
 - client-moves-region: a user posts at home, flies to another region and reads at once.
 """
@@ -105,8 +105,8 @@ def status_conflict(cluster: Run) -> None:
     results = at_once({"phone in us-east": lambda: phone.set_status(pb.PRESENCE_BUSY, "in a meeting"),
                        "laptop in ap-northeast": lambda: laptop.set_status(pb.PRESENCE_AWAY, "on a plane")})
     for label, (outcome, took) in results.items():
-        shown = f"'{outcome.status.text}'" if isinstance(outcome, pb.SetStatusResponse) else error(outcome)
-        say(f"    {label:24} is answered {shown}  ({took * 1000:.0f} ms)")
+        answer = f"'{outcome.status.text}'" if isinstance(outcome, pb.SetStatusResponse) else error(outcome)
+        say(f"    {label:24} is answered {answer}  ({took * 1000:.0f} ms)")
     readers = {r: user(cluster, r, f"friend_{r.split('-')[0]}") for r in REGIONS}
 
     def shown(r: str) -> str:
@@ -139,6 +139,14 @@ def partition_heal(cluster: Run) -> None:
     for region, c in users.items():
         c.causal = {}
         say(f"    {region:13} sees {len(c.list('news').messages)} message(s) in 'news'")
+    say("  a user on each side claims the name 'islander' at the same moment:")
+    claimers = {r: ChatClient(cluster.address(r, r), timeout_s=10) for r in ("us-east", "ap-northeast")}
+    results = at_once({r: (lambda c=c, r=r: c.claim("islander", f"islander-{r}-claim-key-01"))
+                       for r, c in claimers.items()})
+    for region, (outcome, took) in results.items():
+        answer = (f"claimed, {STATES.get(outcome.user.claim_state, '?')}"
+                  if isinstance(outcome, pb.ClaimUsernameResponse) else error(outcome))
+        say(f"    {region:13} {answer}  ({took * 1000:.0f} ms)")
     cluster.control("heal")
     healed = time.perf_counter()
     converged = sessions.wait(cluster.converged, 30)
@@ -147,6 +155,13 @@ def partition_heal(cluster: Run) -> None:
     for region, c in users.items():
         c.causal = {}
         say(f"    {region:13} sees {len(c.list('news').messages)} message(s) in 'news'")
+    for region, c in claimers.items():
+        if c.token:
+            sessions.wait(lambda c=c: c.get_user(user_id=c.user.user_id).user.claim_state
+                          != pb.CLAIM_STATE_PROVISIONAL, 15)
+            state = STATES.get(c.get_user(user_id=c.user.user_id).user.claim_state, "?")
+            say(f"    {region:13} user's claim on 'islander' ends {state}")
+        c.close()
 
 
 def region_failover(cluster: Run) -> None:
