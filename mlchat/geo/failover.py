@@ -8,10 +8,13 @@ The primary takes writes only while it holds a lease: a majority of regions (its
 follow its term, have voted in no later election, and hold one of its clock stamps from the last
 `lease_ms`, which it learns from the version vectors they stream back. A follower calls an election
 only after hearing nothing from the primary for `election_timeout_ms`, longer than the lease. A
-region votes (promises, in the election's Paxos) only when it has not heard from a live primary for
-a whole lease, and once it has voted it no longer counts toward the old primary's lease: so by the
-time a majority has elected a new primary, the old one (even alive, across a partition, or hearing
-some regions one way only) has lost its lease, and two regions never take writes at the same time.
+region votes (promises, in the election's Paxos) only when no newer stamp of the primary has reached
+it, by any path, for a whole lease of its own time, and not within a lease of its own start (what it
+reported before a restart may still count); once it has voted it no longer counts toward the old
+primary's lease. Every report a voter ever gave the old primary carries a stamp the primary made at
+least a lease before the vote, so by the time a majority has elected a new primary the old one (even
+alive, across a partition, or hearing some regions one way only) has lost its lease: two regions
+never take writes at the same time, given clocks that run at the same rate.
 A revived old primary learns the higher epoch from its peers' heartbeats and follows; until then its
 stale lease keeps it from taking writes.
 
@@ -22,7 +25,7 @@ election itself.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 
@@ -74,6 +77,8 @@ class Failover:
         self._heard: dict[str, _Heard] = {}
         self._term_since_ms = now_ms  # when this region started, or adopted its term
         self.voted = voted  # the latest epoch this region voted in an election for (stored by the caller)
+        self._started_ms = now_ms
+        self._newest: dict[str, tuple[int, int]] = {}  # region -> (its newest stamp held here, when it came)
 
     def _to(self, role: Role) -> None:
         if role not in _TRANSITIONS[self.role]:
@@ -85,6 +90,13 @@ class Failover:
         voted for. True if we adopted a higher term from it."""
         self._heard[peer] = _Heard(term, holds_ms, now_ms, voted)
         return self.adopt(term, now_ms)
+
+    def held(self, stamps: Mapping[str, int], now_ms: int) -> None:
+        """The newest clock stamp (wall ms) of each region that this region holds, by any path: its
+        version vector."""
+        for region, stamp in stamps.items():
+            if stamp > self._newest.get(region, (-1, 0))[0]:
+                self._newest[region] = (stamp, now_ms)
 
     def adopt(self, term: Term, now_ms: int) -> bool:
         """Follow `term` if it is newer than ours (a heartbeat told us, or an election decided it)."""
@@ -116,9 +128,9 @@ class Failover:
         if self.role is Role.PRIMARY:
             alive = self.may_write(members, now_ms)
         else:
-            primary = self._heard.get(self.term.primary)
-            alive = primary is not None and now_ms - primary.at_ms < self.lease_ms
-        if alive:
+            newest = self._newest.get(self.term.primary)
+            alive = newest is not None and now_ms - newest[1] < self.lease_ms
+        if alive or now_ms - self._started_ms < self.lease_ms:
             return False
         self.voted = max(self.voted, epoch)
         return True

@@ -71,7 +71,11 @@ class Consensus:
     async def prepare(self, request: rpb.PrepareRequest) -> rpb.PrepareResponse:
         msg = paxos.Prepare(request.key, ballot_of(request.ballot))
         if not await self.may_promise(msg.key, msg.ballot[1]):
-            return rpb.PrepareResponse(ok=False, promised=ballot_pb(msg.ballot))
+            # No answer at all, rather than a refusal: a refusal would pre-empt the proposer, and one
+            # region that still hears the old primary would cancel every round of an election that the
+            # others could win.
+            raise Unavailable(f"region {self.region.name} takes no part in {msg.key} yet: it still follows a live "
+                              "primary")
         promise = await self._step(msg.key, lambda state: paxos.on_prepare(state, msg, self.region.name))
         return rpb.PrepareResponse(
             ok=promise.ok, promised=ballot_pb(promise.promised), accepted_ballot=ballot_pb(promise.accepted_ballot),
@@ -185,6 +189,8 @@ class Consensus:
             return await call(request, metadata=self.metadata(), timeout=ROUND_TIMEOUT_S)
         except grpc.aio.AioRpcError as e:
             log.debug("[%s] %s to %s failed: %s", self.region.name, method, region, e.details())
+        except Unavailable as e:  # this region's own acceptor, declining
+            log.debug("[%s] %s to itself: %s", self.region.name, method, e)
         except Exception:
             log.warning("[%s] %s to %s failed", self.region.name, method, region, exc_info=True)
         return None

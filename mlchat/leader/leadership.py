@@ -79,6 +79,7 @@ class Leadership:
     async def _observe(self) -> None:
         assert self.failover is not None
         now, mono = self.now_ms(), time.monotonic()
+        self.failover.held({r: Hlc.decode(h).wall_ms for r, h in self.region.vector.items()}, now)
         adopted = False
         for link in self.replicator.links.values():
             if link.term is None:
