@@ -107,6 +107,8 @@ async def dispatch(cluster: Cluster, request: dict[str, Any], stop: asyncio.Even
         return cluster.latency(request["a"], request["b"], float(request["ms"]), float(request.get("jitter", 0)))
     if command == "bandwidth":
         return cluster.bandwidth(request["a"], request["b"], float(request["kbps"]))
+    if command == "kill-storage":
+        return cluster.kill_storage(request["region"])
     if command == "reset":
         return cluster.reset(request["a"], request["b"])
     if command == "add":
@@ -219,15 +221,16 @@ def print_status(status: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     words = sys.argv[1:] if argv is None else argv
-    if words and words[0] in ("scenario", "compare"):  # runs of their own, each on fresh clusters
-        from dcsim import compare, scenarios
+    if words and words[0] in ("scenario", "compare", "chaos"):  # runs of their own, each on fresh clusters
+        from dcsim import chaos, compare, scenarios
 
-        (scenarios.main if words[0] == "scenario" else compare.main)(words[1:])
+        {"scenario": scenarios.main, "compare": compare.main, "chaos": chaos.main}[words[0]](words[1:])
         return
     parser = argparse.ArgumentParser(
         prog="dcsim", description="Simulated multi-region mlchat cluster",
         epilog="Also: 'dcsim scenario NAME [--modes ...]' plays a conflict case in every mode, and 'dcsim compare' "
-               "runs one workload under every mode and writes a report (each starts its own clusters; see --help).")
+               "runs one workload under every mode and writes a report, and 'dcsim chaos' injects random faults "
+               "under load and checks the history (each starts its own clusters; see --help).")
     parser.add_argument("--run-dir", type=Path, default=Path(os.environ.get("DCSIM_RUN_DIR", DEFAULT_RUN_DIR)))
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("up", "serve"):
@@ -259,6 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("a")
     p.add_argument("b")
     for name, text in (("kill", "SIGKILL a region's leader"), ("restart", "start a region's leader again"),
+                       ("kill-storage", "SIGKILL a region's Valkey (its leader starts it again)"),
                        ("add", "start a new region that joins the cluster"),
                        ("leave", "take a region out of the cluster, then stop it")):
         sub.add_parser(name, help=text).add_argument("region")

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
+import signal
 import socket
 import time
 from dataclasses import dataclass, field, replace
@@ -27,6 +29,13 @@ from mlchat.leader.servicer import PEER_PREFIX
 from mlchat.leader.tokens import TokenSigner
 from mlchat.v1 import replication_pb2 as rpb
 from mlchat.v1 import replication_pb2_grpc
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(child) for child in (task / "children").read_text().split()]
+    return out
 
 
 class ClusterError(Exception):
@@ -213,6 +222,17 @@ class Cluster:
             raise ClusterError(f"region {region} is not running")
         leader.kill()
         return f"killed {region} (SIGKILL)"
+
+    def kill_storage(self, region: str) -> str:
+        """SIGKILL a region's embedded Valkey (its leader starts it again)."""
+        leader = self.leaders[self._region(region)]
+        if leader.proc is None:
+            raise ClusterError(f"region {region} is not running")
+        for pid in _children(leader.proc.pid):
+            if b"valkey-server" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+                return f"killed {region}'s Valkey (SIGKILL, pid {pid})"
+        raise ClusterError(f"region {region} runs no embedded Valkey")
 
     async def restart(self, region: str) -> str:
         leader = self.leaders[self._region(region)]

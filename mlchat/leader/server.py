@@ -67,12 +67,28 @@ async def serve(settings: LeaderSettings) -> None:
         embedded.start()
         url = embedded.url
     store = Store(redis_client(url))
+    supervisor = asyncio.create_task(_supervise(embedded, settings.region)) if embedded is not None else None
     try:
         await _serve(settings, store)
     finally:
+        if supervisor is not None:
+            supervisor.cancel()
         await store.close()
         if embedded is not None:
             embedded.stop()
+
+
+async def _supervise(embedded: EmbeddedValkey, region: str) -> None:
+    """Start the embedded Valkey again whenever it dies (calls answer UNAVAILABLE meanwhile). It runs
+    on the main thread, as the first start did: the child's parent-death signal follows that thread."""
+    while True:
+        await asyncio.sleep(0.2)
+        if not embedded.alive():
+            log.warning("[%s] embedded Valkey died: starting it again", region)
+            try:
+                embedded.restart()
+            except (RuntimeError, TimeoutError):
+                log.exception("[%s] embedded Valkey did not start again; retrying", region)
 
 
 async def _serve(settings: LeaderSettings, store: Store) -> None:

@@ -96,6 +96,16 @@ class EmbeddedValkey:
         self.socket.unlink(missing_ok=True)
         self._sock_dir.rmdir()
 
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def restart(self) -> None:
+        """Start the server again after it died: its AOF brings back everything acknowledged."""
+        if self._proc is not None:
+            self._proc.wait()
+        self._proc = None
+        self.start()
+
     def kill(self) -> None:
         """SIGKILL: a crash, as far as the server can tell."""
         if self._proc is not None:
