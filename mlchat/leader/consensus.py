@@ -118,6 +118,12 @@ class Consensus:
 
     async def _propose(self, key: str, value: str, promised: Callable[[dict[str, str]], None]) -> str:
         proposer = paxos.Proposer(key, value, self.region.name, self.region.regions, self._first_round())
+        try:
+            return await self._rounds(proposer, promised)
+        finally:  # rounds a retry raised are used too: the next proposal starts above them
+            self._round = max(self._round, proposer.ballot[0])
+
+    async def _rounds(self, proposer: paxos.Proposer, promised: Callable[[dict[str, str]], None]) -> str:
         request: paxos.Prepare = proposer.prepare()
         while True:
             vectors: list[dict[str, str]] = []

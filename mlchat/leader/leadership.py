@@ -36,13 +36,20 @@ class Leadership:
         self.rng = rng
         self.failover: Failover | None = None
         self._task: asyncio.Task[None] | None = None
+        self._election: asyncio.Task[None] | None = None
+        self._caught_up = 0  # the latest epoch of this region's own whose catch-up is done
 
     async def start(self) -> None:
         if self._task is not None:
             raise RuntimeError("leadership already started")
         settings = self.region.settings
         saved, voted = await self.region.store.term()
+        if settings.primary and settings.peers and settings.primary not in self.region.regions:
+            raise SystemExit(f"--primary {settings.primary} is not a region of this cluster "
+                             f"({', '.join(sorted(self.region.regions))})")
         term = Term.decode(saved) if saved else Term(1, settings.primary or min(self.region.regions))
+        # A primary restarting in its own term holds what it took: only an election's winner catches up.
+        self._caught_up = term.epoch if term.primary == self.region.name else 0
         self.failover = Failover(self.region.name, term, lease_ms=settings.peer_timeout_ms,
                                  election_timeout_ms=2 * settings.peer_timeout_ms, now_ms=self.now_ms(),
                                  voted=voted)
@@ -53,9 +60,10 @@ class Leadership:
         self._task = asyncio.create_task(self._watch())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [t for t in (self._task, self._election) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     @property
     def term(self) -> Term:
@@ -63,7 +71,9 @@ class Leadership:
         return self.failover.term
 
     def may_write(self) -> bool:
-        return self.failover is not None and self.failover.may_write(self.region.regions, self.now_ms())
+        """Whether this region is the primary, holds its lease, and (if elected) has caught up."""
+        return (self.failover is not None and self._caught_up == self.failover.term.epoch
+                and self.failover.may_write(self.region.regions, self.now_ms()))
 
     async def _watch(self) -> None:
         while True:
@@ -71,15 +81,17 @@ class Leadership:
             try:
                 await self._observe()
                 assert self.failover is not None
-                if self.failover.should_elect(self.region.regions, self.now_ms()):
-                    await self._elect()
+                idle = self._election is None or self._election.done()
+                if idle and self.failover.should_elect(self.region.regions, self.now_ms()):
+                    # Its own task: heartbeats go on being observed while the election runs.
+                    self._election = asyncio.create_task(self._elect())
             except Exception:  # storage down, say: the next interval tries again
                 log.warning("[%s] watching the primary failed", self.region.name, exc_info=True)
 
     async def _observe(self) -> None:
         assert self.failover is not None
         now, mono = self.now_ms(), time.monotonic()
-        self.failover.held({r: Hlc.decode(h).wall_ms for r, h in self.region.vector.items()}, now)
+        self._held(now)
         adopted = False
         for link in self.replicator.links.values():
             if link.term is None:
@@ -96,11 +108,16 @@ class Leadership:
         assert self.failover is not None
         if not key.startswith("epoch:"):
             return True
+        self._held(self.now_ms())  # the newest stamps of the primary, not those of the last heartbeat
         before = self.failover.voted
         vote = self.failover.may_vote(int(key.removeprefix("epoch:")), proposer, self.region.regions, self.now_ms())
         if self.failover.voted != before:  # stored before the answer leaves
             await self.region.store.save_term(self.term.encode(), self.failover.voted)
         return vote
+
+    def _held(self, now: int) -> None:
+        assert self.failover is not None
+        self.failover.held({r: Hlc.decode(h).wall_ms for r, h in self.region.vector.items()}, now)
 
     async def _adopted(self) -> None:
         term = self.term
@@ -116,11 +133,24 @@ class Leadership:
         held: dict[str, str] = {}
         try:
             winner = await self.consensus.propose(f"epoch:{epoch}", self.region.name, timeout_s, held.update)
-            if winner == self.region.name:  # hold what the majority held before taking writes
-                await self.region.wait_for(vector.encode_token(held), timeout_s)
-        except Unavailable as e:
+        except Exception as e:  # undecided (no majority in time), or storage down
             log.info("[%s] election for epoch %d undecided: %s", self.region.name, epoch, e)
             self.failover.election_failed(self.now_ms() + int(self.rng.uniform(0, 1000)))
             return
+        if winner == self.region.name:
+            await self._catch_up(epoch, held)
         if self.failover.adopt(Term(epoch, winner), self.now_ms()):
             await self._adopted()
+
+    async def _catch_up(self, epoch: int, held: dict[str, str]) -> None:
+        """Hold what the majority that elected this region held (every write the old primary had
+        acknowledged) before taking a write; however this region then learns of its own term."""
+        assert self.failover is not None
+        while self.failover.term.epoch <= epoch:
+            try:
+                await self.region.wait_for(vector.encode_token(held), self.region.settings.write_timeout_ms / 1000)
+            except Unavailable as e:
+                log.info("[%s] elected for epoch %d, still catching up: %s", self.region.name, epoch, e)
+                continue
+            self._caught_up = epoch
+            return

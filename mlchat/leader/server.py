@@ -124,12 +124,12 @@ async def _serve(settings: LeaderSettings, store: Store) -> None:
          health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     if server.add_insecure_port(settings.listen) == 0:
         raise SystemExit(f"cannot listen on {settings.listen}: address in use or invalid")
+    if leadership is not None:  # before serving: no write is taken, nor vote given, without a term
+        await leadership.start()
     await server.start()
     for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     await replicator.start()
-    if leadership is not None:
-        await leadership.start()
     log.info("[%s] leader serving on %s (mode %s, peers %s)", settings.region, settings.listen, settings.mode,
              ", ".join(region.members) or "none")
     print(f"mlchat leader {settings.region} serving on {settings.listen}", flush=True)
@@ -146,6 +146,6 @@ async def _serve(settings: LeaderSettings, store: Store) -> None:
     region.feed.close_all()
     if leadership is not None:
         await leadership.stop()
+    await server.stop(settings.grace_s)  # calls in flight may still forward through the replicator's channels
     await replicator.stop()
-    await server.stop(settings.grace_s)
     log.info("[%s] stopped", settings.region)

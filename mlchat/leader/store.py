@@ -109,7 +109,7 @@ if not key then return false end
 return redis.call('ZRANGEBYLEX', KEYS[2], '[' .. key .. '\\0', '[' .. key .. '\\1', 'LIMIT', 0, 1)[1]
 """
 
-# KEYS: status hash. ARGV: rank key, presence, text, hlc, region.
+# KEYS: status hash, meta:hlc. ARGV: rank key, presence, text, hlc, region.
 # Returns {1 if the register changed, the winner's fields}.
 _SET_STATUS = _LESS + """
 local cur = redis.call('HGET', KEYS[1], 'k')
@@ -118,13 +118,17 @@ if (not cur) or less(cur, ARGV[1]) then
   redis.call('HSET', KEYS[1], 'k', ARGV[1], 'p', ARGV[2], 't', ARGV[3], 'h', ARGV[4], 'r', ARGV[5])
   changed = 1
 end
+local floor = redis.call('GET', KEYS[2])
+if (not floor) or less(floor, ARGV[4]) then redis.call('SET', KEYS[2], ARGV[4]) end
 return {changed, redis.call('HMGET', KEYS[1], 'p', 't', 'h', 'r')}
 """
 
 # A claim from another region: kept (per user, the earliest) whatever else is on the name.
-# KEYS: claims on the name, user hash, set of users. ARGV: user id, hlc, region, name.
+# KEYS: claims on the name, user hash, set of users, meta:hlc. ARGV: user id, hlc, region, name.
 # Returns 1 if the claims on the name changed.
 _ADD_CLAIM = _LESS + """
+local floor = redis.call('GET', KEYS[4])
+if (not floor) or less(floor, ARGV[2]) then redis.call('SET', KEYS[4], ARGV[2]) end
 local value = ARGV[2] .. '\\0' .. ARGV[3]
 local prior = redis.call('HGET', KEYS[1], ARGV[1])
 if prior and not less(value, prior) then return 0 end
@@ -314,7 +318,7 @@ class Store:
     async def set_status(self, value: StatusValue) -> tuple[StatusValue, bool]:
         """Merge `value` into the user's register; return the winner and whether the register changed."""
         changed, (p, t, h, r) = await self._set_status(
-            keys=[f"s:{value.user_id}"],
+            keys=[f"s:{value.user_id}", "meta:hlc"],
             args=[status_rank_key(value), value.presence, value.text, value.hlc, value.region])
         return StatusValue(value.user_id, int(p), t.decode(), h.decode(), r.decode()), bool(changed)
 
@@ -332,7 +336,7 @@ class Store:
 
     async def add_claim(self, claim: Claim) -> bool:
         """Record a claim from another region; True if it changed the claims on its name."""
-        changed = await self._add_claim(keys=[f"n:{claim.name}", f"u:{claim.user_id}", "users"],
+        changed = await self._add_claim(keys=[f"n:{claim.name}", f"u:{claim.user_id}", "users", "meta:hlc"],
                                         args=[claim.user_id, claim.hlc, claim.region, claim.name])
         return bool(changed)
 
@@ -358,9 +362,15 @@ class Store:
                     pipe.multi()
                     pipe.set(name, state)
                     await pipe.execute()
-                    return answer
+                    break
                 except redis.exceptions.WatchError:
                     continue
+        # A promise must outlive a crash of the host too: wait until the AOF is on disk (Redis >= 7.2).
+        try:
+            await self.redis.execute_command("WAITAOF", 1, 0, 1000)
+        except redis.exceptions.ResponseError:
+            pass  # an older server (or AOF off): as durable as its other writes
+        return answer
 
     async def term(self) -> tuple[str, int]:
         """single-leader mode: the term this region follows, encoded ("" before the first change), and

@@ -69,8 +69,10 @@ class EmbeddedValkey:
         try:
             while True:
                 if self._proc.poll() is not None:
-                    raise RuntimeError(f"valkey-server exited with {self._proc.returncode}: see "
-                                       f"{self.data_dir / 'valkey.log'}")
+                    log_file = self.data_dir / "valkey.log"
+                    tail = log_file.read_text(errors="replace").strip().splitlines()[-3:] if log_file.exists() else []
+                    raise RuntimeError(f"valkey-server exited with {self._proc.returncode}: "
+                                       f"{' | '.join(tail) or 'no log'} (see {log_file})")
                 try:
                     # Loading a large AOF answers LOADING until done; ping succeeds only when ready.
                     if client.ping():

@@ -45,7 +45,8 @@ class Writes:
         return copies_needed(settings.mode, settings.sync_acks, len(self.region.regions))
 
     def _timeout(self, time_remaining: float | None) -> float:
-        return self.timeout_s if time_remaining is None else min(time_remaining, self.timeout_s)
+        """How long to wait on other regions: keep a margin of the caller's deadline to answer it."""
+        return self.timeout_s if time_remaining is None else max(0.0, min(time_remaining - 0.2, self.timeout_s))
 
     async def forwarded(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """single-leader mode, in a region that is not the primary: the primary's answer to the call.
@@ -61,6 +62,9 @@ class Writes:
         if any(k == FORWARDED for k, _ in metadata):
             raise Unavailable(f"region {self.region.name} is not the primary either (it follows {term.primary}, "
                               f"epoch {term.epoch}); retry shortly")
+        if term.primary not in self.region.members:
+            raise Unavailable(f"region {self.region.name} follows primary {term.primary} (epoch {term.epoch}), "
+                              "which is not a member it knows; retry shortly")
         passed_on = tuple((k, v) for k, v in metadata if k == "authorization") + ((FORWARDED, self.region.name),)
         stub = chat_pb2_grpc.ChatServiceStub(self.replicator.channel(term.primary))
         try:
@@ -69,6 +73,8 @@ class Writes:
         except grpc.aio.AioRpcError as e:
             raise Relayed(e.code().name, f"forwarded by {self.region.name} to the primary region {term.primary} "
                                          f"(epoch {term.epoch}): {e.details()}") from None
+        except grpc.aio.UsageError:  # the channel closed: this leader is shutting down
+            raise Unavailable(f"region {self.region.name} is shutting down; retry elsewhere") from None
 
     def admit(self) -> None:
         """Refuse a write that cannot be held by enough regions now, before anything is written."""
@@ -85,6 +91,10 @@ class Writes:
         """Return once enough regions hold the write stamped `hlc` in `origin`."""
         copies = self._copies()
         if copies == 0 or await self.replicator.held(origin, hlc, copies, self._timeout(time_remaining)):
+            if self.leadership is not None and not self.leadership.may_write():
+                raise Unavailable(f"region {self.region.name} lost its lease as primary while the write waited: it "
+                                  "is stored and reaches the other regions, but a new primary may not have had it "
+                                  "when elected. Retry the same request")
             return
         holders = self.replicator.holders(origin, hlc)
         raise Unavailable(f"the write is stored in region {self.region.name}, but only {len(holders)} of the "

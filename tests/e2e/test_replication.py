@@ -96,8 +96,13 @@ def test_concurrent_claims_of_one_name_end_with_one_owner_everywhere(cluster):
     for region in REGIONS:
         reader = client(cluster, region, "claim_reader")
         def settled(r: ChatClient = reader) -> bool:
-            return all(r.get_user(user_id=u).user.claim_state != pb.CLAIM_STATE_PROVISIONAL
-                       for u in (first.user.user_id, second.user.user_id))
+            try:
+                return all(r.get_user(user_id=u).user.claim_state != pb.CLAIM_STATE_PROVISIONAL
+                           for u in (first.user.user_id, second.user.user_id))
+            except grpc.RpcError as e:  # a claim from the other side has not arrived yet
+                if e.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+                return False
 
         wait_until(settled, 15, f"claims settled in {region}")
         states = {u.user.user_id: u.user.claim_state for u in (reader.get_user(user_id=first.user.user_id),
