@@ -162,7 +162,8 @@ def main() -> None:
         valkey.start()
         echo_port = free_port()
         echo = subprocess.Popen([sys.executable, "-m", "mlchat.bench", "--echo-server", str(echo_port)])
-        leader = LeaderProcess("us-east", Path(tmp) / "leader", redis_url=valkey.url)
+        leader = LeaderProcess("us-east", Path(tmp) / "leader", redis_url=valkey.url,
+                               extra_args=("--user-rate", "0"))  # one user drives the whole load
         try:
             wait_serving(f"127.0.0.1:{echo_port}", 30)
             leader.start()

@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="longest a write waits for other regions (sync, consensus, forwarding to the primary)")
     leader.add_argument("--primary", default=None, type=_region,
                         help="single-leader mode: the first primary (default: the first region by name)")
+    leader.add_argument("--user-rate", type=float, default=limits.USER_RATE,
+                        help="calls a second each user may make on this leader (0: no limit)")
+    leader.add_argument("--user-burst", type=int, default=limits.USER_BURST,
+                        help="calls a user may make at once after a quiet spell")
     leader.add_argument("--subscriber-buffer", type=int, default=limits.SUBSCRIBER_BUFFER,
                         help="messages a subscriber may fall behind before it is cut off")
 
@@ -76,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
             token_ttl_ms=int(args.token_ttl * 1000), subscriber_buffer=args.subscriber_buffer,
             peers=dict(args.peer), heartbeat_ms=args.heartbeat_ms, peer_timeout_ms=args.peer_timeout_ms,
             join=args.join, advertise=args.advertise, routes_file=args.routes, mode=args.mode,
-            sync_acks=args.sync_acks, write_timeout_ms=args.write_timeout_ms, primary=args.primary or "")
+            sync_acks=args.sync_acks, write_timeout_ms=args.write_timeout_ms, primary=args.primary or "",
+            user_rate=args.user_rate, user_burst=args.user_burst)
         asyncio.run(serve(settings))
 
 

@@ -41,6 +41,10 @@ class ResourceExhausted(MlchatError):
     grpc_status = "RESOURCE_EXHAUSTED"
     retriable = True
 
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s  # sent as the `retry-after-ms` trailer
+
 
 class Unavailable(MlchatError):
     """This region cannot serve the call now (storage down, not caught up); another may."""

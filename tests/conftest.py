@@ -64,7 +64,9 @@ def own_valkey(tmp_path: Path) -> Iterator[EmbeddedValkey]:
 def leader(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LeaderProcess]:
     """One region's leader on the session Redis, shared by a module's tests (they use unique names)."""
     redis.Redis.from_url(redis_url).flushall()
-    with LeaderProcess("us-east", tmp_path_factory.mktemp("leader"), redis_url=redis_url) as proc:
+    # Some tests drive load from one user; the rate limit has a test of its own (test_rate_limits.py).
+    with LeaderProcess("us-east", tmp_path_factory.mktemp("leader"), redis_url=redis_url,
+                       extra_args=("--user-rate", "0")) as proc:
         yield proc
 
 

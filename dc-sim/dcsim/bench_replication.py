@@ -214,7 +214,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mlchat-bench-") as tmp:
         run_dir = Path(tmp) / "run"
-        status = dcsim.up(run_dir, REGIONS, None, None)
+        status = dcsim.up(run_dir, REGIONS, None, None, leader_args=("--user-rate=0",))  # writers at full speed
         try:
             print(f"replication lag at {args.rate:g} messages/s per region for {args.seconds:g}s", flush=True)
             lags = mlchat_lag(status, run_dir, args.rate, args.seconds)

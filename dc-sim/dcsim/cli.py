@@ -149,7 +149,7 @@ def control(run_dir: Path, request: dict[str, Any], timeout_s: float = 60.0) -> 
 
 
 def up(run_dir: Path, regions: tuple[str, ...], topology_file: Path | None, base_port: int | None,
-       mode: str = "async", sync_acks: str = "quorum") -> dict[str, Any]:
+       mode: str = "async", sync_acks: str = "quorum", leader_args: tuple[str, ...] = ()) -> dict[str, Any]:
     """Start a run in the background and return its status once every region serves."""
     state = _read_state(run_dir)
     if state is not None and _alive(state["pid"]):
@@ -166,7 +166,7 @@ def up(run_dir: Path, regions: tuple[str, ...], topology_file: Path | None, base
         args += ["--topology", str(topology_file)]
     if base_port:
         args += ["--base-port", str(base_port)]
-    args += ["--mode", mode, "--sync", sync_acks]
+    args += ["--mode", mode, "--sync", sync_acks, *(f"--leader-arg={a}" for a in leader_args)]
     log = open(run_dir / "controller.log", "wb")  # noqa: SIM115 - the child owns it
     proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
     log.close()
@@ -241,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--mode", default="async", choices=[str(m) for m in Mode], help="replication mode")
         p.add_argument("--sync", default="quorum", choices=[str(a) for a in SyncAcks],
                        help="sync mode: writes wait for all regions or a majority")
+        p.add_argument("--leader-arg", action="append", default=[], metavar="ARG",
+                       help="passed on to every leader, e.g. --leader-arg=--user-rate=0 (repeat for each)")
     sub.add_parser("status", help="regions, endpoints, delays and partitions")
     p = sub.add_parser("partition", help="drop traffic between two regions")
     p.add_argument("a")
@@ -275,9 +277,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "serve":
             asyncio.run(serve(run_dir, topology.load(regions, args.topology), args.base_port, args.topology,
                               # single-leader: the first region listed starts as the primary
-                              ("--mode", args.mode, "--sync", args.sync, "--primary", regions[0])))
+                              ("--mode", args.mode, "--sync", args.sync, "--primary", regions[0],
+                               *args.leader_arg)))
             return
-        print_status(up(run_dir, regions, args.topology, args.base_port, args.mode, args.sync))
+        print_status(up(run_dir, regions, args.topology, args.base_port, args.mode, args.sync,
+                        tuple(args.leader_arg)))
         print(f"run directory: {run_dir} ('dcsim down' stops it)")
     elif args.command == "down":
         down(run_dir)

@@ -95,3 +95,33 @@ def page_size(limit: int) -> int:
     if not 1 <= limit <= PAGE_MAX:
         raise InvalidArgument(f"limit {limit} is out of range: use 1 to {PAGE_MAX}, or 0 for {PAGE_DEFAULT}")
     return limit
+
+
+USER_RATE = 200.0  # calls per second per user, on one leader (0: no limit)
+USER_BURST = 400  # calls a user may make at once after a quiet spell
+RATE_KEYS_MAX = 100_000  # users tracked at once; beyond, the full buckets are forgotten
+
+
+class RateLimiter:
+    """Token buckets, one per key (a user): `rate` tokens a second, up to `burst`. Pure: the caller
+    passes the time."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at seconds)
+
+    def wait_s(self, key: str, now_s: float) -> float:
+        """Take one token for `key`: 0.0 if there was one, else how long until there will be."""
+        if self.rate <= 0:
+            return 0.0
+        tokens, at = self._buckets.get(key, (float(self.burst), now_s))
+        tokens = min(float(self.burst), tokens + (now_s - at) * self.rate)
+        if tokens < 1:
+            self._buckets[key] = (tokens, now_s)
+            return (1 - tokens) / self.rate
+        self._buckets[key] = (tokens - 1, now_s)
+        if len(self._buckets) > RATE_KEYS_MAX:  # a bucket that would be full again carries no state
+            self._buckets = {k: (t, a) for k, (t, a) in self._buckets.items()
+                             if t + (now_s - a) * self.rate < self.burst}
+        return 0.0

@@ -97,7 +97,7 @@ async def _serve(settings: LeaderSettings, store: Store) -> None:
     # A fresh pycrdt client id per process: two live docs sharing one would diverge.
     region = Region(settings, store, client_id=secrets.randbits(52) + 1, now_ms=wall_ms)
     await region.start()
-    auth = Authenticator(signer)
+    auth = Authenticator(signer, limits.RateLimiter(settings.user_rate, settings.user_burst))
 
     server = grpc.aio.server(
         # Peers send their state in one message; client requests are held to their own limit.

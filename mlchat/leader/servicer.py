@@ -43,6 +43,8 @@ _STORAGE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutErr
 
 
 async def _abort_for(err: BaseException, context: grpc.aio.ServicerContext, region: str) -> None:
+    if isinstance(err, ResourceExhausted) and err.retry_after_s is not None:
+        context.set_trailing_metadata((("retry-after-ms", str(max(1, round(err.retry_after_s * 1000)))),))
     if isinstance(err, MlchatError):
         await context.abort(_status_code(err), str(err))
     if isinstance(err, _STORAGE_ERRORS):
@@ -107,20 +109,27 @@ def wall_ms() -> int:
 
 
 class Authenticator:
-    """Verifies bearer tokens, remembering the good ones: a client sends the same token on every call."""
+    """Verifies bearer tokens, remembering the good ones (a client sends the same token on every call),
+    and holds each user to its rate limit."""
 
     CACHE_SIZE = 10_000
 
-    def __init__(self, signer: TokenSigner) -> None:
+    def __init__(self, signer: TokenSigner, limiter: limits.RateLimiter | None = None) -> None:
         self.signer = signer
+        self.limiter = limiter or limits.RateLimiter(0, 0)
         self._verified: dict[str, Principal] = {}
 
     def principal(self, context: grpc.aio.ServicerContext, peer: bool = False) -> Principal:
-        """The caller: a user, or with `peer` one of the cluster's regions (their tokens name a region)."""
+        """The caller: a user, or with `peer` one of the cluster's regions (their tokens name a region).
+        A user over its rate limit gets RESOURCE_EXHAUSTED, with a `retry-after-ms` trailer."""
         principal = self._verify(bearer(context.invocation_metadata()))
         if principal.user_id.startswith(PEER_PREFIX) != peer:
             raise PermissionDenied("replication takes a region's token" if peer
                                    else "a region's token cannot act as a user: call ClaimUsername")
+        if not peer and (wait_s := self.limiter.wait_s(principal.user_id, time.monotonic())) > 0:
+            raise ResourceExhausted(f"user {principal.user_id} is over its limit of {self.limiter.rate:g} calls a "
+                                    f"second (bursts of {self.limiter.burst}): retry in {wait_s * 1000:.0f} ms",
+                                    retry_after_s=wait_s)
         return principal
 
     def _verify(self, token: str) -> Principal:

@@ -33,3 +33,15 @@ def test_user_id_depends_on_name_and_key_only():
     assert user_id_for("ann", "k" * 16) == user_id_for("ann", "k" * 16)
     assert user_id_for("ann", "k" * 16) != user_id_for("ann", "j" * 16)
     assert user_id_for("ann", "k" * 16) != user_id_for("bob", "k" * 16)
+
+
+def test_a_rate_limiter_allows_a_burst_then_the_rate():
+    limiter = limits.RateLimiter(rate=10, burst=3)
+    assert [limiter.wait_s("u", 0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert limiter.wait_s("u", 0.0) == pytest.approx(0.1)  # the next token comes in a tenth of a second
+    assert limiter.wait_s("other", 0.0) == 0.0  # buckets are per user
+    assert limiter.wait_s("u", 0.1) == 0.0
+    assert limiter.wait_s("u", 0.1) > 0
+    assert [limiter.wait_s("u", 10.0) for _ in range(3)] == [0.0, 0.0, 0.0]  # refilled, never above the burst
+    assert limiter.wait_s("u", 10.0) > 0
+    assert limits.RateLimiter(0, 0).wait_s("u", 0.0) == 0.0  # rate 0: no limit
