@@ -2,7 +2,8 @@
 
 AOF is on (`appendfsync everysec`: every reply follows the write(2) of its AOF record, so a crash of
 the server process loses nothing acknowledged). By default it listens on a Unix socket only, so that no
-port can clash; given a port, on 127.0.0.1 instead. The child gets SIGTERM if its parent dies, so a
+port can clash; given a port, on 127.0.0.1 instead. Either way it requires a password, random per
+instance, which only its owner knows (in the URL). The child gets SIGTERM if its parent dies, so a
 SIGKILLed leader leaves no server behind.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import secrets
 import signal
 import subprocess
 import tempfile
@@ -43,10 +45,13 @@ class EmbeddedValkey:
         self._sock_dir = Path(tempfile.mkdtemp(prefix="mlv-"))
         self.socket = self._sock_dir / "valkey.sock"
         self._proc: subprocess.Popen[bytes] | None = None
+        self.password = secrets.token_hex(16)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}" if self.port else f"unix://{self.socket}"
+        if self.port:
+            return f"redis://:{self.password}@127.0.0.1:{self.port}"
+        return f"unix://:{self.password}@{self.socket}"
 
     @property
     def pid(self) -> int | None:
@@ -63,6 +68,12 @@ class EmbeddedValkey:
             str(binary()), *listen, "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "everysec",
             "--save", "", "--daemonize", "no", "--logfile", str(self.data_dir / "valkey.log"),
         ]
+        # The password goes in a file only the owner reads, not on the command line (visible in ps).
+        conf = self.data_dir / "valkey-auth.conf"
+        conf.touch(mode=0o600)
+        conf.chmod(0o600)
+        conf.write_text(f"requirepass {self.password}\n")
+        args.insert(1, str(conf))
         self._proc = subprocess.Popen(args, preexec_fn=die_with_parent, stdin=subprocess.DEVNULL)
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + timeout_s
