@@ -155,6 +155,13 @@ class ChatClient:
         self._seen(resp.causal_token)
         return resp
 
+    def refresh(self) -> pb.RefreshTokenResponse:
+        """Trade the token for a fresh one before it expires."""
+        resp = self._call(lambda: self.stub.RefreshToken(pb.RefreshTokenRequest(), metadata=self.metadata,
+                                                         timeout=self.timeout_s))
+        self.token = resp.token
+        return resp
+
     def cluster_status(self, with_digest: bool = False) -> cluster_pb2.GetClusterStatusResponse:
         return self.cluster.GetClusterStatus(cluster_pb2.GetClusterStatusRequest(with_digest=with_digest),
                                              metadata=self.metadata, timeout=self.timeout_s)

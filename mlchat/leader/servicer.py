@@ -236,6 +236,12 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             view = await self.region.user(request.user_id)
         return pb.GetUserResponse(user=user_pb(view), causal_token=self.region.causal_token())
 
+    @unary
+    async def RefreshToken(self, request, context):
+        me = self.auth.principal(context)
+        token, fresh = self.auth.signer.issue(me.user_id, me.username, wall_ms())
+        return pb.RefreshTokenResponse(token=token, token_expires_at_ms=fresh.expires_at_ms)
+
 
 class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
     def __init__(self, region: Region, auth: Authenticator, peers: Callable[[], list[cluster_pb2.PeerStatus]],

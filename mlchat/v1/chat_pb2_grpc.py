@@ -71,6 +71,11 @@ class ChatServiceStub:
                 request_serializer=mlchat_dot_v1_dot_chat__pb2.GetUserRequest.SerializeToString,
                 response_deserializer=mlchat_dot_v1_dot_chat__pb2.GetUserResponse.FromString,
                 _registered_method=True)
+        self.RefreshToken = channel.unary_unary(
+                '/mlchat.v1.ChatService/RefreshToken',
+                request_serializer=mlchat_dot_v1_dot_chat__pb2.RefreshTokenRequest.SerializeToString,
+                response_deserializer=mlchat_dot_v1_dot_chat__pb2.RefreshTokenResponse.FromString,
+                _registered_method=True)
 
 
 class ChatServiceServicer:
@@ -127,6 +132,13 @@ class ChatServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RefreshToken(self, request, context):
+        """Trades a token that has not yet expired for a fresh one (a new expiry), without the claim key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ChatServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +176,11 @@ def add_ChatServiceServicer_to_server(servicer, server):
                     servicer.GetUser,
                     request_deserializer=mlchat_dot_v1_dot_chat__pb2.GetUserRequest.FromString,
                     response_serializer=mlchat_dot_v1_dot_chat__pb2.GetUserResponse.SerializeToString,
+            ),
+            'RefreshToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RefreshToken,
+                    request_deserializer=mlchat_dot_v1_dot_chat__pb2.RefreshTokenRequest.FromString,
+                    response_serializer=mlchat_dot_v1_dot_chat__pb2.RefreshTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +374,33 @@ class ChatService:
             '/mlchat.v1.ChatService/GetUser',
             mlchat_dot_v1_dot_chat__pb2.GetUserRequest.SerializeToString,
             mlchat_dot_v1_dot_chat__pb2.GetUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RefreshToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlchat.v1.ChatService/RefreshToken',
+            mlchat_dot_v1_dot_chat__pb2.RefreshTokenRequest.SerializeToString,
+            mlchat_dot_v1_dot_chat__pb2.RefreshTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,8 @@ class ChatServiceStub:
     """Sets the caller's status (last writer wins, by hybrid logical clock)."""
     GetStatus: _grpc.UnaryUnaryMultiCallable[_chat_pb2.GetStatusRequest, _chat_pb2.GetStatusResponse]
     GetUser: _grpc.UnaryUnaryMultiCallable[_chat_pb2.GetUserRequest, _chat_pb2.GetUserResponse]
+    RefreshToken: _grpc.UnaryUnaryMultiCallable[_chat_pb2.RefreshTokenRequest, _chat_pb2.RefreshTokenResponse]
+    """Trades a token that has not yet expired for a fresh one (a new expiry), without the claim key."""
 
 @_typing.type_check_only
 class ChatServiceAsyncStub(ChatServiceStub):
@@ -75,6 +77,8 @@ class ChatServiceAsyncStub(ChatServiceStub):
     """Sets the caller's status (last writer wins, by hybrid logical clock)."""
     GetStatus: _aio.UnaryUnaryMultiCallable[_chat_pb2.GetStatusRequest, _chat_pb2.GetStatusResponse]  # type: ignore[assignment]
     GetUser: _aio.UnaryUnaryMultiCallable[_chat_pb2.GetUserRequest, _chat_pb2.GetUserResponse]  # type: ignore[assignment]
+    RefreshToken: _aio.UnaryUnaryMultiCallable[_chat_pb2.RefreshTokenRequest, _chat_pb2.RefreshTokenResponse]  # type: ignore[assignment]
+    """Trades a token that has not yet expired for a fresh one (a new expiry), without the claim key."""
 
 class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
     """ClaimUsername is the only call without credentials. Every other call takes the metadata
@@ -138,5 +142,13 @@ class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _chat_pb2.GetUserRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_chat_pb2.GetUserResponse, _abc.Awaitable[_chat_pb2.GetUserResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RefreshToken(
+        self,
+        request: _chat_pb2.RefreshTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_chat_pb2.RefreshTokenResponse, _abc.Awaitable[_chat_pb2.RefreshTokenResponse]]:
+        """Trades a token that has not yet expired for a fresh one (a new expiry), without the claim key."""
 
 def add_ChatServiceServicer_to_server(servicer: ChatServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

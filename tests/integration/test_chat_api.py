@@ -11,6 +11,7 @@ import pytest
 from support import wait_until
 
 from mlchat.geo.client import ChatClient
+from mlchat.leader.tokens import TokenSigner
 from mlchat.v1 import chat_pb2 as pb
 
 
@@ -202,3 +203,16 @@ def test_health_and_reflection_are_served(leader):
         responses = refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         names = {s.name for r in responses for s in r.list_services_response.service}
         assert {"mlchat.v1.ChatService", "mlchat.v1.ClusterService", "grpc.health.v1.Health"} <= names
+
+
+def test_a_token_is_refreshed_for_a_later_expiry_but_an_expired_one_is_not(leader, client):
+    fresh = client.refresh()
+    assert fresh.token and client.token == fresh.token
+    assert fresh.token_expires_at_ms > int(time.time() * 1000) + 23 * 3600 * 1000  # a full lifetime again
+    client.list("general")  # the fresh token works
+    own_secret = (leader.data_dir / "cluster-secret").read_bytes().strip()
+    expired, _ = TokenSigner(own_secret, ttl_ms=1000).issue(client.user.user_id, "x", int(time.time() * 1000) - 5000)
+    client.token = expired
+    with pytest.raises(grpc.RpcError) as refused:
+        client.refresh()
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED and "expired" in refused.value.details()
