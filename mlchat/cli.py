@@ -13,12 +13,10 @@ from mlchat.geo.modes import Mode, SyncAcks
 from mlchat.leader import limits
 from mlchat.leader.settings import LeaderSettings
 
-REGION_PATTERN = r"^[a-z][a-z0-9-]{0,31}$"
-
 
 def _region(name: str) -> str:
-    if not re.match(REGION_PATTERN, name):
-        raise argparse.ArgumentTypeError(f"region {name!r} must match {REGION_PATTERN}")
+    if not re.match(limits.REGION_PATTERN, name):
+        raise argparse.ArgumentTypeError(f"region {name!r} must match {limits.REGION_PATTERN}")
     return name
 
 

@@ -113,10 +113,15 @@ class Accepted:
     promised: Ballot
 
 
+def proper(ballot: Ballot) -> bool:
+    """Whether a proposer may use `ballot`: a round of at least 1 and a region's name."""
+    return ballot[0] >= 1 and bool(ballot[1])
+
+
 def on_prepare(state: AcceptorState, msg: Prepare, me: str) -> tuple[AcceptorState, Promise]:
     """The acceptor's new state and reply: a promise iff the ballot is at least the one already promised."""
     # Equal ballots are a re-sent Prepare from the same proposer: answering it again changes nothing.
-    ok = msg.ballot >= state.promised and msg.ballot != NULL_BALLOT
+    ok = msg.ballot >= state.promised and proper(msg.ballot)
     if ok:
         state = AcceptorState(msg.ballot, state.accepted_ballot, state.accepted_value)
     return state, Promise(msg.key, msg.ballot, me, ok, state.promised, state.accepted_ballot, state.accepted_value)
@@ -124,7 +129,7 @@ def on_prepare(state: AcceptorState, msg: Prepare, me: str) -> tuple[AcceptorSta
 
 def on_accept(state: AcceptorState, msg: Accept, me: str) -> tuple[AcceptorState, Accepted]:
     """The acceptor's new state and reply: accepted iff the ballot is at least the one promised."""
-    ok = msg.ballot >= state.promised and msg.ballot != NULL_BALLOT
+    ok = msg.ballot >= state.promised and proper(msg.ballot)
     if ok:
         state = AcceptorState(msg.ballot, msg.ballot, msg.value)
     return state, Accepted(msg.key, msg.ballot, me, ok, state.promised)

@@ -14,15 +14,17 @@ import asyncio
 import functools
 import logging
 import random
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 
 from mlchat.crdt import vector
-from mlchat.errors import Unavailable
+from mlchat.errors import InvalidArgument, Unavailable
 from mlchat.geo import paxos
 from mlchat.geo.modes import majority
+from mlchat.leader import limits
 from mlchat.leader.region import Region
 from mlchat.v1 import replication_pb2 as rpb
 from mlchat.v1 import replication_pb2_grpc
@@ -35,6 +37,23 @@ MAX_BACKOFF_S = 0.2  # pause before a new ballot: random, so that rival proposer
 
 async def _always(key: str, proposer: str) -> bool:
     return True
+
+
+def _key(key: str) -> str:
+    """An instance key as proposers make them: "name:<username>" or "epoch:<n>"."""
+    kind, _, rest = key.partition(":")
+    if not ((kind == "name" and re.fullmatch(limits.USERNAME_PATTERN, rest))
+            or (kind == "epoch" and rest.isascii() and rest.isdigit() and len(rest) < 19)):
+        raise InvalidArgument(f"consensus key {key[:80]!r} is invalid: use name:<username> or epoch:<n>")
+    return key
+
+
+def _ballot(message: rpb.Ballot) -> paxos.Ballot:
+    ballot = ballot_of(message)
+    if not paxos.proper(ballot) or not re.fullmatch(limits.REGION_PATTERN, ballot[1]):
+        raise InvalidArgument(f"ballot ({ballot[0]}, {ballot[1][:40]!r}) is invalid: a round of at least 1 and a "
+                              "region name")
+    return ballot
 
 
 def ballot_pb(ballot: paxos.Ballot) -> rpb.Ballot:
@@ -69,7 +88,7 @@ class Consensus:
     # Acceptor -----------------------------------------------------------------------------------
 
     async def prepare(self, request: rpb.PrepareRequest) -> rpb.PrepareResponse:
-        msg = paxos.Prepare(request.key, ballot_of(request.ballot))
+        msg = paxos.Prepare(_key(request.key), _ballot(request.ballot))
         if not await self.may_promise(msg.key, msg.ballot[1]):
             # No answer at all, rather than a refusal: a refusal would pre-empt the proposer, and one
             # region that still hears the old primary would cancel every round of an election that the
@@ -83,7 +102,7 @@ class Consensus:
             vector=self.region.vector)
 
     async def accept(self, request: rpb.AcceptRequest) -> rpb.AcceptResponse:
-        msg = paxos.Accept(request.key, ballot_of(request.ballot), request.value)
+        msg = paxos.Accept(_key(request.key), _ballot(request.ballot), request.value)
         accepted = await self._step(msg.key, lambda state: paxos.on_accept(state, msg, self.region.name))
         return rpb.AcceptResponse(ok=accepted.ok, promised=ballot_pb(accepted.promised))
 

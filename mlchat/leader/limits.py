@@ -10,6 +10,7 @@ import re
 from mlchat.errors import InvalidArgument
 
 USERNAME_PATTERN = r"^[a-z][a-z0-9_]{2,31}$"
+REGION_PATTERN = r"^[a-z][a-z0-9-]{0,31}$"
 CHANNEL_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
 CLIENT_MSG_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 CLAIM_KEY_MIN, CLAIM_KEY_MAX = 16, 128

@@ -473,7 +473,11 @@ class Region:
         for name, state_vector in (await self.store.shard_states()).items():
             if peer.shards.get(name) != state_vector:
                 async with self._locked_shard(name) as shard:
-                    update = shard.delta_since(peer.shards[name]) if name in peer.shards else shard.snapshot()
+                    try:
+                        update = shard.delta_since(peer.shards[name]) if name in peer.shards else shard.snapshot()
+                    except ValueError:
+                        raise InvalidArgument(f"the state vector given for shard {name!r} cannot be decoded: send "
+                                              "the pycrdt state vector of the shard as it is") from None
                 yield Delta(shard_updates={name: update})
         statuses = tuple([v async for v in self.store.statuses() if v.hlc > peer.vector.get(v.region, "")])
         claims = tuple([c async for c in self.store.claims() if c.hlc > peer.vector.get(c.region, "")])
