@@ -65,6 +65,10 @@ class Writes:
         if term.primary not in self.region.members:
             raise Unavailable(f"region {self.region.name} follows primary {term.primary} (epoch {term.epoch}), "
                               "which is not a member it knows; retry shortly")
+        if term.primary not in self.replicator.reachable():
+            raise Unavailable(f"the primary region {term.primary} (epoch {term.epoch}) is unreachable from region "
+                              f"{self.region.name}: nothing was written. Retry shortly (a new primary is elected "
+                              "if it stays silent), or in a region that reaches it")
         passed_on = tuple((k, v) for k, v in metadata if k == "authorization") + ((FORWARDED, self.region.name),)
         stub = chat_pb2_grpc.ChatServiceStub(self.replicator.channel(term.primary))
         try:

@@ -314,3 +314,20 @@ def test_dcsim_scenario_tells_what_each_region_saw(capsys):
     assert out.count("user sees: claimed, confirmed") == 1
     assert out.count("user sees: ALREADY_EXISTS: username 'ringo' is taken") == 2
     assert out.count("user was refused at once and holds no claim") == 2
+
+
+def test_single_leader_a_region_cut_off_from_the_primary_refuses_writes_and_claims_clearly(single_leader):
+    primary, _ = primary_seen_by(client(single_leader, "us-east", "term_reader"))
+    cut = next(r for r in REGIONS if r != primary)  # a follower (an earlier test may have moved the primary)
+    author = client(single_leader, cut, "cut_off_author")
+    isolate(single_leader, cut)
+    try:
+        for call in (lambda: author.post("cut", "from the minority", "c1"),
+                     lambda: connect(single_leader, cut).claim("cut_off_name", "cut-off-claim-key-0001")):
+            with pytest.raises(grpc.RpcError) as refused:
+                call()
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert f"is unreachable from region {cut}: nothing was written" in refused.value.details()
+    finally:
+        heal(single_leader)
+    assert author.post("cut", "after the heal", "c2").message.origin_region == primary
