@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench proto lint clean
+.PHONY: demo test sim bench proto lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The deterministic simulation: SEED=<n> replays one seed; without it, SEEDS seeds from a random start.
+STEPS ?= 300
+SEEDS ?= 1000
+sim: $(STAMP)
+	PYTHONPATH=tests $(PY) -m sim.run --steps $(STEPS) $(if $(SEED),--seed $(SEED),--seeds $(SEEDS))
 
 bench: $(STAMP)
 	$(PY) -m mlchat.bench

@@ -1,12 +1,15 @@
 """One region's replicated state in memory, and delta exchange between regions.
 
 A replica holds message-log shards (pycrdt), status registers (LWW) and username claims, plus a
-version vector: for each origin region, the hlc up to which it holds (the effect of) every write of
-that region. A peer describes itself with `state()`; `delta_for(state)` returns what it lacks: pycrdt
-deltas against its shard state vectors, and every register value and claim newer than its vector entry
-for the value's origin. Applying a delta is idempotent and order-free, and a delta relayed through a
-third replica is as good as the original, so replicas that exchange deltas in any order, duplicated
-or relayed, end identical. Time comes in as `now_ms`; the pycrdt client id comes in from the caller.
+version vector (`RegionClock`): for each origin region, the hlc up to which it holds (the effect of)
+every write of that region. A peer describes itself with `state()`; `delta_for(state)` returns what
+it lacks: pycrdt deltas against its shard state vectors, and every register value and claim newer
+than its vector entry for the value's origin (`wanted`, the rule the leader's `Region` follows too).
+Applying a delta is idempotent and order-free, and a delta relayed through a third replica is as
+good as the original, so replicas that exchange deltas in any order, duplicated or relayed, end
+identical. Every change (a write, or what an applied delta brought that was new) is appended to
+`feed` as the delta peers need, as the leader publishes it. Time comes in as `now_ms`; the pycrdt
+client id comes in from the caller.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ from pycrdt import merge_updates
 from mlchat.crdt import lww, vector
 from mlchat.crdt.claims import Claim, ClaimState, claim_state
 from mlchat.crdt.digest import state_digest
-from mlchat.crdt.hlc import ZERO, Hlc
 from mlchat.crdt.lww import StatusValue
 from mlchat.crdt.msglog import LogEntry, MessageShard, message_id, shard_name, split_shard_name, winner
+from mlchat.crdt.regionclock import RegionClock
 
 HOUR_MS = 3_600_000
 
@@ -43,6 +46,11 @@ class Delta:
     # Membership as the sender knows it (heartbeats carry it): region -> address, and who left.
     members: dict[str, str] = field(default_factory=dict)
     departed: tuple[str, ...] = ()
+
+
+def wanted(hlc: str, origin: str, peer_vector: dict[str, str]) -> bool:
+    """Whether a peer with `peer_vector` lacks a register value or claim stamped `hlc` in `origin`."""
+    return hlc > peer_vector.get(origin, "")
 
 
 MAX_COMBINED = 200  # merging pycrdt updates is super-linear in their number: keep groups small
@@ -70,24 +78,27 @@ def combine(deltas: list[Delta]) -> list[Delta]:
 
 class Replica:
     def __init__(self, region: str, client_id: int, regions: frozenset[str] = frozenset(),
-                 bucket_ms: int = HOUR_MS) -> None:
+                 bucket_ms: int = HOUR_MS, floor: str = "", remote: dict[str, str] | None = None) -> None:
         self.region = region
         self.regions = regions | {region}
-        self.clock = ZERO
+        self.clocks = RegionClock(region, floor, remote)
+        self.feed: list[Delta] = []  # every change, in order, for peers (and storage) to take
         self._client_id = client_id
         self._bucket_ms = bucket_ms
         self._shards: dict[str, MessageShard] = {}
         self._messages: dict[str, LogEntry] = {}  # message id -> the copy readers see
         self._statuses: dict[str, StatusValue] = {}
         self._claims: dict[str, set[Claim]] = {}
-        self.vector: dict[str, str] = {}
 
-    # Local writes -------------------------------------------------------------------------------
+    @property
+    def vector(self) -> dict[str, str]:
+        return self.clocks.vector
 
-    def _stamp(self, now_ms: int) -> str:
-        self.clock = self.clock.tick(now_ms)
-        stamp = self.clock.encode()
-        self.vector[self.region] = stamp
+    # Local writes: each is stored at once (its stamp settles as it is made) -------------------------
+
+    def _write(self, now_ms: int) -> str:
+        stamp = self.clocks.stamp(now_ms)
+        self.clocks.settle([stamp])
         return stamp
 
     def post(self, user_id: str, channel: str, body: str, client_msg_id: str, now_ms: int) -> tuple[LogEntry, bool]:
@@ -96,19 +107,22 @@ class Replica:
         existing = self.message(msg_id)
         if existing is not None:
             return existing, True
-        entry = LogEntry(msg_id, channel, user_id, body, client_msg_id, self._stamp(now_ms), self.region)
-        self._shard(shard_name(channel, entry.hlc, self._bucket_ms)).add([entry])
+        entry = LogEntry(msg_id, channel, user_id, body, client_msg_id, self._write(now_ms), self.region)
+        name = shard_name(channel, entry.hlc, self._bucket_ms)
         self._messages[msg_id] = entry
+        self.feed.append(Delta(shard_updates={name: self._shard(name).add([entry])}, vector=self.vector))
         return entry, False
 
     def set_status(self, user_id: str, presence: int, text: str, now_ms: int) -> StatusValue:
-        value = StatusValue(user_id, presence, text, self._stamp(now_ms), self.region)
+        value = StatusValue(user_id, presence, text, self._write(now_ms), self.region)
         self._statuses[user_id] = value
+        self.feed.append(Delta(statuses=(value,), vector=self.vector))
         return value
 
     def claim(self, name: str, user_id: str, now_ms: int) -> Claim:
-        claim = Claim(self._stamp(now_ms), self.region, user_id, name)
+        claim = Claim(self._write(now_ms), self.region, user_id, name)
         self._claims.setdefault(name, set()).add(claim)
+        self.feed.append(Delta(claims=(claim,), vector=self.vector))
         return claim
 
     # Reads --------------------------------------------------------------------------------------
@@ -116,8 +130,10 @@ class Replica:
     def message(self, msg_id: str) -> LogEntry | None:
         return self._messages.get(msg_id)
 
-    def messages(self, channel: str) -> list[LogEntry]:
-        return sorted((e for e in self._messages.values() if e.channel == channel), key=lambda e: e.order_key)
+    def messages(self, channel: str | None = None) -> list[LogEntry]:
+        """A channel's messages (every channel's, without one), in read order."""
+        return sorted((e for e in self._messages.values() if channel is None or e.channel == channel),
+                      key=lambda e: e.order_key)
 
     def status(self, user_id: str) -> StatusValue | None:
         return self._statuses.get(user_id)
@@ -127,10 +143,19 @@ class Replica:
 
     def watermark(self) -> str:
         """The hlc up to which every region's writes are known here."""
-        return min(self.vector.get(r, ZERO.encode()) for r in self.regions)
+        return self.clocks.watermark(self.regions)
 
     def claim_state(self, claim: Claim) -> ClaimState:
         return claim_state(claim, self._claims.get(claim.name, ()), self.watermark())
+
+    def written(self) -> dict[str, str]:
+        """For each origin region, the stamp of the latest of its writes held here."""
+        out: dict[str, str] = {}
+        for stamped in (*self._messages.values(), *self._statuses.values(), *(c for cs in self._claims.values()
+                                                                              for c in cs)):
+            if stamped.hlc > out.get(stamped.region, ""):
+                out[stamped.region] = stamped.hlc
+        return out
 
     def digest(self) -> str:
         claims = [c for cs in self._claims.values() for c in cs]
@@ -142,38 +167,50 @@ class Replica:
         return ReplicaState({name: s.state_vector() for name, s in self._shards.items()}, dict(self.vector))
 
     def delta_for(self, peer: ReplicaState) -> Delta:
+        current = self.vector  # first, as the leader does: what follows covers at least this
         updates = {
             name: shard.delta_since(peer.shards[name]) if name in peer.shards else shard.snapshot()
             for name, shard in self._shards.items()
             if peer.shards.get(name) != shard.state_vector()
         }
-
-        def newer(hlc: str, region: str) -> bool:
-            return hlc > peer.vector.get(region, "")
-
         return Delta(
             shard_updates=updates,
-            statuses=tuple(v for v in self._statuses.values() if newer(v.hlc, v.region)),
-            claims=tuple(c for cs in self._claims.values() for c in cs if newer(c.hlc, c.region)),
-            vector=dict(self.vector),
+            statuses=tuple(v for v in self._statuses.values() if wanted(v.hlc, v.region, peer.vector)),
+            claims=tuple(c for cs in self._claims.values() for c in cs if wanted(c.hlc, c.region, peer.vector)),
+            vector=current,
         )
 
     def apply(self, delta: Delta, now_ms: int) -> list[LogEntry]:
-        """Merge a peer's delta; return the messages that are new here."""
+        """Merge a peer's delta; return the messages that are new here. What was new goes on the feed."""
         added: list[LogEntry] = []
+        new_updates = {}
         for name, update in delta.shard_updates.items():
-            for entry in self._shard(name).apply(update):
+            shard = self._shard(name)
+            before = shard.state_vector()
+            entries = shard.apply(update)
+            if entries or shard.state_vector() != before:
+                new_updates[name] = update
+            for entry in entries:
                 if self._messages.get(entry.id) is None:
                     added.append(entry)
                 self._messages[entry.id] = winner(self._messages.get(entry.id), entry)
+        statuses = []
         for value in delta.statuses:
-            self._statuses[value.user_id] = lww.merge(self._statuses.get(value.user_id), value)  # type: ignore[assignment]
-        for claim in delta.claims:
+            merged = lww.merge(self._statuses.get(value.user_id), value)
+            if merged != self._statuses.get(value.user_id):
+                self._statuses[value.user_id] = merged  # type: ignore[assignment]
+                statuses.append(value)
+        claims = [c for c in delta.claims if c not in self._claims.get(c.name, ())]
+        for claim in claims:
             self._claims.setdefault(claim.name, set()).add(claim)
-        self.vector = vector.merge(self.vector, delta.vector)
-        if delta.vector:
-            self.clock = self.clock.absorb(Hlc.decode(max(delta.vector.values())), now_ms)
+        self.clocks.absorb(delta.vector, now_ms)
+        if new_updates or statuses or claims:
+            self.feed.append(Delta(new_updates, tuple(statuses), tuple(claims), self.vector))
         return added
+
+    def take_feed(self) -> list[Delta]:
+        feed, self.feed = self.feed, []
+        return feed
 
     def _shard(self, name: str) -> MessageShard:
         if name not in self._shards:

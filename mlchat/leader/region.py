@@ -26,15 +26,17 @@ import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from mlchat.crdt import vector
 from mlchat.crdt.claims import Claim, ClaimState, claim_state, owner
 from mlchat.crdt.digest import state_digest
-from mlchat.crdt.hlc import ZERO, Hlc
 from mlchat.crdt.lww import StatusValue
 from mlchat.crdt.msglog import LogEntry, MessageShard, message_id, shard_name, split_order_key, split_shard_name
-from mlchat.crdt.replica import Delta, ReplicaState
+from mlchat.crdt.regionclock import RegionClock
+from mlchat.crdt.replica import Delta, ReplicaState, wanted
 from mlchat.errors import AlreadyExists, InvalidArgument, NotFound, OutOfRange, ResourceExhausted, Unavailable
+from mlchat.geo.membership import Membership
 from mlchat.geo.modes import names_by_consensus
 from mlchat.leader.fanout import Fanout
 from mlchat.leader.settings import LeaderSettings
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 CAUSAL_WAIT_MAX_S = 30.0
 FEED = "*"  # the one topic of the replication feed
 RECENT_IDS = 10_000
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,14 +87,10 @@ class Region:
         self.store = store
         self._client_id = client_id
         self._now_ms = now_ms
-        self.clock = ZERO
-        self.remote: dict[str, str] = {}  # other origins: hlc up to which all their writes are held here
+        self.clocks = RegionClock(self.name)
         self._saved_remote: dict[str, str] = {}
-        self._unsettled: set[str] = set()  # stamps issued whose writes are not yet committed (or failed)
-        self._last_settled = ""  # the highest stamp settled: a causal token needs no more of this region
         self._vector_changed = asyncio.Event()  # replaced by a fresh one at every change
-        self.members: dict[str, str] = dict(settings.peers)  # the other regions: name -> address
-        self.departed: set[str] = set()
+        self.membership = Membership(self.name, settings.peers)
         self.feed: Fanout[Delta] = Fanout(settings.feed_buffer)
         self._shards: OrderedDict[str, MessageShard] = OrderedDict()
         self._pending_updates: dict[str, int] = {}  # per hot shard: updates stored since its snapshot
@@ -105,17 +104,22 @@ class Region:
         self.fanout: Fanout[Committed] = Fanout(settings.subscriber_buffer)
 
     async def start(self) -> None:
-        floor = await self.store.clock_floor()
-        if floor:
-            self.clock = Hlc.decode(floor)
-            self._last_settled = floor  # writes of an earlier run may reach up to here
-        self.remote = {r: h for r, h in (await self.store.load_vector()).items() if r != self.name}
-        self._saved_remote = dict(self.remote)
-        members, self.departed = await self.store.load_members()
-        for region, address in self.members.items():
-            if region not in members:
+        self.clocks = RegionClock(self.name, await self.store.clock_floor(), await self.store.load_vector())
+        self._saved_remote = dict(self.clocks.remote)
+        stored, departed = await self.store.load_members()
+        for region, address in self.settings.peers.items():
+            if region not in stored:
                 await self.store.save_member(region, address)
-        self.members = {r: a for r, a in {**members, **self.members}.items() if r not in self.departed}
+        self.membership = Membership(self.name, {**stored, **self.settings.peers}, departed)
+
+    @property
+    def members(self) -> dict[str, str]:
+        """The other regions: name -> address."""
+        return self.membership.members
+
+    @property
+    def departed(self) -> set[str]:
+        return self.membership.departed
 
     @property
     def regions(self) -> frozenset[str]:
@@ -124,35 +128,38 @@ class Region:
 
     async def add_member(self, region: str, address: str) -> bool:
         """Take a region in; False if it is known already, has left, or is this one."""
-        if region == self.name or region in self.members or region in self.departed:
+        if not self.membership.admit(region, address):
             return False
         await self.store.save_member(region, address)
-        self.members[region] = address
         self._vector_moved()
         return True
 
     async def remove_member(self, region: str) -> bool:
         """A region leaves for good; False if it had left already."""
-        if region in self.departed:
+        if not self.membership.dismiss(region):
             return False
         await self.store.save_departure(region)
-        self.departed.add(region)
-        self.members.pop(region, None)
         self._vector_moved()
         return True
 
     # Clock and causality ------------------------------------------------------------------------
 
     def _stamp(self) -> str:
-        self.clock = self.clock.tick(self._now_ms())
-        stamp = self.clock.encode()
-        self._unsettled.add(stamp)
-        return stamp
+        return self.clocks.stamp(self._now_ms())
 
-    def _settle_stamps(self, stamps: list[str]) -> None:
-        self._unsettled.difference_update(stamps)
-        self._last_settled = max([self._last_settled, *stamps])
+    def _settle_stamps(self, stamps: list[str], stored: bool = True) -> None:
+        self.clocks.settle(stamps, stored)
         self._vector_moved()
+
+    async def _stored(self, stamp: str, storing: Awaitable[T]) -> T:
+        """Await the storing of a write stamped `stamp`; the stamp is settled whatever happens."""
+        stored = False
+        try:
+            result = await storing
+            stored = True
+            return result
+        finally:
+            self._settle_stamps([stamp], stored)
 
     def _vector_moved(self) -> None:
         changed, self._vector_changed = self._vector_changed, asyncio.Event()
@@ -161,29 +168,30 @@ class Region:
     @property
     def vector(self) -> dict[str, str]:
         """For each origin region, the hlc up to which all its writes are held here."""
-        own = Hlc.decode(min(self._unsettled)).previous() if self._unsettled else self.clock
-        return {**self.remote, self.name: own.encode()}
+        return self.clocks.vector
 
-    def heartbeat(self) -> Delta:
-        """Move the clock on when idle (so that peers' watermarks of this region move too) and
-        return the empty delta that tells peers this region's vector."""
-        if not self._unsettled:
-            self.clock = self.clock.tick(self._now_ms())
-            self._vector_moved()
+    async def heartbeat(self) -> Delta:
+        """Move the clock on when idle (so that peers' watermarks of this region move too), store it
+        as the clock floor and what is held of others, and return the empty delta that tells peers
+        this region's vector. If storage fails, the vector told stays at the last floor stored."""
+        floor = self.clocks.floor_target(self._now_ms())
+        remote = dict(self.clocks.remote)  # taken with the floor, which is past all of it
+        try:
+            await self.store.raise_clock_floor(floor)
+            self.clocks.floor_saved(floor)
+            if remote != self._saved_remote:  # saved late: peers only resend what is here
+                await self.store.save_vector(remote)
+                self._saved_remote = remote
+        except Exception:  # storage down: the next heartbeat tries again
+            log.warning("[%s] storing the clock floor failed", self.name, exc_info=True)
+        self._vector_moved()
         advertised = {self.name: self.settings.advertise or self.settings.listen}
         return Delta(vector=self.vector, members={**self.members, **advertised}, departed=tuple(sorted(self.departed)))
 
     def causal_token(self, *seen: tuple[str, str]) -> bytes:
         """The token of what a response reflects: this region's vector, and the (origin, hlc) of any
-        write the response carries (a client must be able to read its own write anywhere). This
-        region's own entry stops at its last write: the idle clock ticks beyond it hold nothing to
-        read, and a region that dies before it ships a tick must not leave tokens no one can satisfy."""
-        current = self.vector
-        if self._last_settled:
-            current[self.name] = min(current[self.name], self._last_settled)
-        else:
-            del current[self.name]
-        return vector.encode_token(vector.merge(current, dict(seen)))
+        write the response carries (a client must be able to read its own write anywhere)."""
+        return vector.encode_token(self.clocks.token(*seen))
 
     async def wait_for(self, token: bytes, timeout_s: float | None) -> None:
         """Return once this region has seen everything `token` has; raise if it does not in time."""
@@ -263,8 +271,8 @@ class Region:
             for name, group in itertools.groupby(entries,
                                                  lambda e: shard_name(channel, e.hlc, self.settings.bucket_ms)):
                 await self._commit_shard(name, list(group))
-        finally:
-            self._settle_stamps([e.hlc for e in entries])
+        finally:  # those committed are settled already
+            self._settle_stamps([e.hlc for e in entries], stored=False)
 
     async def _commit_shard(self, name: str, entries: list[LogEntry]) -> None:
         async with self._locked_shard(name) as shard:
@@ -390,10 +398,8 @@ class Region:
 
     async def set_status(self, user_id: str, presence: int, text: str) -> StatusValue:
         hlc = self._stamp()
-        try:
-            winner, changed = await self.store.set_status(StatusValue(user_id, presence, text, hlc, self.name))
-        finally:
-            self._settle_stamps([hlc])
+        winner, changed = await self._stored(hlc, self.store.set_status(StatusValue(user_id, presence, text, hlc,
+                                                                                    self.name)))
         if changed:
             self.feed.publish(FEED, Delta(statuses=(winner,), vector=self.vector))
         return winner
@@ -407,8 +413,7 @@ class Region:
 
     def _watermark(self) -> str:
         """The hlc up to which this region knows every region's claims."""
-        current = self.vector
-        return min(current.get(r, ZERO.encode()) for r in self.regions)
+        return self.clocks.watermark(self.regions)
 
     async def claim(self, username: str, claim_key: str,
                     decide: Callable[[str, str], Awaitable[str]] | None = None) -> UserView:
@@ -418,10 +423,7 @@ class Region:
         user_id = user_id_for(username, claim_key)
         if decide is None:
             claim = Claim(self._stamp(), self.name, user_id, username)
-            try:
-                outcome = await self.store.claim(claim)
-            finally:
-                self._settle_stamps([claim.hlc])
+            outcome = await self._stored(claim.hlc, self.store.claim(claim))
             if outcome > 0:
                 self.feed.publish(FEED, Delta(claims=(claim,), vector=self.vector))
         else:
@@ -439,10 +441,7 @@ class Region:
         """Store a decided claim here; it replicates like any other (a name decided once may be
         recorded by several regions, each stamping its own record of the same user)."""
         claim = Claim(self._stamp(), self.name, user_id, username)
-        try:
-            changed = await self.store.add_claim(claim)
-        finally:
-            self._settle_stamps([claim.hlc])
+        changed = await self._stored(claim.hlc, self.store.add_claim(claim))
         if changed:
             self.feed.publish(FEED, Delta(claims=(claim,), vector=self.vector))
 
@@ -479,8 +478,8 @@ class Region:
                         raise InvalidArgument(f"the state vector given for shard {name!r} cannot be decoded: send "
                                               "the pycrdt state vector of the shard as it is") from None
                 yield Delta(shard_updates={name: update})
-        statuses = tuple([v async for v in self.store.statuses() if v.hlc > peer.vector.get(v.region, "")])
-        claims = tuple([c async for c in self.store.claims() if c.hlc > peer.vector.get(c.region, "")])
+        statuses = tuple([v async for v in self.store.statuses() if wanted(v.hlc, v.region, peer.vector)])
+        claims = tuple([c async for c in self.store.claims() if wanted(c.hlc, c.region, peer.vector)])
         yield Delta(statuses=statuses, claims=claims, vector=current)
 
     async def state(self) -> ReplicaState:
@@ -499,21 +498,10 @@ class Region:
             if changed:
                 statuses.append(value)
         claims = [c for c in delta.claims if await self.store.add_claim(c)]
-        self.remote = vector.merge(self.remote, {r: h for r, h in delta.vector.items() if r != self.name})
-        if delta.vector:
-            self.clock = self.clock.absorb(Hlc.decode(max(delta.vector.values())), self._now_ms())
+        self.clocks.absorb(delta.vector, self._now_ms())
         self._vector_moved()
         if new_updates or statuses or claims:
             self.feed.publish(FEED, Delta(new_updates, tuple(statuses), tuple(claims), self.vector))
-
-    async def save_vector(self) -> None:
-        """Persist what this region holds of others, and its clock (at heartbeats: a vector saved
-        late only makes peers resend what is here already after a restart, and the clock must not
-        restart below what peers have been told)."""
-        await self.store.raise_clock_floor(self.clock.encode())
-        if self.remote != self._saved_remote:
-            await self.store.save_vector(self.remote)
-            self._saved_remote = dict(self.remote)
 
     async def _apply_shard(self, name: str, update: bytes) -> bytes | None:
         """Apply a pycrdt update to a shard; if anything in it was new here, store it and return it

@@ -12,7 +12,6 @@ bounded) and simply reconnects. Peers authenticate with a token signed by the cl
 from __future__ import annotations
 
 import asyncio
-import enum
 import functools
 import json
 import logging
@@ -29,6 +28,7 @@ from mlchat.crdt.lww import StatusValue
 from mlchat.crdt.replica import Delta, ReplicaState, combine
 from mlchat.errors import ResourceExhausted
 from mlchat.geo.failover import Term
+from mlchat.geo.membership import PeerState, peer_state
 from mlchat.leader.consensus import Consensus
 from mlchat.leader.limits import MAX_PEER_MESSAGE_BYTES
 from mlchat.leader.region import FEED, Region
@@ -119,13 +119,6 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
                     yield message
 
 
-class PeerState(enum.IntEnum):
-    # Values match mlchat.v1.PeerState.
-    UP = 1
-    SUSPECT = 2
-    DOWN = 3
-
-
 @dataclass
 class PeerLink:
     """What this region knows of its stream from one peer."""
@@ -142,10 +135,7 @@ class PeerLink:
     voted: int = 0  # single-leader mode: the latest epoch the peer voted for, as it last said
 
     def state(self, now: float, timeout_s: float) -> PeerState:
-        silent = now - self.last_heard
-        if self.connected and silent <= timeout_s:
-            return PeerState.UP
-        return PeerState.SUSPECT if silent <= 2 * timeout_s else PeerState.DOWN
+        return peer_state(self.connected, now - self.last_heard, timeout_s)
 
 
 class Replicator:
@@ -262,20 +252,16 @@ class Replicator:
 
     async def _membership(self, delta: Delta) -> None:
         """Learn of joins and departures from a peer's heartbeat (gossip)."""
-        for region in delta.departed:
-            if region != self.region.name:
-                await self.dismiss(region)
-        for region, address in delta.members.items():
+        left, joined = self.region.membership.news(delta.members, delta.departed)
+        for region in left:
+            await self.dismiss(region)
+        for region, address in joined.items():
             await self.admit(region, address)
 
     async def _heartbeats(self) -> None:
         while True:
             await asyncio.sleep(self.region.settings.heartbeat_ms / 1000)
-            self.region.feed.publish(FEED, self.region.heartbeat())
-            try:
-                await self.region.save_vector()
-            except Exception:  # storage down: the next heartbeat tries again
-                log.warning("[%s] saving the version vector failed", self.region.name, exc_info=True)
+            self.region.feed.publish(FEED, await self.region.heartbeat())
 
     async def _follow(self, link: PeerLink) -> None:
         backoff = 0.05

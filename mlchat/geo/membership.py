@@ -1,0 +1,58 @@
+"""Cluster membership and failure detection, as one region sees them.
+
+A region knows its members (the other regions: name -> address) and the regions that left for good.
+It learns of members three ways: its configuration, the answer to its Join, and gossip (every
+heartbeat carries the sender's members and departures). Departure wins over membership and is never
+undone, so every region ends with the same view whatever order the gossip arrives in: a region that
+left is never taken back by a peer that has not heard yet. A peer's stream is up while it is connected
+and has spoken within the timeout, suspect up to twice that, then down. No I/O here: the caller stores
+what changes and starts or stops following peers.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+
+
+class PeerState(enum.IntEnum):
+    # Values match mlchat.v1.PeerState.
+    UP = 1
+    SUSPECT = 2
+    DOWN = 3
+
+
+def peer_state(connected: bool, silent_s: float, timeout_s: float) -> PeerState:
+    if connected and silent_s <= timeout_s:
+        return PeerState.UP
+    return PeerState.SUSPECT if silent_s <= 2 * timeout_s else PeerState.DOWN
+
+
+class Membership:
+    def __init__(self, me: str, members: Mapping[str, str], departed: Iterable[str] = ()) -> None:
+        self.me = me
+        self.departed = set(departed) - {me}
+        self.members = {r: a for r, a in members.items() if r != me and r not in self.departed}
+
+    def admit(self, region: str, address: str) -> bool:
+        """Take a region in; False if it is this one, known already, or has left."""
+        if region == self.me or region in self.members or region in self.departed:
+            return False
+        self.members[region] = address
+        return True
+
+    def dismiss(self, region: str) -> bool:
+        """A region leaves for good; False if it had left already."""
+        if region in self.departed or region == self.me:
+            return False
+        self.departed.add(region)
+        self.members.pop(region, None)
+        return True
+
+    def news(self, members: Mapping[str, str], departed: Iterable[str]) -> tuple[list[str], dict[str, str]]:
+        """What a peer's view tells this region: the regions that left, then those that joined."""
+        departed = set(departed)
+        left = sorted(r for r in departed if r != self.me and r not in self.departed)
+        joined = {r: a for r, a in members.items()
+                  if r != self.me and r not in self.members and r not in self.departed and r not in departed}
+        return left, joined
