@@ -4,9 +4,16 @@ A region knows its members (the other regions: name -> address) and the regions 
 It learns of members three ways: its configuration, the answer to its Join, and gossip (every
 heartbeat carries the sender's members and departures). Departure wins over membership and is never
 undone, so every region ends with the same view whatever order the gossip arrives in: a region that
-left is never taken back by a peer that has not heard yet. A peer's stream is up while it is connected
-and has spoken within the timeout, suspect up to twice that, then down. No I/O here: the caller stores
-what changes and starts or stops following peers.
+left is never taken back by a peer that has not heard yet.
+
+A region also tracks which members count it among theirs (configured peers do from the start). A
+member that does not yet may confirm a username claim against a watermark that leaves this region
+out, and this region's clock, which that member has never seen, may still be behind that claim: a
+claim taken here could then win over one already confirmed. So a region takes claims only once every
+member it knows has listed it, in a heartbeat that also moved its clock past that member's.
+
+A peer's stream is up while it is connected and has spoken within the timeout, suspect up to twice
+that, then down. No I/O here: the caller stores what changes and starts or stops following peers.
 """
 
 from __future__ import annotations
@@ -29,10 +36,12 @@ def peer_state(connected: bool, silent_s: float, timeout_s: float) -> PeerState:
 
 
 class Membership:
-    def __init__(self, me: str, members: Mapping[str, str], departed: Iterable[str] = ()) -> None:
+    def __init__(self, me: str, members: Mapping[str, str], departed: Iterable[str] = (),
+                 listed_by: Iterable[str] = ()) -> None:
         self.me = me
         self.departed = set(departed) - {me}
         self.members = {r: a for r, a in members.items() if r != me and r not in self.departed}
+        self.listed_by = set(listed_by)  # the regions known to count this one as a member
 
     def admit(self, region: str, address: str) -> bool:
         """Take a region in; False if it is this one, known already, or has left."""
@@ -56,3 +65,15 @@ class Membership:
         joined = {r: a for r, a in members.items()
                   if r != self.me and r not in self.members and r not in self.departed and r not in departed}
         return left, joined
+
+    def listed(self, peer: str, members: Mapping[str, str]) -> bool:
+        """A peer's heartbeat told its members: True if it newly shows the peer counts this region in."""
+        if self.me in members and peer not in self.listed_by:
+            self.listed_by.add(peer)
+            return True
+        return False
+
+    def unacknowledged(self) -> list[str]:
+        """The members not yet known to count this region as one of theirs: until none is left, it takes no
+        username claims."""
+        return sorted(set(self.members) - self.listed_by)

@@ -106,11 +106,13 @@ class Region:
     async def start(self) -> None:
         self.clocks = RegionClock(self.name, await self.store.clock_floor(), await self.store.load_vector())
         self._saved_remote = dict(self.clocks.remote)
-        stored, departed = await self.store.load_members()
+        stored, departed, listed_by = await self.store.load_members()
         for region, address in self.settings.peers.items():
             if region not in stored:
                 await self.store.save_member(region, address)
-        self.membership = Membership(self.name, {**stored, **self.settings.peers}, departed)
+        # Configured peers are configured with this region too.
+        self.membership = Membership(self.name, {**stored, **self.settings.peers}, departed,
+                                     listed_by | set(self.settings.peers))
 
     @property
     def members(self) -> dict[str, str]:
@@ -133,6 +135,16 @@ class Region:
         await self.store.save_member(region, address)
         self._vector_moved()
         return True
+
+    async def listed(self, peer: str, members: dict[str, str]) -> None:
+        """A peer's heartbeat (applied: this clock is past the peer's) told its members. Once it lists this
+        region, the floor is stored past the peer's clock before that is recorded: a restart must not stamp
+        a claim below what the peer may have confirmed before it knew of this region."""
+        if self.membership.listed(peer, members):
+            floor = self.clocks.clock.encode()
+            await self.store.raise_clock_floor(floor)
+            self.clocks.floor_saved(floor)
+            await self.store.save_listed_by(peer)
 
     async def remove_member(self, region: str) -> bool:
         """A region leaves for good; False if it had left already."""
@@ -422,6 +434,10 @@ class Region:
         is decided once for all regions: `decide(username, user_id)` returns the user it chose."""
         user_id = user_id_for(username, claim_key)
         if decide is None:
+            if waiting := self.membership.unacknowledged():
+                raise Unavailable(f"region {self.name} has not yet heard {', '.join(waiting)} count it as a member "
+                                  "(it joined lately): it takes username claims once they do; retry, or claim in "
+                                  "another region")
             claim = Claim(self._stamp(), self.name, user_id, username)
             outcome = await self._stored(claim.hlc, self.store.claim(claim))
             if outcome > 0:

@@ -307,6 +307,8 @@ class Replicator:
         delta = delta_from_pb(message)
         await self.region.apply(delta)
         await self._membership(delta)
+        if delta.members:  # a heartbeat: the peer's own view
+            await self.region.listed(link.region, delta.members)
         link.deltas += 1
         if delta.vector:
             link.vector = vector.merge(link.vector, delta.vector)

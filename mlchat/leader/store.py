@@ -13,7 +13,8 @@ scripts also touch the region-wide keys, which a cluster deployment will have to
   shards       HASH shard name -> pycrdt state vector: what a peer is told this region holds
   channels, users  SETs, for counts; meta:hlc  the largest hlc issued here (clock floor at start)
   meta:vector  HASH origin region -> hlc up to which all its writes are held here
-  meta:members HASH region -> address of the other members; meta:departed  SET of regions that left
+  meta:members HASH region -> address of the other members; meta:departed  SET of regions that left;
+  meta:listed-by  SET of members known to count this region as one of theirs
 
 A write is one Lua script, so the state change and everything derived from it commit together or not
 at all, and it is acknowledged only after Redis has it.
@@ -387,13 +388,18 @@ class Store:
         """Every shard held here, with its pycrdt state vector."""
         return {k.decode(): v for k, v in (await self.redis.hgetall("shards")).items()}
 
-    async def load_members(self) -> tuple[dict[str, str], set[str]]:
-        """(region -> address of the members, regions that left)."""
+    async def load_members(self) -> tuple[dict[str, str], set[str], set[str]]:
+        """(region -> address of the members, regions that left, regions known to count this one in)."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hgetall("meta:members")
             pipe.smembers("meta:departed")
-            members, departed = await pipe.execute()
-        return {k.decode(): v.decode() for k, v in members.items()}, {d.decode() for d in departed}
+            pipe.smembers("meta:listed-by")
+            members, departed, listed_by = await pipe.execute()
+        return ({k.decode(): v.decode() for k, v in members.items()}, {d.decode() for d in departed},
+                {r.decode() for r in listed_by})
+
+    async def save_listed_by(self, region: str) -> None:
+        await self.redis.sadd("meta:listed-by", region)
 
     async def save_member(self, region: str, address: str) -> None:
         await self.redis.hset("meta:members", region, address)

@@ -99,6 +99,7 @@ class Disk:
     remote: dict[str, str] = field(default_factory=dict)
     members: set[str] = field(default_factory=set)
     departed: set[str] = field(default_factory=set)
+    listed_by: set[str] = field(default_factory=set)
     acceptors: dict[str, str] = field(default_factory=dict)  # key -> AcceptorState.encode()
     rounds: dict[str, int] = field(default_factory=dict)  # key -> the last Paxos round used here
 
@@ -185,7 +186,7 @@ class World:
         self.faults = Faults()
         self.nodes: dict[str, Node] = {}
         for name in self.founders:
-            disk = Disk(members=set(self.founders) - {name})
+            disk = Disk(members=set(self.founders) - {name}, listed_by=set(self.founders) - {name})
             self.nodes[name] = Node(name, self.rng.randint(-MAX_SKEW_MS, MAX_SKEW_MS), disk)
             self.start(self.nodes[name])
         self.net: list[tuple[int, int, str, str, Message]] = []  # (due step, seq, from, to, message)
@@ -212,7 +213,8 @@ class World:
         """Start a region from its disk, as `Region.start` does: the clock at the stored floor, the stored vector
         of others, a fresh pycrdt client id, every stored change loaded."""
         disk = node.disk
-        node.membership = Membership(node.name, {m: m for m in sorted(disk.members)}, sorted(disk.departed))
+        node.membership = Membership(node.name, {m: m for m in sorted(disk.members)}, sorted(disk.departed),
+                                     sorted(disk.listed_by))
         node.replica = Replica(node.name, self.rng.getrandbits(32) or 1, frozenset(node.membership.members),
                                BUCKET_MS, disk.floor, disk.remote)
         for change in disk.changes:
@@ -300,6 +302,11 @@ class World:
             left, joined = membership.news(msg.delta.members, msg.delta.departed)
             for region in joined:
                 self.admit(node, region)
+            if membership.listed(src, msg.delta.members):  # `Region.listed`
+                floor = replica.clocks.clock.encode()
+                node.disk.floor = max(node.disk.floor, floor)
+                replica.clocks.floor_saved(floor)
+                node.disk.listed_by.add(src)
         elif isinstance(msg, Join):
             self.admit(node, msg.region)
             self.send(node.name, src, Welcome((node.name, *membership.members)))
@@ -462,6 +469,9 @@ class World:
         replica, _ = node.core()
         if self.mode == "strong-names":
             self.propose_name(node, name, user.name)
+        elif node.core()[1].unacknowledged():
+            self.log(f"{node.name}: claim of {name} for {user.name} refused (UNAVAILABLE): not yet listed by "
+                     f"{node.core()[1].unacknowledged()}")
         elif not any(c.name == name for c in user.claims):
             user.claims.append(replica.claim(name, user.name, self.now_ms(node)))
             self.store_and_ship(node)
