@@ -1,6 +1,7 @@
 """One region's replicated state in memory, and delta exchange between regions.
 
-A replica holds message-log shards (pycrdt), status registers (LWW) and username claims, plus a
+A replica holds message-log shards (pycrdt), status registers (LWW), username claims, private channel
+records (claims on the channel name) and channel memberships (LWW registers), plus a
 version vector: for each origin region, the hlc up to which it holds (the effect of) every write of
 that region. A peer describes itself with `state()`; `delta_for(state)` returns what it lacks: pycrdt
 deltas against its shard state vectors, and every register value and claim newer than its vector entry
@@ -19,7 +20,7 @@ from mlchat.crdt import lww, vector
 from mlchat.crdt.claims import Claim, ClaimState, claim_state
 from mlchat.crdt.digest import state_digest
 from mlchat.crdt.hlc import ZERO, Hlc
-from mlchat.crdt.lww import StatusValue
+from mlchat.crdt.lww import MemberValue, StatusValue
 from mlchat.crdt.msglog import LogEntry, MessageShard, message_id, shard_name, split_shard_name, winner
 
 HOUR_MS = 3_600_000
@@ -38,6 +39,8 @@ class Delta:
     shard_updates: dict[str, bytes] = field(default_factory=dict)
     statuses: tuple[StatusValue, ...] = ()
     claims: tuple[Claim, ...] = ()
+    channels: tuple[Claim, ...] = ()  # private channel records
+    memberships: tuple[MemberValue, ...] = ()
     # The sender's vector: after applying the delta the receiver holds everything it covers.
     vector: dict[str, str] = field(default_factory=dict)
     # Membership as the sender knows it (heartbeats carry it): region -> address, and who left.
@@ -62,6 +65,8 @@ def combine(deltas: list[Delta]) -> list[Delta]:
             shard_updates={n: u[0] if len(u) == 1 else merge_updates(*u) for n, u in updates.items()},
             statuses=tuple(v for d in group for v in d.statuses),
             claims=tuple(c for d in group for c in d.claims),
+            channels=tuple(c for d in group for c in d.channels),
+            memberships=tuple(m for d in group for m in d.memberships),
             vector=vector.merge({}, group[-1].vector) if group[-1].vector else {},
             members={r: a for d in group for r, a in d.members.items()},
             departed=tuple(sorted({r for d in group for r in d.departed}))))
@@ -80,6 +85,8 @@ class Replica:
         self._messages: dict[str, LogEntry] = {}  # message id -> the copy readers see
         self._statuses: dict[str, StatusValue] = {}
         self._claims: dict[str, set[Claim]] = {}
+        self._channels: dict[str, set[Claim]] = {}
+        self._members: dict[tuple[str, str], MemberValue] = {}
         self.vector: dict[str, str] = {}
 
     # Local writes -------------------------------------------------------------------------------
@@ -111,6 +118,18 @@ class Replica:
         self._claims.setdefault(name, set()).add(claim)
         return claim
 
+    def create_channel(self, channel: str, user_id: str, now_ms: int) -> Claim:
+        """Record a private channel created by `user_id`, who becomes its first member."""
+        record = Claim(self._stamp(now_ms), self.region, user_id, channel)
+        self._channels.setdefault(channel, set()).add(record)
+        self._members[(channel, user_id)] = MemberValue(channel, user_id, True, record.hlc, self.region)
+        return record
+
+    def set_member(self, channel: str, user_id: str, member: bool, now_ms: int) -> MemberValue:
+        value = MemberValue(channel, user_id, member, self._stamp(now_ms), self.region)
+        self._members[value.key] = value
+        return value
+
     # Reads --------------------------------------------------------------------------------------
 
     def message(self, msg_id: str) -> LogEntry | None:
@@ -125,6 +144,13 @@ class Replica:
     def claims_on(self, name: str) -> set[Claim]:
         return set(self._claims.get(name, ()))
 
+    def channel_creator(self, channel: str) -> Claim | None:
+        return min(self._channels.get(channel, ()), default=None)
+
+    def is_member(self, channel: str, user_id: str) -> bool:
+        value = self._members.get((channel, user_id))
+        return value is not None and value.member
+
     def watermark(self) -> str:
         """The hlc up to which every region's writes are known here."""
         return min(self.vector.get(r, ZERO.encode()) for r in self.regions)
@@ -134,7 +160,8 @@ class Replica:
 
     def digest(self) -> str:
         claims = [c for cs in self._claims.values() for c in cs]
-        return state_digest(self._messages.values(), self._statuses.values(), claims)
+        channels = [c for cs in self._channels.values() for c in cs]
+        return state_digest(self._messages.values(), self._statuses.values(), claims, channels, self._members.values())
 
     # Replication --------------------------------------------------------------------------------
 
@@ -155,6 +182,8 @@ class Replica:
             shard_updates=updates,
             statuses=tuple(v for v in self._statuses.values() if newer(v.hlc, v.region)),
             claims=tuple(c for cs in self._claims.values() for c in cs if newer(c.hlc, c.region)),
+            channels=tuple(c for cs in self._channels.values() for c in cs if newer(c.hlc, c.region)),
+            memberships=tuple(m for m in self._members.values() if newer(m.hlc, m.region)),
             vector=dict(self.vector),
         )
 
@@ -170,6 +199,10 @@ class Replica:
             self._statuses[value.user_id] = lww.merge(self._statuses.get(value.user_id), value)  # type: ignore[assignment]
         for claim in delta.claims:
             self._claims.setdefault(claim.name, set()).add(claim)
+        for record in delta.channels:
+            self._channels.setdefault(record.name, set()).add(record)
+        for m in delta.memberships:
+            self._members[m.key] = lww.merge(self._members.get(m.key), m)  # type: ignore[assignment]
         self.vector = vector.merge(self.vector, delta.vector)
         if delta.vector:
             self.clock = self.clock.absorb(Hlc.decode(max(delta.vector.values())), now_ms)
