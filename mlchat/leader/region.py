@@ -623,8 +623,9 @@ class Region:
             self.clock = self.clock.absorb(Hlc.decode(max(delta.vector.values())), self._now_ms())
         self._vector_moved()
         if new_updates or statuses or claims or channels or memberships:
-            self.feed.publish(FEED, Delta(new_updates, tuple(statuses), tuple(claims), tuple(channels),
-                                          tuple(memberships), self.vector))
+            self.feed.publish(FEED, Delta(shard_updates=new_updates, statuses=tuple(statuses), claims=tuple(claims),
+                                          channels=tuple(channels), memberships=tuple(memberships),
+                                          vector=self.vector))
 
     async def save_vector(self) -> None:
         """Persist what this region holds of others, and its clock (at heartbeats: a vector saved
