@@ -33,6 +33,12 @@ class AlreadyExists(MlchatError):
     grpc_status = "ALREADY_EXISTS"
 
 
+class FailedPrecondition(MlchatError):
+    """The request is valid but the state it acts on does not allow it (see the message for what)."""
+
+    grpc_status = "FAILED_PRECONDITION"
+
+
 class OutOfRange(MlchatError):
     grpc_status = "OUT_OF_RANGE"
 

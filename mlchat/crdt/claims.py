@@ -5,6 +5,9 @@ merged by union. The owner of a name is the user of the claim with the smallest 
 every region computes the same way once it holds the same claims. A claim is provisional until every
 region's clock watermark has passed its hlc: from then on no earlier claim can still arrive, and the
 claim is confirmed or lost for good.
+
+The record of a private channel is a claim too: on the channel's name, by its creator. Two regions that
+create the same channel at once end with one creator everywhere, the owner of the claims on the name.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """One region's replicated state in memory, and delta exchange between regions.
 
-A replica holds message-log shards (pycrdt), status registers (LWW) and username claims, plus a
+A replica holds message-log shards (pycrdt), status registers (LWW), username claims, private
+channel records (claims on the channel name) and channel memberships (LWW registers), plus a
 version vector (`RegionClock`): for each origin region, the hlc up to which it holds (the effect of)
 every write of that region. A peer describes itself with `state()`; `delta_for(state)` returns what
 it lacks: pycrdt deltas against its shard state vectors, and every register value and claim newer
@@ -21,7 +22,7 @@ from pycrdt import merge_updates
 from mlchat.crdt import lww, vector
 from mlchat.crdt.claims import Claim, ClaimState, claim_state
 from mlchat.crdt.digest import state_digest
-from mlchat.crdt.lww import StatusValue
+from mlchat.crdt.lww import MemberValue, StatusValue
 from mlchat.crdt.msglog import LogEntry, MessageShard, message_id, shard_name, split_shard_name, winner
 from mlchat.crdt.regionclock import RegionClock
 
@@ -41,6 +42,8 @@ class Delta:
     shard_updates: dict[str, bytes] = field(default_factory=dict)
     statuses: tuple[StatusValue, ...] = ()
     claims: tuple[Claim, ...] = ()
+    channels: tuple[Claim, ...] = ()  # private channel records
+    memberships: tuple[MemberValue, ...] = ()
     # The sender's vector: after applying the delta the receiver holds everything it covers.
     vector: dict[str, str] = field(default_factory=dict)
     # Membership as the sender knows it (heartbeats carry it): region -> address, and who left.
@@ -70,6 +73,8 @@ def combine(deltas: list[Delta]) -> list[Delta]:
             shard_updates={n: u[0] if len(u) == 1 else merge_updates(*u) for n, u in updates.items()},
             statuses=tuple(v for d in group for v in d.statuses),
             claims=tuple(c for d in group for c in d.claims),
+            channels=tuple(c for d in group for c in d.channels),
+            memberships=tuple(m for d in group for m in d.memberships),
             vector=vector.merge({}, group[-1].vector) if group[-1].vector else {},
             members={r: a for d in group for r, a in d.members.items()},
             departed=tuple(sorted({r for d in group for r in d.departed}))))
@@ -89,6 +94,8 @@ class Replica:
         self._messages: dict[str, LogEntry] = {}  # message id -> the copy readers see
         self._statuses: dict[str, StatusValue] = {}
         self._claims: dict[str, set[Claim]] = {}
+        self._channels: dict[str, set[Claim]] = {}
+        self._members: dict[tuple[str, str], MemberValue] = {}
 
     @property
     def vector(self) -> dict[str, str]:
@@ -125,6 +132,21 @@ class Replica:
         self.feed.append(Delta(claims=(claim,), vector=self.vector))
         return claim
 
+    def create_channel(self, channel: str, user_id: str, now_ms: int) -> Claim:
+        """Record a private channel created by `user_id`, who becomes its first member."""
+        record = Claim(self._write(now_ms), self.region, user_id, channel)
+        member = MemberValue(channel, user_id, True, record.hlc, self.region)
+        self._channels.setdefault(channel, set()).add(record)
+        self._members[member.key] = member
+        self.feed.append(Delta(channels=(record,), memberships=(member,), vector=self.vector))
+        return record
+
+    def set_member(self, channel: str, user_id: str, member: bool, now_ms: int) -> MemberValue:
+        value = MemberValue(channel, user_id, member, self._write(now_ms), self.region)
+        self._members[value.key] = value
+        self.feed.append(Delta(memberships=(value,), vector=self.vector))
+        return value
+
     # Reads --------------------------------------------------------------------------------------
 
     def message(self, msg_id: str) -> LogEntry | None:
@@ -141,6 +163,13 @@ class Replica:
     def claims_on(self, name: str) -> set[Claim]:
         return set(self._claims.get(name, ()))
 
+    def channel_creator(self, channel: str) -> Claim | None:
+        return min(self._channels.get(channel, ()), default=None)
+
+    def is_member(self, channel: str, user_id: str) -> bool:
+        value = self._members.get((channel, user_id))
+        return value is not None and value.member
+
     def watermark(self) -> str:
         """The hlc up to which every region's writes are known here."""
         return self.clocks.watermark(self.regions)
@@ -151,15 +180,20 @@ class Replica:
     def written(self) -> dict[str, str]:
         """For each origin region, the stamp of the latest of its writes held here."""
         out: dict[str, str] = {}
-        for stamped in (*self._messages.values(), *self._statuses.values(), *(c for cs in self._claims.values()
-                                                                              for c in cs)):
+        for stamped in (*self._messages.values(), *self._statuses.values(), *self._all_claims(),
+                        *self._members.values()):
             if stamped.hlc > out.get(stamped.region, ""):
                 out[stamped.region] = stamped.hlc
         return out
 
+    def _all_claims(self) -> list[Claim]:
+        """Username claims and private channel records."""
+        return [c for claims in (self._claims, self._channels) for cs in claims.values() for c in cs]
+
     def digest(self) -> str:
         claims = [c for cs in self._claims.values() for c in cs]
-        return state_digest(self._messages.values(), self._statuses.values(), claims)
+        channels = [c for cs in self._channels.values() for c in cs]
+        return state_digest(self._messages.values(), self._statuses.values(), claims, channels, self._members.values())
 
     # Replication --------------------------------------------------------------------------------
 
@@ -177,6 +211,8 @@ class Replica:
             shard_updates=updates,
             statuses=tuple(v for v in self._statuses.values() if wanted(v.hlc, v.region, peer.vector)),
             claims=tuple(c for cs in self._claims.values() for c in cs if wanted(c.hlc, c.region, peer.vector)),
+            channels=tuple(c for cs in self._channels.values() for c in cs if wanted(c.hlc, c.region, peer.vector)),
+            memberships=tuple(m for m in self._members.values() if wanted(m.hlc, m.region, peer.vector)),
             vector=current,
         )
 
@@ -203,9 +239,19 @@ class Replica:
         claims = [c for c in delta.claims if c not in self._claims.get(c.name, ())]
         for claim in claims:
             self._claims.setdefault(claim.name, set()).add(claim)
+        channels = [c for c in delta.channels if c not in self._channels.get(c.name, ())]
+        for record in channels:
+            self._channels.setdefault(record.name, set()).add(record)
+        memberships = []
+        for m in delta.memberships:
+            merged = lww.merge(self._members.get(m.key), m)
+            if merged != self._members.get(m.key):
+                self._members[m.key] = merged  # type: ignore[assignment]
+                memberships.append(m)
         self.clocks.absorb(delta.vector, now_ms)
-        if new_updates or statuses or claims:
-            self.feed.append(Delta(new_updates, tuple(statuses), tuple(claims), self.vector))
+        if new_updates or statuses or claims or channels or memberships:
+            self.feed.append(Delta(shard_updates=new_updates, statuses=tuple(statuses), claims=tuple(claims),
+                                   channels=tuple(channels), memberships=tuple(memberships), vector=self.vector))
         return added
 
     def take_feed(self) -> list[Delta]:

@@ -155,6 +155,33 @@ class ChatClient:
         self._seen(resp.causal_token)
         return resp
 
+    def create_private_channel(self, channel: str) -> pb.CreatePrivateChannelResponse:
+        resp = self._call(lambda: self.stub.CreatePrivateChannel(
+            pb.CreatePrivateChannelRequest(channel=channel), metadata=self.metadata, timeout=self.timeout_s))
+        self._seen(resp.causal_token)
+        return resp
+
+    def add_member(self, channel: str, user_id: str) -> pb.ChannelMemberResponse:
+        return self._set_member("AddChannelMember", channel, user_id)
+
+    def remove_member(self, channel: str, user_id: str) -> pb.ChannelMemberResponse:
+        return self._set_member("RemoveChannelMember", channel, user_id)
+
+    def _set_member(self, method: str, channel: str, user_id: str) -> pb.ChannelMemberResponse:
+        # The method is looked up at each try: a failover changes the stub.
+        resp = self._call(lambda: getattr(self.stub, method)(
+            pb.ChannelMemberRequest(channel=channel, user_id=user_id), metadata=self.metadata,
+            timeout=self.timeout_s))
+        self._seen(resp.causal_token)
+        return resp
+
+    def list_members(self, channel: str) -> pb.ListChannelMembersResponse:
+        resp = self._call(lambda: self.stub.ListChannelMembers(
+            pb.ListChannelMembersRequest(channel=channel, causal_token=self.causal_token),
+            metadata=self.metadata, timeout=self.timeout_s))
+        self._seen(resp.causal_token)
+        return resp
+
     def refresh(self) -> pb.RefreshTokenResponse:
         """Trade the token for a fresh one before it expires."""
         resp = self._call(lambda: self.stub.RefreshToken(pb.RefreshTokenRequest(), metadata=self.metadata,

@@ -22,6 +22,8 @@ MAX_REQUEST_BYTES = 64 * 1024  # client API requests; larger ones get RESOURCE_E
 MAX_PEER_STATE_BYTES = 16 * 1024 * 1024  # a peer's state (all its shards' state vectors), in one request
 MAX_PEER_MESSAGE_BYTES = 256 * 1024 * 1024  # one replication message: at most one whole shard
 MAX_CONCURRENT_RPCS = 1000
+# Per private channel, checked in the region that adds (concurrent adds in other regions may pass it).
+MAX_CHANNEL_MEMBERS = 1000
 SUBSCRIBER_BUFFER = 1000  # messages a subscriber may fall behind before it is cut off
 SUBSCRIBE_RETENTION = 10_000  # per channel: how far back a Subscribe can resume
 

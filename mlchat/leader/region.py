@@ -31,14 +31,24 @@ from typing import TypeVar
 from mlchat.crdt import vector
 from mlchat.crdt.claims import Claim, ClaimState, claim_state, owner
 from mlchat.crdt.digest import state_digest
-from mlchat.crdt.lww import StatusValue
+from mlchat.crdt.lww import MemberValue, StatusValue
 from mlchat.crdt.msglog import LogEntry, MessageShard, message_id, shard_name, split_order_key, split_shard_name
 from mlchat.crdt.regionclock import RegionClock
 from mlchat.crdt.replica import Delta, ReplicaState, wanted
-from mlchat.errors import AlreadyExists, InvalidArgument, NotFound, OutOfRange, ResourceExhausted, Unavailable
+from mlchat.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
 from mlchat.geo.membership import Membership
 from mlchat.geo.modes import names_by_consensus
 from mlchat.leader.fanout import Fanout
+from mlchat.leader.limits import MAX_CHANNEL_MEMBERS
 from mlchat.leader.settings import LeaderSettings
 from mlchat.leader.store import Page, Store, parse_stream_id, stream_id_key
 
@@ -56,6 +66,15 @@ class Committed:
     entry: LogEntry
     stream_id: str
     causal_token: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AccessChanged:
+    """Published to a channel's subscribers when who may read it has changed (the channel became
+    private, or a member was removed): each subscriber checks that it still may."""
+
+
+ACCESS_CHANGED = AccessChanged()
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +120,7 @@ class Region:
         # Ids of messages committed lately, so that a retry is answered without a shard reload.
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._shard_locks: dict[str, asyncio.Lock] = {}
-        self.fanout: Fanout[Committed] = Fanout(settings.subscriber_buffer)
+        self.fanout: Fanout[Committed | AccessChanged] = Fanout(settings.subscriber_buffer)
 
     async def start(self) -> None:
         self.clocks = RegionClock(self.name, await self.store.clock_floor(), await self.store.load_vector())
@@ -227,6 +246,7 @@ class Region:
 
     async def post(self, user_id: str, channel: str, body: str, client_msg_id: str) -> tuple[LogEntry, bool]:
         """Commit a message; return it and whether the call was a retry of an earlier one."""
+        await self.check_access(channel, user_id)
         msg_id = message_id(user_id, channel, client_msg_id)
         # Each caller waits on a future of its own: one that gives up cancels nothing others wait on.
         future: asyncio.Future[tuple[LogEntry, bool]] = asyncio.get_running_loop().create_future()
@@ -368,12 +388,16 @@ class Region:
         self._shards.move_to_end(name)
         return shard
 
-    async def page(self, channel: str, cursor: str, limit: int, newest_first: bool) -> Page:
-        return await self.store.page(channel, decode_cursor(cursor) if cursor else "", limit, newest_first)
+    async def page(self, user_id: str, channel: str, cursor: str, limit: int, newest_first: bool) -> Page:
+        after = decode_cursor(cursor) if cursor else ""
+        await self.check_access(channel, user_id)
+        return await self.store.page(channel, after, limit, newest_first)
 
-    async def subscribe(self, channel: str, resume_cursor: str) -> AsyncIterator[Committed]:
-        """Committed messages of `channel`: those after `resume_cursor`, then live ones."""
+    async def subscribe(self, user_id: str, channel: str, resume_cursor: str) -> AsyncIterator[Committed]:
+        """Committed messages of `channel`: those after `resume_cursor`, then live ones. The stream
+        ends with PermissionDenied once the user may no longer read the channel."""
         with self.fanout.subscribe(channel) as sub:  # first, so nothing committed from now is missed
+            await self.check_access(channel, user_id)  # after: a removal from now on reaches `sub`
             if resume_cursor:
                 try:
                     last = parse_stream_id(resume_cursor)
@@ -402,9 +426,83 @@ class Region:
                             "resume from your last stream_cursor")
                     return
                 for item in batch:
-                    if stream_id_key(item.stream_id) > stream_id_key(last):
+                    if isinstance(item, AccessChanged):
+                        await self.check_access(channel, user_id)
+                    elif stream_id_key(item.stream_id) > stream_id_key(last):
                         last = item.stream_id
                         yield item
+
+    # Private channels -------------------------------------------------------------------------
+
+    async def check_access(self, channel: str, user_id: str) -> None:
+        """Raise PermissionDenied unless `user_id` may read and post in `channel` (public, or a member)."""
+        private, member = await self.store.access(channel, user_id)
+        if private and not member:
+            raise PermissionDenied(f"channel {channel!r} is private and user {user_id} is not a member: "
+                                   "a member has to add you (AddChannelMember)")
+
+    async def create_channel(self, user_id: str, channel: str) -> Claim:
+        """Create the private channel `channel`, with `user_id` its creator and first member; return its
+        record (the existing one if this user created it before: a retry)."""
+        record = Claim(self._stamp(), self.name, user_id, channel)
+        outcome = await self._stored(record.hlc, self.store.create_channel(record))
+        if outcome < 0:
+            raise FailedPrecondition(f"channel {channel!r} already has public messages in region {self.name}: "
+                                     "choose a new name for a private channel")
+        if outcome > 0:
+            member = MemberValue(channel, user_id, True, record.hlc, self.name)
+            self.feed.publish(FEED, Delta(channels=(record,), memberships=(member,), vector=self.vector))
+            self.fanout.publish(channel, ACCESS_CHANGED)  # subscribers of the public channel of that name
+            return record
+        top = await self._private(channel)
+        if top.user_id != user_id:
+            raise AlreadyExists(f"channel {channel!r} is already a private channel, created by {top.user_id}: "
+                                "choose another name, or ask a member to add you")
+        return top
+
+    async def _private(self, channel: str) -> Claim:
+        """The record of a private channel (its creator); NotFound if the channel is not private here."""
+        top = owner(await self.store.channel_records(channel))
+        if top is None:
+            raise NotFound(f"channel {channel!r} is not a private channel in region {self.name} (public "
+                           "channels have no members); create it with CreatePrivateChannel")
+        return top
+
+    async def set_member(self, actor: str, channel: str, user_id: str, member: bool) -> MemberValue:
+        """`actor` adds `user_id` to the private `channel` (or removes them); return the membership.
+        Nothing is stored if it already was so."""
+        creator = (await self._private(channel)).user_id
+        refusal = membership_refusal(actor, creator, await self._is_member(channel, actor), user_id, member)
+        if refusal:
+            raise PermissionDenied(f"{refusal} (channel {channel!r})")
+        if await self.store.user_name(user_id) is None:
+            raise NotFound(f"no user {user_id!r} in region {self.name}")
+        current = await self.store.member(channel, user_id)
+        if (current is not None and current.member) == member:
+            return current or MemberValue(channel, user_id, False, "", "")  # never a member
+        if member and len([m for m in await self.store.members(channel) if m.member]) >= MAX_CHANNEL_MEMBERS:
+            raise FailedPrecondition(f"channel {channel!r} has {MAX_CHANNEL_MEMBERS} members, the most a private "
+                                     "channel may have: remove one first")
+        hlc = self._stamp()
+        winner, changed = await self._stored(hlc, self.store.set_member(MemberValue(channel, user_id, member, hlc,
+                                                                                    self.name)))
+        if changed:
+            self.feed.publish(FEED, Delta(memberships=(winner,), vector=self.vector))
+            if not winner.member:
+                self.fanout.publish(channel, ACCESS_CHANGED)
+        return winner
+
+    async def _is_member(self, channel: str, user_id: str) -> bool:
+        value = await self.store.member(channel, user_id)
+        return value is not None and value.member
+
+    async def channel_members(self, actor: str, channel: str) -> tuple[Claim, list[MemberValue]]:
+        """A private channel's record and current members, for a member or the creator."""
+        record = await self._private(channel)
+        if actor != record.user_id and not await self._is_member(channel, actor):
+            raise PermissionDenied(f"channel {channel!r} is private and user {actor} is not a member: only its "
+                                   "members and its creator see who is in it")
+        return record, [m for m in await self.store.members(channel) if m.member]
 
     # Status -------------------------------------------------------------------------------------
 
@@ -483,7 +581,8 @@ class Region:
 
     async def delta_for(self, peer: ReplicaState) -> AsyncIterator[Delta]:
         """Everything this region holds that a peer in state `peer` lacks, in parts: one shard each,
-        then statuses and claims, then the vector that the whole covers (on the last part only)."""
+        then statuses, claims, private channels and memberships, with the vector that the whole covers
+        (on the last part only)."""
         current = self.vector  # first: what follows covers at least this
         for name, state_vector in (await self.store.shard_states()).items():
             if peer.shards.get(name) != state_vector:
@@ -496,7 +595,9 @@ class Region:
                 yield Delta(shard_updates={name: update})
         statuses = tuple([v async for v in self.store.statuses() if wanted(v.hlc, v.region, peer.vector)])
         claims = tuple([c async for c in self.store.claims() if wanted(c.hlc, c.region, peer.vector)])
-        yield Delta(statuses=statuses, claims=claims, vector=current)
+        channels = tuple([c async for c in self.store.channels() if wanted(c.hlc, c.region, peer.vector)])
+        memberships = tuple([m async for m in self.store.memberships() if wanted(m.hlc, m.region, peer.vector)])
+        yield Delta(statuses=statuses, claims=claims, channels=channels, memberships=memberships, vector=current)
 
     async def state(self) -> ReplicaState:
         return ReplicaState(await self.store.shard_states(), self.vector)
@@ -514,10 +615,22 @@ class Region:
             if changed:
                 statuses.append(value)
         claims = [c for c in delta.claims if await self.store.add_claim(c)]
+        channels = [c for c in delta.channels if await self.store.add_channel(c)]
+        for record in channels:
+            self.fanout.publish(record.name, ACCESS_CHANGED)
+        memberships = []
+        for value in delta.memberships:
+            _, changed = await self.store.set_member(value)
+            if changed:
+                memberships.append(value)
+                if not value.member:
+                    self.fanout.publish(value.channel, ACCESS_CHANGED)
         self.clocks.absorb(delta.vector, self._now_ms())
         self._vector_moved()
-        if new_updates or statuses or claims:
-            self.feed.publish(FEED, Delta(new_updates, tuple(statuses), tuple(claims), self.vector))
+        if new_updates or statuses or claims or channels or memberships:
+            self.feed.publish(FEED, Delta(shard_updates=new_updates, statuses=tuple(statuses), claims=tuple(claims),
+                                          channels=tuple(channels), memberships=tuple(memberships),
+                                          vector=self.vector))
 
     async def _apply_shard(self, name: str, update: bytes) -> bytes | None:
         """Apply a pycrdt update to a shard; if anything in it was new here, store it and return it
@@ -541,17 +654,20 @@ class Region:
     # Region-wide --------------------------------------------------------------------------------
 
     async def digest(self) -> str:
-        entries: list[LogEntry] = []
-        statuses: list[StatusValue] = []
-        claims: list[Claim] = []
-        async for item in self.store.all_state():
-            if isinstance(item, LogEntry):
-                entries.append(item)
-            elif isinstance(item, StatusValue):
-                statuses.append(item)
-            else:
-                claims.append(item)
-        return state_digest(entries, statuses, claims)
+        store = self.store
+        return state_digest([e async for e in store.messages()], [s async for s in store.statuses()],
+                            [c async for c in store.claims()], [c async for c in store.channels()],
+                            [m async for m in store.memberships()])
+
+
+def membership_refusal(actor: str, creator: str, actor_is_member: bool, user_id: str, add: bool) -> str:
+    """Why `actor` may not add `user_id` to a private channel (or remove them); "" if they may.
+    Members and the creator add anyone; a member removes themselves, the creator anyone."""
+    if actor == creator:
+        return ""
+    if add:
+        return "" if actor_is_member else "only members of a private channel and its creator may add members"
+    return "" if actor == user_id else "only the creator of a private channel may remove other members"
 
 
 def encode_cursor(order_key: str) -> str:

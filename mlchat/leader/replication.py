@@ -24,7 +24,7 @@ import grpc
 from mlchat.crdt import vector
 from mlchat.crdt.claims import Claim
 from mlchat.crdt.hlc import Hlc
-from mlchat.crdt.lww import StatusValue
+from mlchat.crdt.lww import MemberValue, StatusValue
 from mlchat.crdt.replica import Delta, ReplicaState, combine
 from mlchat.errors import ResourceExhausted
 from mlchat.geo.failover import Term
@@ -48,6 +48,10 @@ def delta_pb(region: str, delta: Delta) -> rpb.Delta:
         statuses=[rpb.StatusRecord(user_id=v.user_id, presence=v.presence, text=v.text, hlc=v.hlc, region=v.region)
                   for v in delta.statuses],
         claims=[rpb.ClaimRecord(name=c.name, user_id=c.user_id, hlc=c.hlc, region=c.region) for c in delta.claims],
+        channels=[rpb.ChannelRecord(channel=c.name, creator_user_id=c.user_id, hlc=c.hlc, region=c.region)
+                  for c in delta.channels],
+        channel_members=[rpb.MembershipRecord(channel=m.channel, user_id=m.user_id, member=m.member, hlc=m.hlc,
+                                              region=m.region) for m in delta.memberships],
         vector=delta.vector, members=delta.members, departed=delta.departed)
 
 
@@ -56,6 +60,9 @@ def delta_from_pb(message: rpb.Delta) -> Delta:
         shard_updates={s.shard: s.update for s in message.shards},
         statuses=tuple(StatusValue(v.user_id, v.presence, v.text, v.hlc, v.region) for v in message.statuses),
         claims=tuple(Claim(c.hlc, c.region, c.user_id, c.name) for c in message.claims),
+        channels=tuple(Claim(c.hlc, c.region, c.creator_user_id, c.channel) for c in message.channels),
+        memberships=tuple(MemberValue(m.channel, m.user_id, m.member, m.hlc, m.region)
+                          for m in message.channel_members),
         vector=dict(message.vector), members=dict(message.members), departed=tuple(message.departed))
 
 

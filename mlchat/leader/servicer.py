@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import redis.exceptions
 
+from mlchat.crdt.claims import Claim
 from mlchat.crdt.hlc import Hlc
-from mlchat.crdt.lww import StatusValue
+from mlchat.crdt.lww import MemberValue, StatusValue
 from mlchat.crdt.msglog import LogEntry
 from mlchat.errors import InvalidArgument, MlchatError, PermissionDenied, ResourceExhausted
 from mlchat.geo.failover import Term
@@ -104,6 +105,15 @@ def user_pb(view: UserView) -> pb.User:
                    claim_region=view.claim.region, claim_hlc=view.claim.hlc)
 
 
+def channel_pb(record: Claim) -> pb.PrivateChannel:
+    return pb.PrivateChannel(channel=record.name, creator_user_id=record.user_id, hlc=record.hlc,
+                             origin_region=record.region, created_at_ms=Hlc.decode(record.hlc).wall_ms)
+
+
+def member_pb(value: MemberValue) -> pb.ChannelMember:
+    return pb.ChannelMember(user_id=value.user_id, member=value.member, hlc=value.hlc, origin_region=value.region)
+
+
 def wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -182,21 +192,21 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
 
     @unary
     async def ListMessages(self, request, context):
-        self.auth.principal(context)
+        me = self.auth.principal(context)
         channel = limits.channel(request.channel)
         limit = limits.page_size(request.limit)
         await self._read_after(request.causal_token, context)
-        page = await self.region.page(channel, request.cursor, limit, request.newest_first)
+        page = await self.region.page(me.user_id, channel, request.cursor, limit, request.newest_first)
         messages = [message_pb(e) for e in page.entries]
         return pb.ListMessagesResponse(messages=messages, next_cursor=messages[-1].cursor if messages else "",
                                        subscribe_cursor=page.stream_id, causal_token=self.region.causal_token())
 
     @streaming
     async def Subscribe(self, request, context):
-        self.auth.principal(context)
+        me = self.auth.principal(context)
         channel = limits.channel(request.channel)
         await self._read_after(request.causal_token, context)
-        async for item in self.region.subscribe(channel, request.resume_cursor):
+        async for item in self.region.subscribe(me.user_id, channel, request.resume_cursor):
             yield pb.SubscribeResponse(message=message_pb(item.entry), stream_cursor=item.stream_id,
                                        causal_token=item.causal_token)
 
@@ -213,6 +223,51 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         await self.writes.confirm(winner.region, winner.hlc, context.time_remaining())
         return pb.SetStatusResponse(status=status_pb(me.user_id, winner),
                                     causal_token=self.region.causal_token((winner.region, winner.hlc)))
+
+    @unary
+    async def CreatePrivateChannel(self, request, context):
+        me = self.auth.principal(context)
+        channel = limits.channel(request.channel)
+        if (answer := await self.writes.forwarded("CreatePrivateChannel", request, context)) is not None:
+            return answer
+        self.writes.admit()
+        record = await self.region.create_channel(me.user_id, channel)
+        await self.writes.confirm(record.region, record.hlc, context.time_remaining())
+        return pb.CreatePrivateChannelResponse(channel=channel_pb(record),
+                                               causal_token=self.region.causal_token((record.region, record.hlc)))
+
+    async def _set_member(self, method: str, member: bool, request: Any, context: grpc.aio.ServicerContext
+                          ) -> pb.ChannelMemberResponse:
+        me = self.auth.principal(context)
+        channel = limits.channel(request.channel)
+        if not request.user_id:
+            raise InvalidArgument("user_id is required")
+        if (answer := await self.writes.forwarded(method, request, context)) is not None:
+            return answer
+        self.writes.admit()
+        value = await self.region.set_member(me.user_id, channel, request.user_id, member)
+        if not value.hlc:  # never a member, and nothing was written
+            return pb.ChannelMemberResponse(member=member_pb(value), causal_token=self.region.causal_token())
+        await self.writes.confirm(value.region, value.hlc, context.time_remaining())
+        return pb.ChannelMemberResponse(member=member_pb(value),
+                                        causal_token=self.region.causal_token((value.region, value.hlc)))
+
+    @unary
+    async def AddChannelMember(self, request, context):
+        return await self._set_member("AddChannelMember", True, request, context)
+
+    @unary
+    async def RemoveChannelMember(self, request, context):
+        return await self._set_member("RemoveChannelMember", False, request, context)
+
+    @unary
+    async def ListChannelMembers(self, request, context):
+        me = self.auth.principal(context)
+        channel = limits.channel(request.channel)
+        await self._read_after(request.causal_token, context)
+        record, members = await self.region.channel_members(me.user_id, channel)
+        return pb.ListChannelMembersResponse(channel=channel_pb(record), members=[member_pb(m) for m in members],
+                                             causal_token=self.region.causal_token())
 
     @unary
     async def GetStatus(self, request, context):

@@ -10,6 +10,9 @@ scripts also touch the region-wide keys, which a cluster deployment will have to
   u:USER       HASH name, hlc, region: the user created by a claim
   n:NAME       HASH user id -> hlc NUL region: every claim on the name
   s:USER       HASH k (rank key), p, t, h, r: the user's status register
+  pc:{ch}      HASH creator user id -> hlc NUL region: every record of the private channel ch
+  cm:{ch}:USER HASH k (rank key), v (1 member, 0 not), h, r: the user's membership register of ch
+  cmi:{ch}     SET of user ids with a membership register of ch
   shards       HASH shard name -> pycrdt state vector: what a peer is told this region holds
   channels, users  SETs, for counts; meta:hlc  the largest hlc issued here (clock floor at start)
   meta:vector  HASH origin region -> hlc up to which all its writes are held here
@@ -31,7 +34,7 @@ import redis.exceptions
 
 from mlchat.crdt.claims import Claim
 from mlchat.crdt.hlc import ENCODED_LENGTH as HLC_LEN
-from mlchat.crdt.lww import StatusValue
+from mlchat.crdt.lww import MemberValue, StatusValue
 from mlchat.crdt.msglog import ID_LENGTH, LogEntry, split_shard_name
 
 _LESS = """
@@ -42,6 +45,29 @@ local function less(a, b)
     if x ~= y then return x < y end
   end
   return #a < #b
+end
+"""
+
+# Shared by the scripts below. raise_floor: the clock floor only moves forward. lww_set: a
+# last-writer-wins register kept in a hash whose field 'k' is the rank key; sets the fields if `rank` is
+# larger, and returns 1 if the register changed. keep_earliest: a claim-like record per user in a hash
+# (user -> hlc NUL region), keeping each user's earliest; returns 1 if the hash changed.
+_REGISTERS = _LESS + """
+local function raise_floor(key, hlc)
+  local floor = redis.call('GET', key)
+  if (not floor) or less(floor, hlc) then redis.call('SET', key, hlc) end
+end
+local function lww_set(reg, rank, fields)
+  local cur = redis.call('HGET', reg, 'k')
+  if cur and not less(cur, rank) then return 0 end
+  redis.call('HSET', reg, 'k', rank, unpack(fields))
+  return 1
+end
+local function keep_earliest(hash, user, value)
+  local prior = redis.call('HGET', hash, user)
+  if prior and not less(value, prior) then return 0 end
+  redis.call('HSET', hash, user, value)
+  return 1
 end
 """
 
@@ -112,28 +138,48 @@ return redis.call('ZRANGEBYLEX', KEYS[2], '[' .. key .. '\\0', '[' .. key .. '\\
 
 # KEYS: status hash, meta:hlc. ARGV: rank key, presence, text, hlc, region.
 # Returns {1 if the register changed, the winner's fields}.
-_SET_STATUS = _LESS + """
-local cur = redis.call('HGET', KEYS[1], 'k')
-local changed = 0
-if (not cur) or less(cur, ARGV[1]) then
-  redis.call('HSET', KEYS[1], 'k', ARGV[1], 'p', ARGV[2], 't', ARGV[3], 'h', ARGV[4], 'r', ARGV[5])
-  changed = 1
-end
-local floor = redis.call('GET', KEYS[2])
-if (not floor) or less(floor, ARGV[4]) then redis.call('SET', KEYS[2], ARGV[4]) end
+_SET_STATUS = _REGISTERS + """
+local changed = lww_set(KEYS[1], ARGV[1], {'p', ARGV[2], 't', ARGV[3], 'h', ARGV[4], 'r', ARGV[5]})
+raise_floor(KEYS[2], ARGV[4])
 return {changed, redis.call('HMGET', KEYS[1], 'p', 't', 'h', 'r')}
+"""
+
+# KEYS: membership register, meta:hlc, the channel's member index. ARGV: rank key, member (1/0), hlc,
+# region, user id. Returns {1 if the register changed, the winner's fields}.
+_SET_MEMBER = _REGISTERS + """
+local changed = lww_set(KEYS[1], ARGV[1], {'v', ARGV[2], 'h', ARGV[3], 'r', ARGV[4]})
+redis.call('SADD', KEYS[3], ARGV[5])
+raise_floor(KEYS[2], ARGV[3])
+return {changed, redis.call('HMGET', KEYS[1], 'v', 'h', 'r')}
+"""
+
+# A private channel created here: its record and the creator's membership, unless the channel is
+# private already (0) or holds public messages here (-1). KEYS: channel records, meta:hlc, the
+# channel's message ids, the creator's membership register, the channel's member index.
+# ARGV: user id, hlc, region, rank key of the membership. Returns 1 if created.
+_CREATE_CHANNEL = _REGISTERS + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '\\0' .. ARGV[3])
+lww_set(KEYS[4], ARGV[4], {'v', '1', 'h', ARGV[2], 'r', ARGV[3]})
+redis.call('SADD', KEYS[5], ARGV[1])
+raise_floor(KEYS[2], ARGV[2])
+return 1
+"""
+
+# A private channel record from another region. KEYS: channel records, meta:hlc.
+# ARGV: user id, hlc, region. Returns 1 if the records changed.
+_ADD_CHANNEL = _REGISTERS + """
+raise_floor(KEYS[2], ARGV[2])
+return keep_earliest(KEYS[1], ARGV[1], ARGV[2] .. '\\0' .. ARGV[3])
 """
 
 # A claim from another region: kept (per user, the earliest) whatever else is on the name.
 # KEYS: claims on the name, user hash, set of users, meta:hlc. ARGV: user id, hlc, region, name.
 # Returns 1 if the claims on the name changed.
-_ADD_CLAIM = _LESS + """
-local floor = redis.call('GET', KEYS[4])
-if (not floor) or less(floor, ARGV[2]) then redis.call('SET', KEYS[4], ARGV[2]) end
-local value = ARGV[2] .. '\\0' .. ARGV[3]
-local prior = redis.call('HGET', KEYS[1], ARGV[1])
-if prior and not less(value, prior) then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], value)
+_ADD_CLAIM = _REGISTERS + """
+raise_floor(KEYS[4], ARGV[2])
+if keep_earliest(KEYS[1], ARGV[1], ARGV[2] .. '\\0' .. ARGV[3]) == 0 then return 0 end
 if redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('HSET', KEYS[2], 'name', ARGV[4], 'hlc', ARGV[2], 'region', ARGV[3])
   redis.call('SADD', KEYS[3], ARGV[1])
@@ -172,9 +218,27 @@ def _shard_keys(shard: str) -> tuple[str, str]:
     return f"y:{{{channel}}}:{bucket}:u", f"y:{{{channel}}}:{bucket}:snap"
 
 
-def status_rank_key(v: StatusValue) -> str:
-    """`StatusValue.rank` as one string that sorts the same way byte by byte (fields have no NUL)."""
-    return "\x00".join((v.hlc, v.region, str(v.presence), v.text))
+def rank_key(v: StatusValue | MemberValue) -> str:
+    """A register value's `rank` as one string that sorts the same way byte by byte (fields have no NUL;
+    presence is one digit, member a bool)."""
+    return "\x00".join(str(part) for part in v.rank)
+
+
+def _records(channel: str) -> str:
+    return f"pc:{{{channel}}}"
+
+
+def _member_key(channel: str, user_id: str) -> str:
+    return f"cm:{{{channel}}}:{user_id}"
+
+
+def _member_index(channel: str) -> str:
+    return f"cmi:{{{channel}}}"
+
+
+def _member_value(channel: str, user_id: str, fields: list[bytes | None]) -> MemberValue | None:
+    v, h, r = fields
+    return None if h is None else MemberValue(channel, user_id, v == b"1", h.decode(), r.decode())
 
 
 def _member(entry: LogEntry) -> str:
@@ -217,6 +281,9 @@ class Store:
         self._find = client.register_script(_FIND)
         self._raise_floor = client.register_script(_RAISE_FLOOR)
         self._add_claim = client.register_script(_ADD_CLAIM)
+        self._set_member = client.register_script(_SET_MEMBER)
+        self._create_channel = client.register_script(_CREATE_CHANNEL)
+        self._add_channel = client.register_script(_ADD_CHANNEL)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -320,7 +387,7 @@ class Store:
         """Merge `value` into the user's register; return the winner and whether the register changed."""
         changed, (p, t, h, r) = await self._set_status(
             keys=[f"s:{value.user_id}", "meta:hlc"],
-            args=[status_rank_key(value), value.presence, value.text, value.hlc, value.region])
+            args=[rank_key(value), value.presence, value.text, value.hlc, value.region])
         return StatusValue(value.user_id, int(p), t.decode(), h.decode(), r.decode()), bool(changed)
 
     async def status(self, user_id: str) -> StatusValue | None:
@@ -347,6 +414,67 @@ class Store:
     async def user_name(self, user_id: str) -> str | None:
         name = await self.redis.hget(f"u:{user_id}", "name")
         return None if name is None else name.decode()
+
+    # Private channels ---------------------------------------------------------------------------
+
+    async def create_channel(self, record: Claim) -> int:
+        """Record a private channel created here, its creator a member (stamped with the record's hlc);
+        1: created, 0: the channel is private already, -1: it holds public messages here."""
+        ch, user = record.name, record.user_id
+        member = MemberValue(ch, user, True, record.hlc, record.region)
+        outcome = await self._create_channel(
+            keys=[_records(ch), "meta:hlc", _ids(ch), _member_key(ch, user), _member_index(ch)],
+            args=[user, record.hlc, record.region, rank_key(member)])
+        return int(outcome)
+
+    async def add_channel(self, record: Claim) -> bool:
+        """Record a private channel from another region; True if the channel's records changed."""
+        changed = await self._add_channel(keys=[_records(record.name), "meta:hlc"],
+                                          args=[record.user_id, record.hlc, record.region])
+        return bool(changed)
+
+    async def channel_records(self, channel: str) -> list[Claim]:
+        return _claims(channel, await self.redis.hgetall(_records(channel)))
+
+    async def set_member(self, value: MemberValue) -> tuple[MemberValue, bool]:
+        """Merge `value` into the membership register; return the winner and whether it changed."""
+        ch, user = value.channel, value.user_id
+        changed, fields = await self._set_member(
+            keys=[_member_key(ch, user), "meta:hlc", _member_index(ch)],
+            args=[rank_key(value), int(value.member), value.hlc, value.region, user])
+        return _member_value(ch, user, fields), bool(changed)  # type: ignore[return-value]
+
+    async def member(self, channel: str, user_id: str) -> MemberValue | None:
+        return _member_value(channel, user_id, await self.redis.hmget(_member_key(channel, user_id), "v", "h", "r"))
+
+    async def access(self, channel: str, user_id: str) -> tuple[bool, bool]:
+        """(whether the channel is private, whether the user is a member), read together."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.exists(_records(channel))
+            pipe.hget(_member_key(channel, user_id), "v")
+            private, member = await pipe.execute()
+        return bool(private), member == b"1"
+
+    async def members(self, channel: str) -> list[MemberValue]:
+        """Every membership register of the channel, removed users' included."""
+        users = sorted(u.decode() for u in await self.redis.smembers(_member_index(channel)))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for user in users:
+                pipe.hmget(_member_key(channel, user), "v", "h", "r")
+            rows = await pipe.execute()
+        return [v for u, row in zip(users, rows, strict=True) if (v := _member_value(channel, u, row)) is not None]
+
+    async def channels(self) -> AsyncIterator[Claim]:
+        """Every private channel record."""
+        async for channel, raw in self._scan_read("pc:*", "hgetall"):
+            for record in _claims(channel.strip("{}"), raw):
+                yield record
+
+    async def memberships(self) -> AsyncIterator[MemberValue]:
+        async for suffix, row in self._scan_read("cm:*", "hmget", "v", "h", "r"):
+            channel, _, user = suffix.partition("}:")
+            if (value := _member_value(channel.lstrip("{"), user, row)) is not None:
+                yield value
 
     # Consensus --------------------------------------------------------------------------------
 
@@ -428,7 +556,7 @@ class Store:
                     getattr(pipe, read)(key, *fields)
                 values = await pipe.execute()
             for key, value in zip(keys, values, strict=True):
-                yield key.decode()[2:], value
+                yield key.decode()[len(pattern) - 1:], value
             if cursor == 0:
                 return
 
@@ -459,15 +587,11 @@ class Store:
             users, *sizes = await pipe.execute()
         return int(users), len(channels), sum(sizes)
 
-    async def all_state(self) -> AsyncIterator[LogEntry | StatusValue | Claim]:
-        """Every message, status and claim, for the state digest."""
+    async def messages(self) -> AsyncIterator[LogEntry]:
+        """Every message (the copy readers see), for the state digest."""
         for ch in sorted(c.decode() for c in await self.redis.smembers("channels")):
             for member in await self.redis.zrange(_zset(ch), 0, -1):
                 yield _entry(ch, member.decode())
-        async for value in self.statuses():
-            yield value
-        async for claim in self.claims():
-            yield claim
 
 
 def parse_stream_id(text: str) -> str:

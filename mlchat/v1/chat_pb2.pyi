@@ -181,6 +181,71 @@ class Status(_message.Message):
 Global___Status: _TypeAlias = Status  # noqa: Y015
 
 @_typing.final
+class PrivateChannel(_message.Message):
+    """A private channel's record. If two regions create one at once, the creator is the earlier (hlc,
+    region) in every region, once both creations have reached it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    CREATOR_USER_ID_FIELD_NUMBER: _builtins.int
+    HLC_FIELD_NUMBER: _builtins.int
+    ORIGIN_REGION_FIELD_NUMBER: _builtins.int
+    CREATED_AT_MS_FIELD_NUMBER: _builtins.int
+    channel: _builtins.str
+    creator_user_id: _builtins.str
+    hlc: _builtins.str
+    origin_region: _builtins.str
+    created_at_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        channel: _builtins.str = ...,
+        creator_user_id: _builtins.str = ...,
+        hlc: _builtins.str = ...,
+        origin_region: _builtins.str = ...,
+        created_at_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "created_at_ms", b"created_at_ms", "creator_user_id", b"creator_user_id", "hlc", b"hlc", "origin_region", b"origin_region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrivateChannel: _TypeAlias = PrivateChannel  # noqa: Y015
+
+@_typing.final
+class ChannelMember(_message.Message):
+    """A user's membership of a private channel: the last add or remove wins, by hybrid logical clock."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    MEMBER_FIELD_NUMBER: _builtins.int
+    HLC_FIELD_NUMBER: _builtins.int
+    ORIGIN_REGION_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    member: _builtins.bool
+    hlc: _builtins.str
+    origin_region: _builtins.str
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        member: _builtins.bool = ...,
+        hlc: _builtins.str = ...,
+        origin_region: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc", "member", b"member", "origin_region", b"origin_region", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChannelMember: _TypeAlias = ChannelMember  # noqa: Y015
+
+@_typing.final
 class ClaimUsernameRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -590,3 +655,144 @@ class RefreshTokenResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RefreshTokenResponse: _TypeAlias = RefreshTokenResponse  # noqa: Y015
+
+@_typing.final
+class CreatePrivateChannelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    channel: _builtins.str
+    """Pattern ^[a-z0-9][a-z0-9_.-]{0,63}$."""
+    def __init__(
+        self,
+        *,
+        channel: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreatePrivateChannelRequest: _TypeAlias = CreatePrivateChannelRequest  # noqa: Y015
+
+@_typing.final
+class CreatePrivateChannelResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    CAUSAL_TOKEN_FIELD_NUMBER: _builtins.int
+    causal_token: _builtins.bytes
+    @_builtins.property
+    def channel(self) -> Global___PrivateChannel: ...
+    def __init__(
+        self,
+        *,
+        channel: Global___PrivateChannel | None = ...,
+        causal_token: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["causal_token", b"causal_token", "channel", b"channel"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreatePrivateChannelResponse: _TypeAlias = CreatePrivateChannelResponse  # noqa: Y015
+
+@_typing.final
+class ChannelMemberRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    channel: _builtins.str
+    user_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        channel: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChannelMemberRequest: _TypeAlias = ChannelMemberRequest  # noqa: Y015
+
+@_typing.final
+class ChannelMemberResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_FIELD_NUMBER: _builtins.int
+    CAUSAL_TOKEN_FIELD_NUMBER: _builtins.int
+    causal_token: _builtins.bytes
+    @_builtins.property
+    def member(self) -> Global___ChannelMember:
+        """The user's membership after the call (unchanged, and nothing stored, if it already was so)."""
+
+    def __init__(
+        self,
+        *,
+        member: Global___ChannelMember | None = ...,
+        causal_token: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["member", b"member"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["causal_token", b"causal_token", "member", b"member"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChannelMemberResponse: _TypeAlias = ChannelMemberResponse  # noqa: Y015
+
+@_typing.final
+class ListChannelMembersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    CAUSAL_TOKEN_FIELD_NUMBER: _builtins.int
+    channel: _builtins.str
+    causal_token: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        channel: _builtins.str = ...,
+        causal_token: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["causal_token", b"causal_token", "channel", b"channel"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListChannelMembersRequest: _TypeAlias = ListChannelMembersRequest  # noqa: Y015
+
+@_typing.final
+class ListChannelMembersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    CAUSAL_TOKEN_FIELD_NUMBER: _builtins.int
+    causal_token: _builtins.bytes
+    @_builtins.property
+    def channel(self) -> Global___PrivateChannel: ...
+    @_builtins.property
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChannelMember]:
+        """Current members, by user id."""
+
+    def __init__(
+        self,
+        *,
+        channel: Global___PrivateChannel | None = ...,
+        members: _abc.Iterable[Global___ChannelMember] | None = ...,
+        causal_token: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["causal_token", b"causal_token", "channel", b"channel", "members", b"members"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListChannelMembersResponse: _TypeAlias = ListChannelMembersResponse  # noqa: Y015

@@ -76,6 +76,26 @@ class ChatServiceStub:
                 request_serializer=mlchat_dot_v1_dot_chat__pb2.RefreshTokenRequest.SerializeToString,
                 response_deserializer=mlchat_dot_v1_dot_chat__pb2.RefreshTokenResponse.FromString,
                 _registered_method=True)
+        self.CreatePrivateChannel = channel.unary_unary(
+                '/mlchat.v1.ChatService/CreatePrivateChannel',
+                request_serializer=mlchat_dot_v1_dot_chat__pb2.CreatePrivateChannelRequest.SerializeToString,
+                response_deserializer=mlchat_dot_v1_dot_chat__pb2.CreatePrivateChannelResponse.FromString,
+                _registered_method=True)
+        self.AddChannelMember = channel.unary_unary(
+                '/mlchat.v1.ChatService/AddChannelMember',
+                request_serializer=mlchat_dot_v1_dot_chat__pb2.ChannelMemberRequest.SerializeToString,
+                response_deserializer=mlchat_dot_v1_dot_chat__pb2.ChannelMemberResponse.FromString,
+                _registered_method=True)
+        self.RemoveChannelMember = channel.unary_unary(
+                '/mlchat.v1.ChatService/RemoveChannelMember',
+                request_serializer=mlchat_dot_v1_dot_chat__pb2.ChannelMemberRequest.SerializeToString,
+                response_deserializer=mlchat_dot_v1_dot_chat__pb2.ChannelMemberResponse.FromString,
+                _registered_method=True)
+        self.ListChannelMembers = channel.unary_unary(
+                '/mlchat.v1.ChatService/ListChannelMembers',
+                request_serializer=mlchat_dot_v1_dot_chat__pb2.ListChannelMembersRequest.SerializeToString,
+                response_deserializer=mlchat_dot_v1_dot_chat__pb2.ListChannelMembersResponse.FromString,
+                _registered_method=True)
 
 
 class ChatServiceServicer:
@@ -139,6 +159,37 @@ class ChatServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreatePrivateChannel(self, request, context):
+        """Creates a private channel; the caller is its creator and first member. Only members read, post
+        or subscribe to it. (Public channels need no creating: the first post makes one.) A retry by the
+        creator returns the channel; a name already private, or holding public messages here, is refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddChannelMember(self, request, context):
+        """Adds a user to a private channel. Members and the creator may add anyone.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveChannelMember(self, request, context):
+        """Removes a user from a private channel: a member may remove themselves, the creator anyone. The
+        user's live Subscribe streams of the channel end with PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListChannelMembers(self, request, context):
+        """The channel's record and current members; for members and the creator only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ChatServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -181,6 +232,26 @@ def add_ChatServiceServicer_to_server(servicer, server):
                     servicer.RefreshToken,
                     request_deserializer=mlchat_dot_v1_dot_chat__pb2.RefreshTokenRequest.FromString,
                     response_serializer=mlchat_dot_v1_dot_chat__pb2.RefreshTokenResponse.SerializeToString,
+            ),
+            'CreatePrivateChannel': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreatePrivateChannel,
+                    request_deserializer=mlchat_dot_v1_dot_chat__pb2.CreatePrivateChannelRequest.FromString,
+                    response_serializer=mlchat_dot_v1_dot_chat__pb2.CreatePrivateChannelResponse.SerializeToString,
+            ),
+            'AddChannelMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddChannelMember,
+                    request_deserializer=mlchat_dot_v1_dot_chat__pb2.ChannelMemberRequest.FromString,
+                    response_serializer=mlchat_dot_v1_dot_chat__pb2.ChannelMemberResponse.SerializeToString,
+            ),
+            'RemoveChannelMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveChannelMember,
+                    request_deserializer=mlchat_dot_v1_dot_chat__pb2.ChannelMemberRequest.FromString,
+                    response_serializer=mlchat_dot_v1_dot_chat__pb2.ChannelMemberResponse.SerializeToString,
+            ),
+            'ListChannelMembers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListChannelMembers,
+                    request_deserializer=mlchat_dot_v1_dot_chat__pb2.ListChannelMembersRequest.FromString,
+                    response_serializer=mlchat_dot_v1_dot_chat__pb2.ListChannelMembersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -401,6 +472,114 @@ class ChatService:
             '/mlchat.v1.ChatService/RefreshToken',
             mlchat_dot_v1_dot_chat__pb2.RefreshTokenRequest.SerializeToString,
             mlchat_dot_v1_dot_chat__pb2.RefreshTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreatePrivateChannel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlchat.v1.ChatService/CreatePrivateChannel',
+            mlchat_dot_v1_dot_chat__pb2.CreatePrivateChannelRequest.SerializeToString,
+            mlchat_dot_v1_dot_chat__pb2.CreatePrivateChannelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddChannelMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlchat.v1.ChatService/AddChannelMember',
+            mlchat_dot_v1_dot_chat__pb2.ChannelMemberRequest.SerializeToString,
+            mlchat_dot_v1_dot_chat__pb2.ChannelMemberResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveChannelMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlchat.v1.ChatService/RemoveChannelMember',
+            mlchat_dot_v1_dot_chat__pb2.ChannelMemberRequest.SerializeToString,
+            mlchat_dot_v1_dot_chat__pb2.ChannelMemberResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListChannelMembers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlchat.v1.ChatService/ListChannelMembers',
+            mlchat_dot_v1_dot_chat__pb2.ListChannelMembersRequest.SerializeToString,
+            mlchat_dot_v1_dot_chat__pb2.ListChannelMembersResponse.FromString,
             options,
             channel_credentials,
             insecure,

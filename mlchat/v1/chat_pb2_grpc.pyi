@@ -53,6 +53,19 @@ class ChatServiceStub:
     GetUser: _grpc.UnaryUnaryMultiCallable[_chat_pb2.GetUserRequest, _chat_pb2.GetUserResponse]
     RefreshToken: _grpc.UnaryUnaryMultiCallable[_chat_pb2.RefreshTokenRequest, _chat_pb2.RefreshTokenResponse]
     """Trades a token that has not yet expired for a fresh one (a new expiry), without the claim key."""
+    CreatePrivateChannel: _grpc.UnaryUnaryMultiCallable[_chat_pb2.CreatePrivateChannelRequest, _chat_pb2.CreatePrivateChannelResponse]
+    """Creates a private channel; the caller is its creator and first member. Only members read, post
+    or subscribe to it. (Public channels need no creating: the first post makes one.) A retry by the
+    creator returns the channel; a name already private, or holding public messages here, is refused.
+    """
+    AddChannelMember: _grpc.UnaryUnaryMultiCallable[_chat_pb2.ChannelMemberRequest, _chat_pb2.ChannelMemberResponse]
+    """Adds a user to a private channel. Members and the creator may add anyone."""
+    RemoveChannelMember: _grpc.UnaryUnaryMultiCallable[_chat_pb2.ChannelMemberRequest, _chat_pb2.ChannelMemberResponse]
+    """Removes a user from a private channel: a member may remove themselves, the creator anyone. The
+    user's live Subscribe streams of the channel end with PERMISSION_DENIED.
+    """
+    ListChannelMembers: _grpc.UnaryUnaryMultiCallable[_chat_pb2.ListChannelMembersRequest, _chat_pb2.ListChannelMembersResponse]
+    """The channel's record and current members; for members and the creator only."""
 
 @_typing.type_check_only
 class ChatServiceAsyncStub(ChatServiceStub):
@@ -79,6 +92,19 @@ class ChatServiceAsyncStub(ChatServiceStub):
     GetUser: _aio.UnaryUnaryMultiCallable[_chat_pb2.GetUserRequest, _chat_pb2.GetUserResponse]  # type: ignore[assignment]
     RefreshToken: _aio.UnaryUnaryMultiCallable[_chat_pb2.RefreshTokenRequest, _chat_pb2.RefreshTokenResponse]  # type: ignore[assignment]
     """Trades a token that has not yet expired for a fresh one (a new expiry), without the claim key."""
+    CreatePrivateChannel: _aio.UnaryUnaryMultiCallable[_chat_pb2.CreatePrivateChannelRequest, _chat_pb2.CreatePrivateChannelResponse]  # type: ignore[assignment]
+    """Creates a private channel; the caller is its creator and first member. Only members read, post
+    or subscribe to it. (Public channels need no creating: the first post makes one.) A retry by the
+    creator returns the channel; a name already private, or holding public messages here, is refused.
+    """
+    AddChannelMember: _aio.UnaryUnaryMultiCallable[_chat_pb2.ChannelMemberRequest, _chat_pb2.ChannelMemberResponse]  # type: ignore[assignment]
+    """Adds a user to a private channel. Members and the creator may add anyone."""
+    RemoveChannelMember: _aio.UnaryUnaryMultiCallable[_chat_pb2.ChannelMemberRequest, _chat_pb2.ChannelMemberResponse]  # type: ignore[assignment]
+    """Removes a user from a private channel: a member may remove themselves, the creator anyone. The
+    user's live Subscribe streams of the channel end with PERMISSION_DENIED.
+    """
+    ListChannelMembers: _aio.UnaryUnaryMultiCallable[_chat_pb2.ListChannelMembersRequest, _chat_pb2.ListChannelMembersResponse]  # type: ignore[assignment]
+    """The channel's record and current members; for members and the creator only."""
 
 class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
     """ClaimUsername is the only call without credentials. Every other call takes the metadata
@@ -150,5 +176,42 @@ class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_chat_pb2.RefreshTokenResponse, _abc.Awaitable[_chat_pb2.RefreshTokenResponse]]:
         """Trades a token that has not yet expired for a fresh one (a new expiry), without the claim key."""
+
+    @_abc_1.abstractmethod
+    def CreatePrivateChannel(
+        self,
+        request: _chat_pb2.CreatePrivateChannelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_chat_pb2.CreatePrivateChannelResponse, _abc.Awaitable[_chat_pb2.CreatePrivateChannelResponse]]:
+        """Creates a private channel; the caller is its creator and first member. Only members read, post
+        or subscribe to it. (Public channels need no creating: the first post makes one.) A retry by the
+        creator returns the channel; a name already private, or holding public messages here, is refused.
+        """
+
+    @_abc_1.abstractmethod
+    def AddChannelMember(
+        self,
+        request: _chat_pb2.ChannelMemberRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_chat_pb2.ChannelMemberResponse, _abc.Awaitable[_chat_pb2.ChannelMemberResponse]]:
+        """Adds a user to a private channel. Members and the creator may add anyone."""
+
+    @_abc_1.abstractmethod
+    def RemoveChannelMember(
+        self,
+        request: _chat_pb2.ChannelMemberRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_chat_pb2.ChannelMemberResponse, _abc.Awaitable[_chat_pb2.ChannelMemberResponse]]:
+        """Removes a user from a private channel: a member may remove themselves, the creator anyone. The
+        user's live Subscribe streams of the channel end with PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def ListChannelMembers(
+        self,
+        request: _chat_pb2.ListChannelMembersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_chat_pb2.ListChannelMembersResponse, _abc.Awaitable[_chat_pb2.ListChannelMembersResponse]]:
+        """The channel's record and current members; for members and the creator only."""
 
 def add_ChatServiceServicer_to_server(servicer: ChatServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -427,6 +427,67 @@ class ClaimRecord(_message.Message):
 Global___ClaimRecord: _TypeAlias = ClaimRecord  # noqa: Y015
 
 @_typing.final
+class ChannelRecord(_message.Message):
+    """The record of a private channel (its creation)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    CREATOR_USER_ID_FIELD_NUMBER: _builtins.int
+    HLC_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    channel: _builtins.str
+    creator_user_id: _builtins.str
+    hlc: _builtins.str
+    region: _builtins.str
+    def __init__(
+        self,
+        *,
+        channel: _builtins.str = ...,
+        creator_user_id: _builtins.str = ...,
+        hlc: _builtins.str = ...,
+        region: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "creator_user_id", b"creator_user_id", "hlc", b"hlc", "region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChannelRecord: _TypeAlias = ChannelRecord  # noqa: Y015
+
+@_typing.final
+class MembershipRecord(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    MEMBER_FIELD_NUMBER: _builtins.int
+    HLC_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    channel: _builtins.str
+    user_id: _builtins.str
+    member: _builtins.bool
+    hlc: _builtins.str
+    region: _builtins.str
+    def __init__(
+        self,
+        *,
+        channel: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        member: _builtins.bool = ...,
+        hlc: _builtins.str = ...,
+        region: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "hlc", b"hlc", "member", b"member", "region", b"region", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MembershipRecord: _TypeAlias = MembershipRecord  # noqa: Y015
+
+@_typing.final
 class Delta(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -481,6 +542,8 @@ class Delta(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     PRIMARY_FIELD_NUMBER: _builtins.int
     VOTED_EPOCH_FIELD_NUMBER: _builtins.int
+    CHANNELS_FIELD_NUMBER: _builtins.int
+    CHANNEL_MEMBERS_FIELD_NUMBER: _builtins.int
     from_region: _builtins.str
     backlog: _builtins.int
     """Changes the sender still has queued for this receiver after this one: how far behind it is."""
@@ -508,6 +571,10 @@ class Delta(_message.Message):
 
     @_builtins.property
     def departed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def channels(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChannelRecord]: ...
+    @_builtins.property
+    def channel_members(self) -> _containers.RepeatedCompositeFieldContainer[Global___MembershipRecord]: ...
     def __init__(
         self,
         *,
@@ -522,10 +589,12 @@ class Delta(_message.Message):
         epoch: _builtins.int = ...,
         primary: _builtins.str = ...,
         voted_epoch: _builtins.int = ...,
+        channels: _abc.Iterable[Global___ChannelRecord] | None = ...,
+        channel_members: _abc.Iterable[Global___MembershipRecord] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "claims", b"claims", "departed", b"departed", "epoch", b"epoch", "from_region", b"from_region", "members", b"members", "primary", b"primary", "shards", b"shards", "statuses", b"statuses", "vector", b"vector", "voted_epoch", b"voted_epoch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "channel_members", b"channel_members", "channels", b"channels", "claims", b"claims", "departed", b"departed", "epoch", b"epoch", "from_region", b"from_region", "members", b"members", "primary", b"primary", "shards", b"shards", "statuses", b"statuses", "vector", b"vector", "voted_epoch", b"voted_epoch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -247,6 +247,17 @@ def test_single_leader_writes_anywhere_are_taken_by_the_primary(single_leader):
     assert posted.id in [m.id for m in author.list("primary").messages]
 
 
+def test_single_leader_private_channels_and_memberships_are_taken_by_the_primary(single_leader):
+    author = client(single_leader, "eu-west", "private_author")
+    member = client(single_leader, "ap-northeast", "private_member")
+    made = author.create_private_channel("primary-private").channel
+    added = author.add_member("primary-private", member.user.user_id).member
+    assert made.origin_region == added.origin_region == "us-east"
+    author.post("primary-private", "for the two of us", "pp1")
+    member.causal = dict(author.causal)  # as if told by the author: the read waits until its region has it
+    assert [m.body for m in member.list("primary-private").messages] == ["for the two of us"]
+
+
 def test_single_leader_a_second_claim_of_a_name_gets_already_exists(single_leader):
     outcomes = race({r: (endpoint(single_leader, r), f"{r}-key-single-leader-1", "only_one") for r in REGIONS})
     assert sorted(type(o).__name__ for o in outcomes.values()).count("ClaimUsernameResponse") == 1, outcomes

@@ -9,6 +9,7 @@ import pytest
 from support import wait_until
 
 from dcsim import cli as dcsim
+from mlchat.crdt import vector
 from mlchat.geo.client import ChatClient
 from mlchat.v1 import chat_pb2 as pb
 from mlchat.v1 import cluster_pb2
@@ -132,6 +133,56 @@ def test_partition_concurrent_writes_and_heal_converge(cluster):
     wait_until(lambda: converged(cluster), 20, "identical digests after the heal")
     for c in (east, west):
         assert len(bodies(c, "split")) == 40
+
+
+def told(reader: ChatClient, writer: ChatClient) -> None:
+    """`reader` learns of what `writer` has seen, as if `writer` told them: their reads wait for it."""
+    reader.causal = vector.merge(reader.causal, writer.causal)
+
+
+def test_private_channel_membership_replicates_to_reads_and_live_streams(cluster):
+    ann = client(cluster, "us-east", "private_ann")
+    bob = client(cluster, "eu-west", "private_bob")
+    told(ann, bob)
+    ann.get_user(user_id=bob.user.user_id)  # waits until us-east knows bob
+    ann.create_private_channel("hideout")
+    ann.post("hideout", "members only", "h1")
+    told(bob, ann)
+    with pytest.raises(grpc.RpcError) as denied:
+        bob.list("hideout")  # eu-west holds the channel (the token waits for it): private, bob not in it
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    ann.add_member("hideout", bob.user.user_id)
+    told(bob, ann)
+    assert bodies(bob, "hideout") == ["members only"]  # read in eu-west once the add reached it
+    stream = bob.subscribe("hideout", timeout_s=20)
+    ann.post("hideout", "still there?", "h2")
+    assert next(stream).message.body == "still there?"
+    ann.remove_member("hideout", bob.user.user_id)
+    with pytest.raises(grpc.RpcError) as ended:  # bob's stream in eu-west ends when the removal arrives
+        next(stream)
+    assert ended.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    told(bob, ann)
+    with pytest.raises(grpc.RpcError) as err:
+        bob.post("hideout", "let me back", "b1")
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_concurrent_creations_of_a_private_channel_end_with_one_creator_everywhere(cluster):
+    control(cluster, "partition", a="us-east", b="eu-west")
+    control(cluster, "partition", a="us-east", b="ap-northeast")
+    try:  # us-east is cut off: both creations succeed
+        east = client(cluster, "us-east", "founder_east")
+        west = client(cluster, "eu-west", "founder_west")
+        made = [c.create_private_channel("contested").channel for c in (east, west)]
+        assert made[0].creator_user_id != made[1].creator_user_id
+    finally:
+        control(cluster, "heal")
+    wait_until(lambda: converged(cluster), 20, "identical digests after the heal")
+    winner = min(made, key=lambda ch: (ch.hlc, ch.origin_region))
+    for c, home in ((east, "us-east"), (west, "eu-west")):
+        for region in REGIONS:  # each founder stays a member, and sees the same creator in every region
+            c.move_to(cluster["regions"][region]["endpoints"][home])
+            assert c.list_members("contested").channel == winner
 
 
 def test_relay_delivers_across_a_cut_link(cluster):

@@ -54,6 +54,15 @@ BAD_REQUESTS = [
     ("GetUser", pb.GetUserRequest(user_id="u0000000000000000"), grpc.StatusCode.NOT_FOUND, "no user"),
     ("GetUser", pb.GetUserRequest(username="nobody_here"), grpc.StatusCode.NOT_FOUND, "nobody_here"),
     ("GetUser", pb.GetUserRequest(username="NOT VALID"), INVALID, "username"),
+    ("CreatePrivateChannel", pb.CreatePrivateChannelRequest(channel="Bad!"), INVALID, "channel"),
+    ("AddChannelMember", pb.ChannelMemberRequest(channel="general", user_id=""), INVALID, "user_id"),
+    ("AddChannelMember", pb.ChannelMemberRequest(channel="general", user_id="u0000000000000000"),
+     grpc.StatusCode.NOT_FOUND, "not a private channel"),
+    ("RemoveChannelMember", pb.ChannelMemberRequest(channel="c" * 65, user_id="u0000000000000000"), INVALID,
+     "channel"),
+    ("ListChannelMembers", pb.ListChannelMembersRequest(channel="general"), grpc.StatusCode.NOT_FOUND,
+     "not a private channel"),
+    ("ListChannelMembers", pb.ListChannelMembersRequest(channel="BAD!"), INVALID, "channel"),
 ]
 
 
@@ -131,6 +140,10 @@ def test_every_call_but_claim_requires_a_token(leader):
             (stub.SetStatus, pb.SetStatusRequest(presence=pb.PRESENCE_ONLINE)),
             (stub.GetStatus, pb.GetStatusRequest(user_id="u1")),
             (stub.GetUser, pb.GetUserRequest(user_id="u1")),
+            (stub.CreatePrivateChannel, pb.CreatePrivateChannelRequest(channel="c")),
+            (stub.AddChannelMember, pb.ChannelMemberRequest(channel="c", user_id="u1")),
+            (stub.RemoveChannelMember, pb.ChannelMemberRequest(channel="c", user_id="u1")),
+            (stub.ListChannelMembers, pb.ListChannelMembersRequest(channel="c")),
         ]
         for call, request in calls:
             with pytest.raises(grpc.RpcError) as err:

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from mlchat.crdt import lww, vector
 from mlchat.crdt.claims import Claim, ClaimState, claim_state, owner
 from mlchat.crdt.hlc import Hlc
-from mlchat.crdt.lww import StatusValue
+from mlchat.crdt.lww import MemberValue, StatusValue
 from mlchat.crdt.replica import Replica
 
 REGIONS = ("us-east", "eu-west", "ap-northeast")
@@ -31,6 +31,18 @@ def test_status_winner_is_max_hlc_region_in_any_order(values, rnd):
         merged = lww.merge(merged, v)
     assert merged is not None
     assert (merged.hlc, merged.region) == max((v.hlc, v.region) for v in values)
+
+
+memberships = st.builds(MemberValue, st.just("team"), st.just("u1"), st.booleans(), hlc_texts,
+                        st.sampled_from(REGIONS))
+
+
+@given(memberships, memberships, memberships)
+def test_membership_merge_is_commutative_associative_idempotent_and_the_latest_write_wins(a, b, c):
+    assert lww.merge(a, b) == lww.merge(b, a)
+    assert lww.merge(lww.merge(a, b), c) == lww.merge(a, lww.merge(b, c))
+    assert lww.merge(a, a) == a
+    assert lww.merge(lww.merge(a, b), c).rank == max(a.rank, b.rank, c.rank)
 
 
 claims = st.builds(Claim, hlc_texts, st.sampled_from(REGIONS), st.sampled_from(["u1", "u2", "u3"]), st.just("bob"))
@@ -60,6 +72,8 @@ ops = st.lists(
         st.tuples(st.just("post"), st.integers(0, 2), st.sampled_from(["a", "b"]), st.integers(0, 5)),
         st.tuples(st.just("status"), st.integers(0, 2), st.sampled_from(["u1", "u2"]), st.integers(0, 4)),
         st.tuples(st.just("claim"), st.integers(0, 2), st.sampled_from(["ann", "bob"]), st.integers(0, 2)),
+        st.tuples(st.just("create"), st.integers(0, 2), st.sampled_from(["a", "b"]), st.integers(0, 2)),
+        st.tuples(st.just("member"), st.integers(0, 2), st.sampled_from(["a", "b"]), st.integers(0, 5)),
         st.tuples(st.just("send"), st.integers(0, 2), st.integers(0, 2), st.just(0)),
         st.tuples(st.just("deliver"), st.integers(0, 1000), st.booleans(), st.just(0)),
     ),
@@ -86,6 +100,10 @@ def run_history(history, rnd):
             r.set_status(x, y, f"text {y} from {r.region}", now[i])
         elif kind == "claim":
             r.claim(x, f"user-{i}-{y}", now[i])
+        elif kind == "create":
+            r.create_channel(x, f"user{y}", now[i])
+        elif kind == "member":
+            r.set_member(x, f"user{y % 3}", y < 3, now[i])
         elif kind == "send":
             network.append((x, r.delta_for(replicas[x].state())))
         elif kind == "deliver" and network:
@@ -113,6 +131,9 @@ def test_replicas_converge_whatever_the_delivery_order(history, rnd):
     digests = {r.digest() for r in replicas}
     assert len(digests) == 1
     for channel in ("a", "b"):
+        assert len({r.channel_creator(channel) for r in replicas}) == 1, "two creators of one channel"
+        for user in ("user0", "user1", "user2"):
+            assert len({r.is_member(channel, user) for r in replicas}) == 1
         listings = [[e.id for e in r.messages(channel)] for r in replicas]
         assert listings[0] == listings[1] == listings[2]
         assert len(set(listings[0])) == len(listings[0]), "a message id appears twice"
@@ -139,10 +160,34 @@ def test_relay_through_a_third_replica_delivers_everything():
     a.post("u1", "general", "hello from a", "m1", 100)
     a.set_status("u1", 1, "here", 101)
     a.claim("ann", "u1", 102)
+    a.create_channel("team", "u1", 103)
+    a.set_member("team", "u2", True, 104)
     b.apply(a.delta_for(b.state()), 100)  # A -> B
     c.apply(b.delta_for(c.state()), 100)  # B -> C; A-C is cut
     assert c.digest() == a.digest()
     assert [e.body for e in c.messages("general")] == ["hello from a"]
+    assert c.channel_creator("team").user_id == "u1"
+    assert c.is_member("team", "u1") and c.is_member("team", "u2")
+
+
+def test_concurrent_creations_of_a_channel_end_with_the_earliest_creator_everywhere():
+    a, b, _ = make_replicas()
+    b.create_channel("team", "bob", now_ms=200)
+    a.create_channel("team", "ann", now_ms=100)
+    a.apply(b.delta_for(a.state()), 300)
+    b.apply(a.delta_for(b.state()), 300)
+    assert a.channel_creator("team") == b.channel_creator("team")
+    assert a.channel_creator("team").user_id == "ann"
+    assert a.digest() == b.digest()
+
+
+def test_a_removal_made_after_seeing_an_add_wins_even_with_a_slow_clock():
+    a, b, _ = make_replicas()
+    a.set_member("team", "u2", True, now_ms=10_000)
+    b.apply(a.delta_for(b.state()), now_ms=5_000)
+    b.set_member("team", "u2", False, now_ms=5_001)
+    a.apply(b.delta_for(a.state()), now_ms=10_001)
+    assert not a.is_member("team", "u2") and not b.is_member("team", "u2")
 
 
 def test_a_write_made_after_seeing_another_wins_even_with_a_slow_clock():

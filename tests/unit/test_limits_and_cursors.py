@@ -4,7 +4,7 @@ from mlchat.crdt.hlc import Hlc
 from mlchat.crdt.msglog import order_key
 from mlchat.errors import InvalidArgument
 from mlchat.leader import limits
-from mlchat.leader.region import decode_cursor, encode_cursor, user_id_for
+from mlchat.leader.region import decode_cursor, encode_cursor, membership_refusal, user_id_for
 
 
 def test_documented_limits_hold_at_their_edges():
@@ -45,3 +45,21 @@ def test_a_rate_limiter_allows_a_burst_then_the_rate():
     assert [limiter.wait_s("u", 10.0) for _ in range(3)] == [0.0, 0.0, 0.0]  # refilled, never above the burst
     assert limiter.wait_s("u", 10.0) > 0
     assert limits.RateLimiter(0, 0).wait_s("u", 0.0) == 0.0  # rate 0: no limit
+
+
+# (actor, actor is a member, target, add) -> allowed, in a channel created by "ann"
+MEMBERSHIP_RULES = [
+    ("ann", False, "bob", True, True),  # the creator adds, even after leaving
+    ("ann", False, "bob", False, True),  # and removes anyone
+    ("bob", True, "cat", True, True),  # a member adds anyone
+    ("bob", False, "cat", True, False),  # a non-member adds no one
+    ("bob", True, "bob", False, True),  # a member leaves
+    ("bob", True, "cat", False, False),  # but removes no one else
+    ("bob", True, "ann", False, False),  # not even the creator
+]
+
+
+@pytest.mark.parametrize(("actor", "is_member", "target", "add", "allowed"), MEMBERSHIP_RULES)
+def test_who_may_add_and_remove_members_of_a_private_channel(actor, is_member, target, add, allowed):
+    refusal = membership_refusal(actor, "ann", is_member, target, add)
+    assert (refusal == "") == allowed, refusal
