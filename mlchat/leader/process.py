@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -15,11 +16,33 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mlchat.leader.valkey import die_with_parent
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port free now, below the range the kernel takes the local ports of outgoing connections
+    from: a port from that range (what binding port 0 gives) can be taken by any client connection before
+    the server that was meant to have it binds it."""
+    low = min(20_000, _ephemeral_low() // 2)
+    for _ in range(1000):
+        port = random.randint(low, _ephemeral_low() - 1)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 def wait_serving(address: str, timeout_s: float) -> None:

@@ -16,7 +16,8 @@ How it maps onto the leader:
   messages are datagrams (unary calls) and face loss, duplication and reordering as they are.
 - Each region's wall clock is off by its own skew, up to +/-500 ms.
 - Users post (retrying posts whose answer was lost, with the same client_msg_id, in any region), read with
-  their causal token, set their status and claim usernames; what each region answered them is recorded.
+  their causal token, set their status, claim usernames, and create private channels and change their
+  members; what each region answered them is recorded.
 
 Invariants, checked at every step and at quiescence (faults healed, every region up, traffic stopped):
 no acknowledged message lost; one message per client_msg_id; a status write made after seeing another has the
@@ -50,6 +51,7 @@ QUIET_MAX_STEPS = 1_500
 USERS = ("alice", "bob", "carol", "dave")
 CHANNELS = ("general", "random")
 NAMES = ("ann", "ben", "cat")
+PRIVATE = ("team", "board")
 MODES = ("async", "strong-names")
 
 
@@ -234,10 +236,11 @@ class World:
         disk = node.disk
         for delta in replica.take_feed():
             data = replace(delta, vector={}, members={}, departed=())
-            if data.shard_updates or data.statuses or data.claims:
+            if data.shard_updates or data.statuses or data.claims or data.channels or data.memberships:
                 disk.changes.append(data)
             disk.floor = max([disk.floor, replica.clocks.floor, *(v.hlc for v in delta.statuses),
-                              *(c.hlc for c in delta.claims)])
+                              *(c.hlc for c in (*delta.claims, *delta.channels)),
+                              *(m.hlc for m in delta.memberships)])
             for peer, out in node.outbound.items():
                 self.send(node.name, peer, Part(out.session, out.seq, delta))
                 out.seq += 1
@@ -426,8 +429,10 @@ class World:
             self.read(node, user)
         elif op < 0.8:
             self.set_status(node, user)
-        elif op < 0.9:
+        elif op < 0.85:
             self.claim(node, user, self.rng.choice(NAMES))
+        elif op < 0.9:
+            self.private_channel(node, user)
         else:
             self.poll_claims(node, user)
 
@@ -475,6 +480,18 @@ class World:
         elif not any(c.name == name for c in user.claims):
             user.claims.append(replica.claim(name, user.name, self.now_ms(node)))
             self.store_and_ship(node)
+
+    def private_channel(self, node: Node, user: User) -> None:
+        """Create the private channel, or, as a member, add someone or leave (the regions converge on one
+        creator and on the last write of every membership)."""
+        replica, _ = node.core()
+        channel = self.rng.choice(PRIVATE)
+        if replica.channel_creator(channel) is None:
+            replica.create_channel(channel, user.name, self.now_ms(node))
+        elif replica.is_member(channel, user.name):
+            other = self.rng.choice(USERS)
+            replica.set_member(channel, other, other != user.name, self.now_ms(node))
+        self.store_and_ship(node)
 
     def poll_claims(self, node: Node, user: User) -> None:
         """GetUser in async mode: a claim the region has seen is CONFIRMED only once no earlier one can come."""
