@@ -155,7 +155,8 @@ class Demo:
         self.control("add", region="ap-southeast")
         status = dcsim.control(self.run_dir, {"command": "status"})
         with ChatClient(status["regions"]["ap-southeast"]["endpoints"]["ap-southeast"]) as dana:
-            dana.claim("dana", secrets.token_hex(16))
+            counted_in = sessions.claimed(dana, "dana", secrets.token_hex(16))
+            say(f"  ap-southeast takes username claims once every member counts it in: {counted_in}")
             caught_up = wait(lambda: len(dana.list("general", limit=100).messages)
                              == len(self.clients["alice"].list("general", limit=100).messages))
             say(f"  dana, in ap-southeast, reads the whole history of #general there: {caught_up}")

@@ -54,6 +54,21 @@ def wait(condition: Callable[[], bool], deadline_s: float = 15.0) -> bool:
     return True
 
 
+def claimed(client: ChatClient, username: str, claim_key: str, deadline_s: float = 15.0) -> bool:
+    """Claim a username, again while the region answers UNAVAILABLE (a region that joined lately takes
+    claims once every member counts it in); whether it was taken."""
+    def attempt() -> bool:
+        try:
+            client.claim(username, claim_key)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            return False
+        return True
+
+    return wait(attempt, deadline_s)
+
+
 @contextlib.contextmanager
 def run(mode: Mode, acks: SyncAcks, regions: tuple[str, ...] = REGIONS) -> Iterator[Run]:
     """A fresh cluster in `mode`, with every region's peers connected; stopped afterwards."""

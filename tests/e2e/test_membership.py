@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import grpc
 from support import wait_until
 
 from dcsim import cli as dcsim
+from dcsim import sessions
 from mlchat.geo.client import ChatClient
 from mlchat.v1 import chat_pb2 as pb
 from mlchat.v1 import cluster_pb2
@@ -17,22 +17,6 @@ def _client(state: dict, region: str, user: str) -> ChatClient:
     c = ChatClient(state["regions"][region]["endpoints"][region], timeout_s=10)
     c.claim(user, f"{user}-claim-key-0123456789")
     return c
-
-
-def _claimed_once_counted_in(state: dict, region: str, user: str) -> ChatClient:
-    """A newcomer takes claims once every member counts it in (UNAVAILABLE until then)."""
-    clients: list[ChatClient] = []
-
-    def claimed() -> bool:
-        try:
-            clients.append(_client(state, region, user))
-        except grpc.RpcError as e:
-            assert e.code() == grpc.StatusCode.UNAVAILABLE, e
-            return False
-        return True
-
-    wait_until(claimed, 15, f"{region} taking claims")
-    return clients[0]
 
 
 def _peers(c: ChatClient) -> dict[str, int]:
@@ -51,7 +35,9 @@ def test_a_region_joins_catches_up_and_another_leaves(tmp_path: Path):
 
         dcsim.control(run_dir, {"command": "add", "region": "ap-southeast"})
         state = dcsim.control(run_dir, {"command": "status"})
-        newcomer = _claimed_once_counted_in(state, "ap-southeast", "member_new")
+        newcomer = ChatClient(state["regions"]["ap-southeast"]["endpoints"]["ap-southeast"], timeout_s=10)
+        # It takes claims once every member counts it in.
+        assert sessions.claimed(newcomer, "member_new", "member_new-claim-key-0123456789")
         # It learned every member from the one it joined through, and caught up on the history.
         wait_until(lambda: set(_peers(newcomer)) == {"us-east", "eu-west", "ap-northeast"}, 15, "all members known")
         wait_until(lambda: len(newcomer.list("history", limit=100).messages) == 30, 20, "the history")
