@@ -170,7 +170,7 @@ class Region:
         if not self._unsettled:
             self.clock = self.clock.tick(self._now_ms())
             self._vector_moved()
-        advertised = {self.name: self.settings.advertise or self.settings.listen}
+        advertised = {self.name: self.settings.peer_address}
         return Delta(vector=self.vector, members={**self.members, **advertised}, departed=tuple(sorted(self.departed)))
 
     def causal_token(self, *seen: tuple[str, str]) -> bytes:
