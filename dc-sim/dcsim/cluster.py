@@ -272,6 +272,11 @@ class Cluster:
         await asyncio.to_thread(leader.wait_ready)
         return f"restarted {region} on {leader.address}"
 
+    def _bytes(self, a: str, b: str) -> int:
+        """Bytes delivered from a to b, clients' and leaders' together."""
+        return sum(links[a, b].delivered["up"] + links[b, a].delivered["down"]
+                   for links in (self.links, self.peer_links))
+
     def status(self) -> dict[str, object]:
         return {
             "regions": {
@@ -283,8 +288,6 @@ class Cluster:
             },
             "partitions": sorted(f"{a}->{b}" for (a, b), t in self.paths.items() if t.blackhole),
             "paths": {f"{a}->{b}": {"latency_ms": t.latency_ms, "jitter_ms": t.jitter_ms,
-                                    "bandwidth_kbps": t.bandwidth_kbps,
-                                    "bytes": sum(links[a, b].delivered["up"] + links[b, a].delivered["down"]
-                             for links in (self.links, self.peer_links))}
+                                    "bandwidth_kbps": t.bandwidth_kbps, "bytes": self._bytes(a, b)}
                       for (a, b), t in sorted(self.paths.items()) if a != b},
         }

@@ -62,6 +62,10 @@ def redis_client(url: str) -> aioredis.Redis:
 
 
 async def serve(settings: LeaderSettings) -> None:
+    try:  # before anything starts: a leader with bad TLS material must not half-start
+        client_tls, peer_tls = (tls.load(f) if f else None for f in (settings.tls, settings.peer_tls))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     embedded = None
     url = settings.redis_url
     if url is None:
@@ -73,7 +77,7 @@ async def serve(settings: LeaderSettings) -> None:
     store = Store(redis_client(url))
     supervisor = asyncio.create_task(_supervise(embedded, settings.region)) if embedded is not None else None
     try:
-        await _serve(settings, store)
+        await _serve(settings, store, client_tls, peer_tls)
     finally:
         if supervisor is not None:
             supervisor.cancel()
@@ -95,7 +99,8 @@ async def _supervise(embedded: EmbeddedValkey, region: str) -> None:
                 log.exception("[%s] embedded Valkey did not start again; retrying", region)
 
 
-async def _serve(settings: LeaderSettings, store: Store) -> None:
+async def _serve(settings: LeaderSettings, store: Store, client_tls: tls.TlsMaterial | None,
+                 peer_tls: tls.TlsMaterial | None) -> None:
     signer = TokenSigner(load_secret(settings.secret_file or settings.data_dir / "cluster-secret"),
                          settings.token_ttl_ms)
     # A fresh pycrdt client id per process: two live docs sharing one would diverge.
@@ -103,8 +108,7 @@ async def _serve(settings: LeaderSettings, store: Store) -> None:
     await region.start()
     auth = Authenticator(signer, limits.RateLimiter(settings.user_rate, settings.user_burst))
 
-    peer_material = _material(settings.peer_tls)
-    replicator = Replicator(region, signer, wall_ms, tls.peer_credentials(peer_material) if peer_material else None)
+    replicator = Replicator(region, signer, wall_ms, tls.peer_credentials(peer_tls) if peer_tls else None)
     rng = random.Random()
     consensus = Consensus(region, replicator.stub, replicator.metadata, rng, wall_ms)
     leadership = (Leadership(region, replicator, consensus, wall_ms, rng)
@@ -121,8 +125,8 @@ async def _serve(settings: LeaderSettings, store: Store) -> None:
                                      ReplicationServicer(region, auth, replicator, consensus)))
     if settings.peer_listen:
         # Replication only on the peer port: were it on the client port too, mutual TLS would guard nothing.
-        servers = [_server(settings.listen, _material(settings.tls), health_servicer, chat, cluster),
-                   _server(settings.peer_listen, peer_material, health_servicer, replication)]
+        servers = [_server(settings.listen, client_tls, health_servicer, chat, cluster),
+                   _server(settings.peer_listen, peer_tls, health_servicer, replication)]
     else:
         servers = [_server(settings.listen, None, health_servicer, chat, cluster, replication)]
     if leadership is not None:  # before serving: no write is taken, nor vote given, without a term
@@ -154,13 +158,6 @@ async def _serve(settings: LeaderSettings, store: Store) -> None:
     await asyncio.gather(*(server.stop(settings.grace_s) for server in servers))
     await replicator.stop()
     log.info("[%s] stopped", settings.region)
-
-
-def _material(files: tls.TlsFiles | None) -> tls.TlsMaterial | None:
-    try:
-        return tls.load(files) if files else None
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
 
 
 def _server(address: str, material: tls.TlsMaterial | None, health_servicer: health.aio.HealthServicer,

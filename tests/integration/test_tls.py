@@ -164,6 +164,6 @@ def test_a_leader_refuses_to_start_with_incomplete_or_mismatched_tls_material(tm
                                             "--tls-key", str(cluster / "us-east-key.pem"))
     assert "go together" in _leader_exits(tmp_path, redis_url, *peer[:4], "--peer-listen", f"127.0.0.1:{free_port()}")
     assert "is not the key of" in _leader_exits(
-        tmp_path, f"{redis_url}/14", "--peer-listen", f"127.0.0.1:{free_port()}", "--peer-cert",
+        tmp_path, redis_url, "--peer-listen", f"127.0.0.1:{free_port()}", "--peer-cert",
         str(cluster / "us-east.pem"), "--peer-key", str(cluster / "eu-west-key.pem"), "--peer-ca",
         str(cluster / "ca.pem"))

@@ -14,6 +14,7 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 
 from mlchat import certs
 from mlchat.cli import main
+from mlchat.tls import TlsFiles, load
 
 NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 
@@ -84,3 +85,15 @@ def test_the_command_writes_the_files_and_checks_its_arguments(tmp_path, capsys)
     assert capsys.readouterr().out == "up to date\n"
     with pytest.raises(SystemExit):
         main(["certs", "--out", str(tmp_path), "--regions", "Not A Region"])
+
+
+def test_tls_material_is_checked_when_loaded(tmp_path):
+    certs.ensure(tmp_path, ["us-east", "eu-west"], now=NOW)
+    files = TlsFiles(tmp_path / "us-east.pem", tmp_path / "us-east-key.pem", tmp_path / "ca.pem")
+    assert load(files, NOW).ca == (tmp_path / "ca.pem").read_bytes()
+    with pytest.raises(ValueError, match="is not the key of"):
+        load(TlsFiles(files.cert, tmp_path / "eu-west-key.pem"), NOW)
+    with pytest.raises(ValueError, match="expired"):
+        load(files, NOW + datetime.timedelta(days=certs.LEAF_DAYS + 1))
+    with pytest.raises(ValueError, match="cannot read"):
+        load(TlsFiles(tmp_path / "missing.pem", files.key), NOW)
