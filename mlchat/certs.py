@@ -52,7 +52,7 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
-def san(hosts: Iterable[str]) -> list[x509.GeneralName]:
+def _san(hosts: Iterable[str]) -> list[x509.GeneralName]:
     """Subject alternative names: an IP address where the host is one, else a DNS name."""
     names: list[x509.GeneralName] = []
     for host in dict.fromkeys(hosts):  # in order, once each
@@ -97,7 +97,7 @@ def issue(ca: Pem, name: str, hosts: Iterable[str], now: datetime.datetime, days
                                          crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
                            critical=False)
-            .add_extension(x509.SubjectAlternativeName(san([name, *hosts])), critical=False)
+            .add_extension(x509.SubjectAlternativeName(_san([name, *hosts])), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256()))
@@ -112,7 +112,7 @@ def _current(ca: Pem, leaf: Pem, name: str, hosts: Iterable[str], now: datetime.
     except (ValueError, TypeError, InvalidSignature):
         return False
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    return set(names) == set(san([name, *hosts])) and cert.not_valid_after_utc - now > datetime.timedelta(days=120)
+    return set(names) == set(_san([name, *hosts])) and cert.not_valid_after_utc - now > datetime.timedelta(days=120)
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:

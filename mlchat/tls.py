@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from cryptography import x509
@@ -66,9 +67,9 @@ def peer_credentials(material: TlsMaterial) -> grpc.ChannelCredentials:
                                         certificate_chain=material.cert)
 
 
-def client_channel(address: str, ca: Path | bytes | None, **kwargs: object) -> grpc.Channel:
+def client_channel(address: str, ca: Path | bytes | None, **kwargs: Any) -> grpc.Channel:
     """A channel to a leader's client API: TLS checked against `ca` if given, else plaintext."""
     if ca is None:
-        return grpc.insecure_channel(address, **kwargs)  # type: ignore[arg-type]
+        return grpc.insecure_channel(address, **kwargs)
     root = ca if isinstance(ca, bytes) else ca.read_bytes()
-    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root), **kwargs)  # type: ignore[arg-type]
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root), **kwargs)

@@ -125,8 +125,9 @@ async def _serve(settings: LeaderSettings, store: Store, client_tls: tls.TlsMate
                                      ReplicationServicer(region, auth, replicator, consensus)))
     if settings.peer_listen:
         # Replication only on the peer port: were it on the client port too, mutual TLS would guard nothing.
+        # Chat there too, for the users' writes a region forwards to the primary (single-leader mode).
         servers = [_server(settings.listen, client_tls, health_servicer, chat, cluster),
-                   _server(settings.peer_listen, peer_tls, health_servicer, replication)]
+                   _server(settings.peer_listen, peer_tls, health_servicer, replication, chat)]
     else:
         servers = [_server(settings.listen, None, health_servicer, chat, cluster, replication)]
     if leadership is not None:  # before serving: no write is taken, nor vote given, without a term
