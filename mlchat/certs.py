@@ -105,14 +105,15 @@ def issue(ca: Pem, name: str, hosts: Iterable[str], now: datetime.datetime, days
 
 
 def _current(ca: Pem, leaf: Pem, name: str, hosts: Iterable[str], now: datetime.datetime) -> bool:
-    """True if `leaf` is signed by `ca`, names exactly `name` and `hosts`, and has a third of a year left."""
+    """True if `leaf` is signed by `ca`, names exactly `name` and `hosts`, and has a third of its life left."""
     cert = x509.load_pem_x509_certificate(leaf.cert)
     try:
         cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca.cert))
     except (ValueError, TypeError, InvalidSignature):
         return False
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    return set(names) == set(_san([name, *hosts])) and cert.not_valid_after_utc - now > datetime.timedelta(days=120)
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    return set(names) == set(_san([name, *hosts])) and cert.not_valid_after_utc - now > lifetime / 3
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:

@@ -57,18 +57,25 @@ def test_a_certificate_from_another_ca_does_not_verify(tmp_path):
         _policy(tmp_path / "a" / "ca.pem").build_client_verifier().verify(_cert(tmp_path / "b" / "us-east.pem"), [])
 
 
+def _issued(lines: list[str]) -> list[str]:
+    """The names whose certificates `certs.ensure` wrote."""
+    return [line.removeprefix("certificate for ").split(" (")[0] for line in lines if line.startswith("certificate")]
+
+
 def test_running_it_again_keeps_the_ca_and_what_is_still_right(tmp_path):
     certs.ensure(tmp_path, ["us-east"], now=NOW)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert certs.ensure(tmp_path, ["us-east"], now=NOW) == []
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     # A new region is signed by the same CA; a region asked for another host is issued again.
-    written = certs.ensure(tmp_path, ["us-east", "eu-west"], {"us-east": ["db.example.com"]}, now=NOW)
-    assert [line.split(":")[0].split(" (")[0] for line in written] == ["certificate for us-east",
-                                                                       "certificate for eu-west"]
+    hosts = {"us-east": ["db.example.com"]}
+    assert _issued(certs.ensure(tmp_path, ["us-east", "eu-west"], hosts, now=NOW)) == ["us-east", "eu-west"]
     assert (tmp_path / "ca.pem").read_bytes() == before["ca.pem"]
     _policy(tmp_path / "ca.pem").build_server_verifier(x509.DNSName("db.example.com")).verify(
         _cert(tmp_path / "us-east.pem"), [])
+    # One in the last third of its validity is issued again.
+    late = NOW + datetime.timedelta(days=certs.LEAF_DAYS * 0.7)
+    assert _issued(certs.ensure(tmp_path, ["us-east", "eu-west"], hosts, now=late)) == ["us-east", "eu-west"]
     # A new CA, asked for, issues every certificate again under it.
     certs.ensure(tmp_path, ["us-east", "eu-west"], now=NOW, renew_ca=True)
     assert (tmp_path / "ca.pem").read_bytes() != before["ca.pem"]
