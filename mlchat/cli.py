@@ -9,9 +9,11 @@ import re
 import sys
 from pathlib import Path
 
+from mlchat.certs import LEAF_DAYS, ensure
 from mlchat.geo.modes import Mode, SyncAcks
 from mlchat.leader import limits
 from mlchat.leader.settings import LeaderSettings
+from mlchat.tls import TlsFiles
 
 
 def _region(name: str) -> str:
@@ -25,6 +27,18 @@ def _peer(text: str) -> tuple[str, str]:
     if not sep or not address:
         raise argparse.ArgumentTypeError(f"--peer {text!r}: expected REGION=HOST:PORT")
     return _region(region), address
+
+
+def _regions(text: str) -> list[str]:
+    return [_region(name) for name in text.split(",") if name]
+
+
+def _host(text: str) -> tuple[str, str]:
+    """`NAME` (every region's certificate) or `REGION=NAME` (that region's)."""
+    region, sep, host = text.rpartition("=")
+    if not host or (sep and not region):
+        raise argparse.ArgumentTypeError(f"--host {text!r}: expected NAME or REGION=NAME")
+    return (_region(region) if sep else ""), host
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,7 +59,17 @@ def main(argv: list[str] | None = None) -> None:
     leader.add_argument("--join", default="", metavar="HOST:PORT",
                         help="join a running cluster through any member (at the first start)")
     leader.add_argument("--advertise", default="", metavar="HOST:PORT",
-                        help="where other regions reach this one (default: --listen)")
+                        help="where other regions reach this one (default: --peer-listen, else --listen)")
+    leader.add_argument("--peer-listen", default="", metavar="HOST:PORT",
+                        help="serve replication to other regions here only (default: on --listen)")
+    leader.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve the client API over TLS with this "
+                        "certificate (chain); needs --tls-key and --peer-listen")
+    leader.add_argument("--tls-key", type=Path, metavar="PEM")
+    leader.add_argument("--peer-cert", type=Path, metavar="PEM", help="mutual TLS between regions: this region's "
+                        "certificate (from `mlchat certs`); needs --peer-key, --peer-ca and --peer-listen")
+    leader.add_argument("--peer-key", type=Path, metavar="PEM")
+    leader.add_argument("--peer-ca", type=Path, metavar="PEM",
+                        help="the cluster CA: a peer whose certificate it did not sign is refused")
     leader.add_argument("--routes", type=Path, default=None, metavar="FILE",
                         help="JSON {region: host:port} overriding members' addresses, read at each connection")
     leader.add_argument("--heartbeat-ms", type=int, default=500)
@@ -66,20 +90,45 @@ def main(argv: list[str] | None = None) -> None:
     leader.add_argument("--subscriber-buffer", type=int, default=limits.SUBSCRIBER_BUFFER,
                         help="messages a subscriber may fall behind before it is cut off")
 
+    certs = sub.add_parser("certs", help="create a CA and per-region certificates for mutual TLS between regions")
+    certs.add_argument("--out", type=Path, required=True, help="directory for ca.pem, REGION.pem and their keys")
+    certs.add_argument("--regions", required=True, type=_regions, help="comma-separated, e.g. us-east,eu-west")
+    certs.add_argument("--host", action="append", default=[], type=_host, metavar="[REGION=]NAME",
+                       help="a DNS name or IP address to add to every certificate, or to one region's "
+                       "(repeat; localhost, 127.0.0.1 and ::1 are always there)")
+    certs.add_argument("--days", type=int, default=LEAF_DAYS, help="validity of the regions' certificates")
+    certs.add_argument("--new-ca", action="store_true",
+                       help="replace the CA (every certificate it signed is then issued again)")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    if args.command == "leader":
+    if args.command == "certs":
+        hosts: dict[str, list[str]] = {}
+        for region, host in args.host:
+            hosts.setdefault(region, []).append(host)
+        for line in ensure(args.out, args.regions, hosts, renew_ca=args.new_ca, days=args.days) or ["up to date"]:
+            print(line)
+    elif args.command == "leader":
         from mlchat.leader.server import serve
 
-        settings = LeaderSettings(
-            region=args.region, listen=args.listen, redis_url=args.redis,
-            data_dir=args.data_dir or Path("data") / args.region, secret_file=args.secret_file,
-            token_ttl_ms=int(args.token_ttl * 1000), subscriber_buffer=args.subscriber_buffer,
-            peers=dict(args.peer), heartbeat_ms=args.heartbeat_ms, peer_timeout_ms=args.peer_timeout_ms,
-            join=args.join, advertise=args.advertise, routes_file=args.routes, mode=args.mode,
-            sync_acks=args.sync_acks, write_timeout_ms=args.write_timeout_ms, primary=args.primary or "",
-            user_rate=args.user_rate, user_burst=args.user_burst)
+        if (args.tls_cert is None) != (args.tls_key is None):
+            parser.error("--tls-cert and --tls-key go together")
+        if len({args.peer_cert is None, args.peer_key is None, args.peer_ca is None}) > 1:
+            parser.error("--peer-cert, --peer-key and --peer-ca go together")
+        try:
+            settings = LeaderSettings(
+                region=args.region, listen=args.listen, redis_url=args.redis,
+                data_dir=args.data_dir or Path("data") / args.region, secret_file=args.secret_file,
+                token_ttl_ms=int(args.token_ttl * 1000), subscriber_buffer=args.subscriber_buffer,
+                peers=dict(args.peer), heartbeat_ms=args.heartbeat_ms, peer_timeout_ms=args.peer_timeout_ms,
+                join=args.join, advertise=args.advertise, routes_file=args.routes, mode=args.mode,
+                sync_acks=args.sync_acks, write_timeout_ms=args.write_timeout_ms, primary=args.primary or "",
+                user_rate=args.user_rate, user_burst=args.user_burst, peer_listen=args.peer_listen,
+                tls=TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert else None,
+                peer_tls=TlsFiles(args.peer_cert, args.peer_key, args.peer_ca) if args.peer_cert else None)
+        except ValueError as e:
+            parser.error(str(e))
         asyncio.run(serve(settings))
 
 

@@ -187,7 +187,8 @@ class Demo:
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mlchat-demo-") as tmp:
         run_dir = Path(tmp) / "run"
-        step("dcsim up: three regions, each a leader with its own Valkey, behind a simulated WAN")
+        step("dcsim up: three regions, each a leader with its own Valkey, replicating over mutual TLS "
+             "behind a simulated WAN")
         status = dcsim.up(run_dir, REGIONS, None, None)
         demo = Demo(run_dir, status)
         try:

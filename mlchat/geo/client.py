@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mlchat.crdt import vector
+from mlchat.tls import client_channel
 from mlchat.v1 import chat_pb2 as pb
 from mlchat.v1 import chat_pb2_grpc, cluster_pb2, cluster_pb2_grpc
 
@@ -26,10 +28,10 @@ T = TypeVar("T")
 FAIL_OVER_ON = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
-def round_trip_s(address: str, tries: int = 3, timeout_s: float = 2.0) -> float:
+def round_trip_s(address: str, tries: int = 3, timeout_s: float = 2.0, tls_ca: Path | bytes | None = None) -> float:
     """The best of a few health-check round trips to `address`; infinity if it does not answer."""
     best = float("inf")
-    with grpc.insecure_channel(address) as channel:
+    with client_channel(address, tls_ca) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         for _ in range(tries):
             start = time.perf_counter()
@@ -47,9 +49,12 @@ def nearest_first(rtts: Mapping[str, float]) -> list[str]:
 
 
 class ChatClient:
-    def __init__(self, address: str | Mapping[str, str], timeout_s: float = 10.0) -> None:
-        """`address`: one region's HOST:PORT, or region -> HOST:PORT to pick the nearest and fail over."""
+    def __init__(self, address: str | Mapping[str, str], timeout_s: float = 10.0,
+                 tls_ca: Path | bytes | None = None) -> None:
+        """`address`: one region's HOST:PORT, or region -> HOST:PORT to pick the nearest and fail over.
+        `tls_ca`: the CA (a PEM file or its bytes) that signed the leaders' certificates, to talk TLS."""
         self.timeout_s = timeout_s
+        self.tls_ca = tls_ca.read_bytes() if isinstance(tls_ca, Path) else tls_ca
         self.token = ""
         self.user: pb.User | None = None
         self.causal: dict[str, str] = {}
@@ -57,7 +62,7 @@ class ChatClient:
         if len(self.regions) == 1:
             self.order = list(self.regions)
         else:
-            self.order = nearest_first({r: round_trip_s(a) for r, a in self.regions.items()})
+            self.order = nearest_first({r: round_trip_s(a, tls_ca=self.tls_ca) for r, a in self.regions.items()})
         self.region = self.order[0]
         self._connect(self.regions[self.region])
 
@@ -77,7 +82,7 @@ class ChatClient:
 
     def _connect(self, address: str) -> None:
         self.address = address
-        self.channel = grpc.insecure_channel(address)
+        self.channel = client_channel(address, self.tls_ca)
         self.stub = chat_pb2_grpc.ChatServiceStub(self.channel)
         self.cluster = cluster_pb2_grpc.ClusterServiceStub(self.channel)
 

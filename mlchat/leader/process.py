@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mlchat.leader.valkey import die_with_parent
+from mlchat.tls import client_channel
 
 _handed_out: set[int] = set()
 
@@ -45,10 +46,10 @@ def free_port() -> int:
     raise RuntimeError("no free loopback port below the ephemeral range")
 
 
-def wait_serving(address: str, timeout_s: float) -> None:
+def wait_serving(address: str, timeout_s: float, tls_ca: Path | None = None) -> None:
     """Block until the gRPC health check at `address` answers SERVING."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    with client_channel(address, tls_ca) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
@@ -66,11 +67,16 @@ class LeaderProcess:
     """`mlchat leader` in a child process; `start()` returns once it serves."""
 
     def __init__(self, region: str, data_dir: Path, redis_url: str | None = None, port: int | None = None,
-                 extra_args: tuple[str, ...] = (), log_level: str = "WARNING") -> None:
+                 extra_args: tuple[str, ...] = (), log_level: str = "WARNING", peer_port: int | None = None,
+                 tls_ca: Path | None = None) -> None:
+        """`peer_port`: serve replication on a port of its own; `tls_ca`: the client API serves TLS (given
+        by `--tls-cert` in `extra_args`) with a certificate this CA signed."""
         self.region = region
         self.data_dir = data_dir
         self.redis_url = redis_url
         self.port = port or free_port()
+        self.peer_port = peer_port
+        self.tls_ca = tls_ca
         self.extra_args = extra_args
         self.log_level = log_level
         self.proc: subprocess.Popen[bytes] | None = None
@@ -78,6 +84,11 @@ class LeaderProcess:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def peer_address(self) -> str:
+        """Where other regions reach it."""
+        return f"127.0.0.1:{self.peer_port}" if self.peer_port else self.address
 
     def start(self, timeout_s: float = 30.0) -> LeaderProcess:
         self.spawn()
@@ -91,6 +102,8 @@ class LeaderProcess:
                 "--listen", self.address, "--data-dir", str(self.data_dir), *self.extra_args]
         if self.redis_url:
             args += ["--redis", self.redis_url]
+        if self.peer_port:
+            args += ["--peer-listen", self.peer_address]
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.data_dir / "leader.log", "ab")  # noqa: SIM115 - the child owns it
         self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
@@ -99,7 +112,7 @@ class LeaderProcess:
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         try:
-            wait_serving(self.address, timeout_s)
+            wait_serving(self.address, timeout_s, self.tls_ca)
         except TimeoutError:
             self.kill()
             raise TimeoutError(f"leader {self.region} did not start; log:\n{self.log_tail()}") from None

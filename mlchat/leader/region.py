@@ -216,7 +216,7 @@ class Region:
         except Exception:  # storage down: the next heartbeat tries again
             log.warning("[%s] storing the clock floor failed", self.name, exc_info=True)
         self._vector_moved()
-        advertised = {self.name: self.settings.advertise or self.settings.listen}
+        advertised = {self.name: self.settings.peer_address}
         return Delta(vector=self.vector, members={**self.members, **advertised}, departed=tuple(sorted(self.departed)))
 
     def causal_token(self, *seen: tuple[str, str]) -> bytes:

@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -77,7 +78,7 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
     async def Join(self, request, context):  # type: ignore[no-untyped-def]
         self.auth.principal(context, peer=True)
         await self.replicator.admit(request.region, request.address)
-        advertised = {self.region.name: self.region.settings.advertise or self.region.settings.listen}
+        advertised = {self.region.name: self.region.settings.peer_address}
         return rpb.JoinResponse(members={**self.region.members, **advertised})
 
     @unary
@@ -148,10 +149,12 @@ class PeerLink:
 class Replicator:
     """Opens and keeps a stream to every peer, applying what arrives; sends heartbeats to the feed."""
 
-    def __init__(self, region: Region, signer: TokenSigner, now_ms: Callable[[], int]) -> None:
+    def __init__(self, region: Region, signer: TokenSigner, now_ms: Callable[[], int],
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self.region = region
         self.signer = signer
         self.now_ms = now_ms
+        self.credentials = credentials  # mutual TLS to peers; None: plaintext
         self.links: dict[str, PeerLink] = {}
         self._followers: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -187,8 +190,13 @@ class Replicator:
         """For calls to a member (one channel per address, kept open)."""
         address = self._address(region)
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address)
+            self._channels[address] = self._open(address)
         return self._channels[address]
+
+    def _open(self, address: str, **kwargs: Any) -> grpc.aio.Channel:
+        if self.credentials is None:
+            return grpc.aio.insecure_channel(address, **kwargs)
+        return grpc.aio.secure_channel(address, self.credentials, **kwargs)
 
     def stub(self, region: str) -> replication_pb2_grpc.ReplicationServiceStub:
         return replication_pb2_grpc.ReplicationServiceStub(self.channel(region))
@@ -214,9 +222,9 @@ class Replicator:
 
     async def _join(self, address: str) -> dict[str, str]:
         settings = self.region.settings
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with self._open(address) as channel:
             response = await replication_pb2_grpc.ReplicationServiceStub(channel).Join(
-                rpb.JoinRequest(region=self.region.name, address=settings.advertise or settings.listen),
+                rpb.JoinRequest(region=self.region.name, address=settings.peer_address),
                 metadata=self.metadata(), timeout=30)
         log.info("[%s] joined through %s: members %s", self.region.name, address, ", ".join(response.members))
         return {r: a for r, a in response.members.items() if r != self.region.name}
@@ -277,7 +285,7 @@ class Replicator:
             link.address = self._address(link.region)
             try:
                 # WAN links are paid by the byte: deltas travel compressed.
-                async with grpc.aio.insecure_channel(link.address, compression=grpc.Compression.Gzip, options=[
+                async with self._open(link.address, compression=grpc.Compression.Gzip, options=[
                         ("grpc.max_receive_message_length", MAX_PEER_MESSAGE_BYTES),
                         ("grpc.keepalive_time_ms", self.region.settings.heartbeat_ms * 2),
                         ("grpc.keepalive_timeout_ms", self.region.settings.peer_timeout_ms)]) as channel:

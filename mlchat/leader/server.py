@@ -7,19 +7,23 @@ in flight get `grace_s` to finish, then Redis (and an embedded Valkey) stop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import secrets
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import redis.asyncio as aioredis
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
+from mlchat import tls
 from mlchat.geo.modes import Mode
 from mlchat.leader import limits
 from mlchat.leader.consensus import Consensus
@@ -58,6 +62,10 @@ def redis_client(url: str) -> aioredis.Redis:
 
 
 async def serve(settings: LeaderSettings) -> None:
+    try:  # before anything starts: a leader with bad TLS material must not half-start
+        client_tls, peer_tls = (tls.load(f) if f else None for f in (settings.tls, settings.peer_tls))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     embedded = None
     url = settings.redis_url
     if url is None:
@@ -69,7 +77,7 @@ async def serve(settings: LeaderSettings) -> None:
     store = Store(redis_client(url))
     supervisor = asyncio.create_task(_supervise(embedded, settings.region)) if embedded is not None else None
     try:
-        await _serve(settings, store)
+        await _serve(settings, store, client_tls, peer_tls)
     finally:
         if supervisor is not None:
             supervisor.cancel()
@@ -91,7 +99,8 @@ async def _supervise(embedded: EmbeddedValkey, region: str) -> None:
                 log.exception("[%s] embedded Valkey did not start again; retrying", region)
 
 
-async def _serve(settings: LeaderSettings, store: Store) -> None:
+async def _serve(settings: LeaderSettings, store: Store, client_tls: tls.TlsMaterial | None,
+                 peer_tls: tls.TlsMaterial | None) -> None:
     signer = TokenSigner(load_secret(settings.secret_file or settings.data_dir / "cluster-secret"),
                          settings.token_ttl_ms)
     # A fresh pycrdt client id per process: two live docs sharing one would diverge.
@@ -99,40 +108,40 @@ async def _serve(settings: LeaderSettings, store: Store) -> None:
     await region.start()
     auth = Authenticator(signer, limits.RateLimiter(settings.user_rate, settings.user_burst))
 
-    server = grpc.aio.server(
-        # Peers send their state in one message; client requests are held to their own limit.
-        options=[("grpc.max_receive_message_length", limits.MAX_PEER_STATE_BYTES),
-                 ("grpc.so_reuseport", 0)],
-        maximum_concurrent_rpcs=limits.MAX_CONCURRENT_RPCS)
-    replicator = Replicator(region, signer, wall_ms)
+    replicator = Replicator(region, signer, wall_ms, tls.peer_credentials(peer_tls) if peer_tls else None)
     rng = random.Random()
     consensus = Consensus(region, replicator.stub, replicator.metadata, rng, wall_ms)
     leadership = (Leadership(region, replicator, consensus, wall_ms, rng)
                   if settings.mode is Mode.SINGLE_LEADER else None)
     writes = Writes(region, replicator, consensus, leadership)
-    chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(region, auth, writes), server)
-    cluster_pb2_grpc.add_ClusterServiceServicer_to_server(
-        ClusterServicer(region, auth, replicator.peer_status, lambda: replicator.term()), server)
-    replication_pb2_grpc.add_ReplicationServiceServicer_to_server(
-        ReplicationServicer(region, auth, replicator, consensus), server)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name,
-         cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"].full_name,
-         replication_pb2.DESCRIPTOR.services_by_name["ReplicationService"].full_name,
-         health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    if server.add_insecure_port(settings.listen) == 0:
-        raise SystemExit(f"cannot listen on {settings.listen}: address in use or invalid")
+    chat = (chat_pb2.DESCRIPTOR.services_by_name["ChatService"],
+            functools.partial(chat_pb2_grpc.add_ChatServiceServicer_to_server, ChatServicer(region, auth, writes)))
+    cluster = (cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"],
+               functools.partial(cluster_pb2_grpc.add_ClusterServiceServicer_to_server,
+                                 ClusterServicer(region, auth, replicator.peer_status, lambda: replicator.term())))
+    replication = (replication_pb2.DESCRIPTOR.services_by_name["ReplicationService"],
+                   functools.partial(replication_pb2_grpc.add_ReplicationServiceServicer_to_server,
+                                     ReplicationServicer(region, auth, replicator, consensus)))
+    if settings.peer_listen:
+        # Replication only on the peer port: were it on the client port too, mutual TLS would guard nothing.
+        # Chat there too, for the users' writes a region forwards to the primary (single-leader mode).
+        servers = [_server(settings.listen, client_tls, health_servicer, chat, cluster),
+                   _server(settings.peer_listen, peer_tls, health_servicer, replication, chat)]
+    else:
+        servers = [_server(settings.listen, None, health_servicer, chat, cluster, replication)]
     if leadership is not None:  # before serving: no write is taken, nor vote given, without a term
         await leadership.start()
-    await server.start()
+    for server in servers:
+        await server.start()
     for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     await replicator.start()
-    log.info("[%s] leader serving on %s (mode %s, peers %s)", settings.region, settings.listen, settings.mode,
+    where = settings.listen + (f", regions on {settings.peer_listen}" if settings.peer_listen else "")
+    log.info("[%s] leader serving on %s (mode %s, client TLS %s, peer TLS %s, peers %s)", settings.region, where,
+             settings.mode, "on" if settings.tls else "off", "mutual" if settings.peer_tls else "off",
              ", ".join(region.members) or "none")
-    print(f"mlchat leader {settings.region} serving on {settings.listen}", flush=True)
+    print(f"mlchat leader {settings.region} serving on {where}", flush=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -146,6 +155,27 @@ async def _serve(settings: LeaderSettings, store: Store) -> None:
     region.feed.close_all()
     if leadership is not None:
         await leadership.stop()
-    await server.stop(settings.grace_s)  # calls in flight may still forward through the replicator's channels
+    # Calls in flight may still forward through the replicator's channels.
+    await asyncio.gather(*(server.stop(settings.grace_s) for server in servers))
     await replicator.stop()
     log.info("[%s] stopped", settings.region)
+
+
+def _server(address: str, material: tls.TlsMaterial | None, health_servicer: health.aio.HealthServicer,
+            *services: tuple[ServiceDescriptor, Callable[[grpc.aio.Server], None]]) -> grpc.aio.Server:
+    """A gRPC server on `address` (TLS if given material) with these services, health and reflection."""
+    server = grpc.aio.server(
+        # Peers send their state in one message; client requests are held to their own limit.
+        options=[("grpc.max_receive_message_length", limits.MAX_PEER_STATE_BYTES),
+                 ("grpc.so_reuseport", 0)],
+        maximum_concurrent_rpcs=limits.MAX_CONCURRENT_RPCS)
+    for _, add_to in services:
+        add_to(server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*(descriptor.full_name for descriptor, _ in services), health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = (server.add_insecure_port(address) if material is None
+            else server.add_secure_port(address, tls.server_credentials(material)))
+    if port == 0:
+        raise SystemExit(f"cannot listen on {address}: address in use or invalid")
+    return server

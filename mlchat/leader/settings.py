@@ -8,6 +8,7 @@ from pathlib import Path
 from mlchat.crdt.replica import HOUR_MS
 from mlchat.geo.modes import Mode, SyncAcks
 from mlchat.leader import limits
+from mlchat.tls import TlsFiles
 
 
 @dataclass(frozen=True)
@@ -30,10 +31,28 @@ class LeaderSettings:
     subscriber_buffer: int = limits.SUBSCRIBER_BUFFER
     stream_retention: int = limits.SUBSCRIBE_RETENTION
     grace_s: float = 5.0  # SIGTERM: how long in-flight calls get to finish
+    tls: TlsFiles | None = None  # the client API serves TLS with this certificate; None: plaintext
+    # host:port where other regions reach the replication service; "" serves it on `listen`. A port
+    # of its own lets peers be held to mutual TLS while clients present no certificate.
+    peer_listen: str = ""
+    peer_tls: TlsFiles | None = None  # mutual TLS between regions (needs peer_listen and a CA); None: plaintext
     peers: dict[str, str] = field(default_factory=dict)  # region -> host:port of the other regions
-    advertise: str = ""  # where other regions reach this one; default: listen
+    advertise: str = ""  # where other regions reach this one; default: peer_listen, else listen
     join: str = ""  # host:port of any member, to join a running cluster at first start
     routes_file: Path | None = None  # JSON region -> host:port overriding members' addresses
     heartbeat_ms: int = 500  # a replication stream with nothing to send sends this often
     peer_timeout_ms: int = 3000  # a peer silent this long is suspect, twice this long down
     feed_buffer: int = 10_000  # changes a peer may fall behind before its stream is cut (it reconnects)
+
+    def __post_init__(self) -> None:
+        if self.peer_tls is not None and (self.peer_tls.ca is None or not self.peer_listen):
+            raise ValueError("mutual TLS between regions needs the cluster CA and a peer port of its own "
+                             "(--peer-ca, --peer-listen)")
+        if self.tls is not None and not self.peer_listen:
+            # Peers would have to dial the client API's TLS port with nothing to prove who they are.
+            raise ValueError("a client API over TLS needs a peer port of its own (--peer-listen)")
+
+    @property
+    def peer_address(self) -> str:
+        """Where other regions reach this one."""
+        return self.advertise or self.peer_listen or self.listen

@@ -68,6 +68,25 @@ def test_status_lists_every_region_and_its_endpoints(run):
     assert "partitions: none" in out
 
 
+def test_regions_talk_mutual_tls_with_the_runs_certificates(run):
+    certs = run["run_dir"] / "certs"
+    ca = (certs / "ca.pem").read_bytes()
+
+    def check(credentials: grpc.ChannelCredentials | None) -> int:
+        address = run["regions"]["us-east"]["peers_on"]
+        channel = grpc.insecure_channel(address) if credentials is None else grpc.secure_channel(address, credentials)
+        with channel:
+            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+    for credentials in (None, grpc.ssl_channel_credentials(ca)):  # plaintext; TLS without a certificate
+        with pytest.raises(grpc.RpcError) as err:
+            check(credentials)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    controller = grpc.ssl_channel_credentials(ca, (certs / "dcsim-key.pem").read_bytes(),
+                                              (certs / "dcsim.pem").read_bytes())
+    assert check(controller) == health_pb2.HealthCheckResponse.SERVING
+
+
 def test_round_trip_through_the_mesh_matches_the_wan_matrix(run):
     far = statistics.median(_health_rtts(_endpoint(run, "eu-west", "us-east")))
     near = statistics.median(_health_rtts(_endpoint(run, "us-east", "us-east")))
@@ -190,7 +209,7 @@ def test_down_leaves_no_process_behind(tmp_path):
     state = json.loads((tmp_path / "state.json").read_text())
     processes = {state["pid"], *descendants(state["pid"])}
     assert len(processes) >= 5  # controller, two leaders, two Valkeys
-    ports = [int(info["leader"].rsplit(":", 1)[1]) for info in state["regions"].values()]
+    ports = [int(info[key].rsplit(":", 1)[1]) for info in state["regions"].values() for key in ("leader", "peers_on")]
     ports += [int(addr.rsplit(":", 1)[1]) for info in state["regions"].values() for addr in info["endpoints"].values()]
     dcsim(tmp_path, "down")
     assert not [p for p in processes if pid_alive(p)]
