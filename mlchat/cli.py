@@ -124,9 +124,11 @@ def main(argv: list[str] | None = None) -> None:
 
         asyncio.run(serve(leader_settings(args)))
     else:
+        import redis
+
         try:
             _backup_or_restore(args)
-        except (MlchatError, FileNotFoundError) as e:
+        except (MlchatError, FileNotFoundError, redis.RedisError) as e:  # the URL is not shown: it holds a password
             raise SystemExit(f"mlchat {args.command}: {e}") from None
 
 

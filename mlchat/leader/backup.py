@@ -128,12 +128,16 @@ def take(client: redis.Redis, out: Path) -> int:
     The file appears only once complete."""
     partial = out.with_name(out.name + ".partial")
     count = 0
-    with gzip.open(partial, "wb") as f:
-        f.write(HEADER)
-        for key, value in _dumps(client):
-            f.write(encode_record(key, value))
-            count += 1
-        f.write(encode_record(b"", str(count).encode()))
+    try:
+        with gzip.open(partial, "wb", compresslevel=6) as f:
+            f.write(HEADER)
+            for key, value in _dumps(client):
+                f.write(encode_record(key, value))
+                count += 1
+            f.write(encode_record(b"", str(count).encode()))
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     os.replace(partial, out)
     return count
 
