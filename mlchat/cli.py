@@ -72,7 +72,6 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     leader.add_argument("--subscriber-buffer", type=int, default=limits.SUBSCRIBER_BUFFER,
                         help="messages a subscriber may fall behind before it is cut off")
 
-
     for name, what in (("backup", "write a region's whole state to a file, while it serves"),
                        ("restore", "load a backup into an empty region (its leader then catches up from peers)")):
         command = sub.add_parser(name, help=what)
@@ -98,7 +97,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         flags = {action.dest for action in leader._actions}
         if missing := sorted(set(options) - flags):
             parser.error(f"{args.topology}: {', '.join(missing)}: this build of mlchat has no such option "
-                         "(TLS comes with the TLS flags, --tls-cert and --peer-cert); remove them from the file")
+                         "(TLS needs a build with --tls-cert and --peer-cert); remove them from the file")
         leader.set_defaults(**options)
         args = parser.parse_args(argv)
     return args
@@ -160,3 +159,7 @@ def _backup_or_restore(args: argparse.Namespace) -> None:
         finally:
             server.stop()
     print(f"restored {count} keys from {args.src}")
+
+
+if __name__ == "__main__":
+    main()
