@@ -10,10 +10,12 @@ import sys
 from pathlib import Path
 
 from mlchat.certs import LEAF_DAYS, ensure
+from mlchat.errors import MlchatError
 from mlchat.geo.modes import Mode, SyncAcks
 from mlchat.leader import limits
 from mlchat.leader.settings import LeaderSettings
 from mlchat.tls import TlsFiles
+from mlchat.topology import TopologyError, load_topology
 
 
 def _region(name: str) -> str:
@@ -41,13 +43,17 @@ def _host(text: str) -> tuple[str, str]:
     return (_region(region) if sep else ""), host
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The `mlchat` parser, and its `leader` subparser (which a topology file gives defaults)."""
     parser = argparse.ArgumentParser(prog="mlchat", description="mlchat: a multi-region chat backend")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
 
     leader = sub.add_parser("leader", help="run one region's leader")
     leader.add_argument("--region", required=True, type=_region)
+    leader.add_argument("--topology", type=Path, default=None, metavar="FILE",
+                        help="cluster topology (TOML): this region's addresses, peers, storage, mode and secret "
+                        "come from it; flags given override it (--peer adds to its peers)")
     leader.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT of the client API")
     leader.add_argument("--redis", default=None, help="Redis URL; default: embedded Valkey in --data-dir")
     leader.add_argument("--data-dir", type=Path, default=None, help="default: ./data/REGION")
@@ -100,7 +106,57 @@ def main(argv: list[str] | None = None) -> None:
     certs.add_argument("--new-ca", action="store_true",
                        help="replace the CA (every certificate it signed is then issued again)")
 
+    for name, what in (("backup", "write a region's whole state to a file, while it serves"),
+                       ("restore", "load a backup into an empty region (its leader then catches up from peers)")):
+        command = sub.add_parser(name, help=what)
+        storage = command.add_mutually_exclusive_group(required=True)
+        storage.add_argument("--redis", help="the region's Redis URL")
+        storage.add_argument("--data-dir", type=Path, help="the region's --data-dir, for an embedded Valkey")
+        if name == "backup":
+            command.add_argument("--out", type=Path, required=True, metavar="FILE")
+        else:
+            command.add_argument("--in", type=Path, required=True, metavar="FILE", dest="src")
+    return parser, leader
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with a leader's --topology file read in as defaults of its flags."""
+    parser, leader = _parser()
     args = parser.parse_args(argv)
+    if args.command == "leader" and args.topology is not None:
+        try:
+            options = load_topology(args.topology).leader_options(args.region)
+        except TopologyError as e:
+            parser.error(str(e))
+        flags = {action.dest for action in leader._actions}
+        if missing := sorted(set(options) - flags):
+            parser.error(f"{args.topology}: {', '.join(missing)}: this build of mlchat has no such option "
+                         "; remove them from the file")
+        leader.set_defaults(**options)
+        args = parser.parse_args(argv)
+    if args.command == "leader":
+        if (args.tls_cert is None) != (args.tls_key is None):
+            parser.error("--tls-cert and --tls-key go together")
+        if len({args.peer_cert is None, args.peer_key is None, args.peer_ca is None}) > 1:
+            parser.error("--peer-cert, --peer-key and --peer-ca go together")
+    return args
+
+
+def leader_settings(args: argparse.Namespace) -> LeaderSettings:
+    return LeaderSettings(
+        region=args.region, listen=args.listen, redis_url=args.redis,
+        data_dir=args.data_dir or Path("data") / args.region, secret_file=args.secret_file,
+        token_ttl_ms=int(args.token_ttl * 1000), subscriber_buffer=args.subscriber_buffer,
+        peers=dict(args.peer), heartbeat_ms=args.heartbeat_ms, peer_timeout_ms=args.peer_timeout_ms,
+        join=args.join, advertise=args.advertise, routes_file=args.routes, mode=args.mode,
+        sync_acks=args.sync_acks, write_timeout_ms=args.write_timeout_ms, primary=args.primary or "",
+        user_rate=args.user_rate, user_burst=args.user_burst, peer_listen=args.peer_listen,
+        tls=TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert else None,
+        peer_tls=TlsFiles(args.peer_cert, args.peer_key, args.peer_ca) if args.peer_cert else None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if args.command == "certs":
@@ -112,24 +168,48 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "leader":
         from mlchat.leader.server import serve
 
-        if (args.tls_cert is None) != (args.tls_key is None):
-            parser.error("--tls-cert and --tls-key go together")
-        if len({args.peer_cert is None, args.peer_key is None, args.peer_ca is None}) > 1:
-            parser.error("--peer-cert, --peer-key and --peer-ca go together")
         try:
-            settings = LeaderSettings(
-                region=args.region, listen=args.listen, redis_url=args.redis,
-                data_dir=args.data_dir or Path("data") / args.region, secret_file=args.secret_file,
-                token_ttl_ms=int(args.token_ttl * 1000), subscriber_buffer=args.subscriber_buffer,
-                peers=dict(args.peer), heartbeat_ms=args.heartbeat_ms, peer_timeout_ms=args.peer_timeout_ms,
-                join=args.join, advertise=args.advertise, routes_file=args.routes, mode=args.mode,
-                sync_acks=args.sync_acks, write_timeout_ms=args.write_timeout_ms, primary=args.primary or "",
-                user_rate=args.user_rate, user_burst=args.user_burst, peer_listen=args.peer_listen,
-                tls=TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert else None,
-                peer_tls=TlsFiles(args.peer_cert, args.peer_key, args.peer_ca) if args.peer_cert else None)
+            settings = leader_settings(args)
         except ValueError as e:
-            parser.error(str(e))
+            raise SystemExit(f"mlchat leader: {e}") from None
         asyncio.run(serve(settings))
+    else:
+        import redis
+
+        try:
+            _backup_or_restore(args)
+        except (MlchatError, FileNotFoundError, redis.RedisError) as e:  # the URL is not shown: it holds a password
+            raise SystemExit(f"mlchat {args.command}: {e}") from None
+
+
+def _backup_or_restore(args: argparse.Namespace) -> None:
+    import redis
+
+    from mlchat.leader import backup
+    from mlchat.leader.valkey import EmbeddedValkey, running_url
+
+    if args.command == "backup":
+        url = args.redis or running_url(args.data_dir)
+        with redis.Redis.from_url(url) as client:
+            count = backup.take(client, args.out)
+        print(f"backed up {count} keys to {args.out}")
+        return
+    if args.redis:
+        with redis.Redis.from_url(args.redis) as client:
+            count = backup.restore(client, args.src)
+    else:
+        # An embedded region: load its Valkey (AOF on) now; the leader started later finds it there.
+        home = args.data_dir / "valkey"
+        if home.exists() and any(home.iterdir()):
+            raise backup.BackupError(f"{home} holds a Valkey's files already: restore into a fresh --data-dir")
+        server = EmbeddedValkey(home)
+        server.start()
+        try:
+            with redis.Redis.from_url(server.url) as client:
+                count = backup.restore(client, args.src)
+        finally:
+            server.stop()
+    print(f"restored {count} keys from {args.src}")
 
 
 if __name__ == "__main__":

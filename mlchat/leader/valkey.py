@@ -22,6 +22,7 @@ import redis
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
+AUTH_CONF = "valkey-auth.conf"
 
 
 def binary() -> Path:
@@ -33,6 +34,24 @@ def binary() -> Path:
 def die_with_parent() -> None:
     """In a child before exec: get SIGTERM when the thread that started it dies (Linux)."""
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def url_from_conf(text: str) -> str:
+    """The URL of the embedded server whose auth conf is `text` (see `EmbeddedValkey.start`)."""
+    conf = dict(line.split(" ", 1) for line in text.splitlines() if " " in line)
+    if "unixsocket" in conf:
+        return f"unix://:{conf['requirepass']}@{conf['unixsocket']}"
+    return f"redis://:{conf['requirepass']}@127.0.0.1:{conf['port']}"
+
+
+def running_url(data_dir: Path) -> str:
+    """The URL of the embedded Valkey a leader runs with `--data-dir data_dir`."""
+    conf = data_dir / "valkey" / AUTH_CONF
+    try:
+        return url_from_conf(conf.read_text())
+    except OSError as e:
+        raise FileNotFoundError(f"no embedded Valkey in {data_dir} ({conf}: {e.strerror}): "
+                                "is it a leader's --data-dir?") from None
 
 
 class EmbeddedValkey:
@@ -47,11 +66,14 @@ class EmbeddedValkey:
         self._proc: subprocess.Popen[bytes] | None = None
         self.password = secrets.token_hex(16)
 
+    def _conf(self) -> str:
+        listen = (f"port {self.port}\nbind 127.0.0.1\n" if self.port
+                  else f"port 0\nunixsocket {self.socket}\nunixsocketperm 700\n")
+        return f"requirepass {self.password}\n{listen}"
+
     @property
     def url(self) -> str:
-        if self.port:
-            return f"redis://:{self.password}@127.0.0.1:{self.port}"
-        return f"unix://:{self.password}@{self.socket}"
+        return url_from_conf(self._conf())
 
     @property
     def pid(self) -> int | None:
@@ -62,18 +84,16 @@ class EmbeddedValkey:
             raise RuntimeError("embedded Valkey already started")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._sock_dir.mkdir(exist_ok=True)
-        listen = (["--port", str(self.port), "--bind", "127.0.0.1"] if self.port
-                  else ["--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700"])
-        args = [
-            str(binary()), *listen, "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "everysec",
-            "--save", "", "--daemonize", "no", "--logfile", str(self.data_dir / "valkey.log"),
-        ]
-        # The password goes in a file only the owner reads, not on the command line (visible in ps).
-        conf = self.data_dir / "valkey-auth.conf"
+        # The password goes in a file only the owner reads, not on the command line (visible in ps);
+        # where it listens goes there too, so that `mlchat backup --data-dir` finds a running server.
+        conf = self.data_dir / AUTH_CONF
         conf.touch(mode=0o600)
         conf.chmod(0o600)
-        conf.write_text(f"requirepass {self.password}\n")
-        args.insert(1, str(conf))
+        conf.write_text(self._conf())
+        args = [
+            str(binary()), str(conf), "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "everysec",
+            "--save", "", "--daemonize", "no", "--logfile", str(self.data_dir / "valkey.log"),
+        ]
         self._proc = subprocess.Popen(args, preexec_fn=die_with_parent, stdin=subprocess.DEVNULL)
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + timeout_s
