@@ -9,6 +9,7 @@ import re
 import sys
 from pathlib import Path
 
+from mlchat.errors import MlchatError
 from mlchat.geo.modes import Mode, SyncAcks
 from mlchat.leader import limits
 from mlchat.leader.settings import LeaderSettings
@@ -25,6 +26,11 @@ def _peer(text: str) -> tuple[str, str]:
     if not sep or not address:
         raise argparse.ArgumentTypeError(f"--peer {text!r}: expected REGION=HOST:PORT")
     return _region(region), address
+
+
+def _endpoint(text: str) -> tuple[str, str]:
+    region, sep, address = text.rpartition("=")
+    return (_region(region) if sep else ""), address
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,6 +72,21 @@ def main(argv: list[str] | None = None) -> None:
     leader.add_argument("--subscriber-buffer", type=int, default=limits.SUBSCRIBER_BUFFER,
                         help="messages a subscriber may fall behind before it is cut off")
 
+    chat = sub.add_parser("chat", help="the interactive terminal client (commands on stdin: /help)")
+    chat.add_argument("--user", required=True, help="the username to claim (or to sign in as again)")
+    where = chat.add_mutually_exclusive_group()
+    where.add_argument("--region", type=_region, help="talk to this region (failing over to the others)")
+    where.add_argument("--near", dest="region", action="store_const", const=None,
+                       help="talk to the nearest region, by health-check round trip (the default)")
+    cluster = chat.add_mutually_exclusive_group(required=True)
+    cluster.add_argument("--connect", action="append", type=_endpoint, metavar="[REGION=]HOST:PORT",
+                         help="a region of the cluster (repeat for each)")
+    cluster.add_argument("--dcsim", type=Path, metavar="RUN_DIR", help="the regions of a 'dcsim up' run")
+    chat.add_argument("--at", type=_region, default=None,
+                      help="with --dcsim: the region the client sits in (default: the run's first region)")
+    chat.add_argument("--key-file", type=Path, default=None,
+                      help="the secret that keeps the username yours (default: ~/.config/mlchat/claim-key)")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -81,6 +102,14 @@ def main(argv: list[str] | None = None) -> None:
             sync_acks=args.sync_acks, write_timeout_ms=args.write_timeout_ms, primary=args.primary or "",
             user_rate=args.user_rate, user_burst=args.user_burst)
         asyncio.run(serve(settings))
+    elif args.command == "chat":
+        from mlchat.chat import shell
+
+        try:
+            endpoints = args.connect or list(shell.dcsim_endpoints(args.dcsim, args.at).items())
+        except MlchatError as e:
+            parser.error(str(e))
+        sys.exit(shell.main(args.user, endpoints, args.region, args.key_file or shell.default_key_file()))
 
 
 if __name__ == "__main__":
