@@ -75,6 +75,8 @@ class Follow:
 
 
 class Session:
+    """One signed-in user at the terminal: claims the name at once, then `run` takes the typed lines."""
+
     def __init__(self, client: ChatClient, username: str, key: str, out: TextIO, poll_s: float = 1.0) -> None:
         self.client = client
         self.key = key
