@@ -43,6 +43,11 @@ def _host(text: str) -> tuple[str, str]:
     return (_region(region) if sep else ""), host
 
 
+def _endpoint(text: str) -> tuple[str, str]:
+    region, sep, address = text.rpartition("=")
+    return (_region(region) if sep else ""), address
+
+
 def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """The `mlchat` parser, and its `leader` subparser (which a topology file gives defaults)."""
     parser = argparse.ArgumentParser(prog="mlchat", description="mlchat: a multi-region chat backend")
@@ -105,6 +110,21 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     certs.add_argument("--days", type=int, default=LEAF_DAYS, help="validity of the regions' certificates")
     certs.add_argument("--new-ca", action="store_true",
                        help="replace the CA (every certificate it signed is then issued again)")
+
+    chat = sub.add_parser("chat", help="the interactive terminal client (commands on stdin: /help)")
+    chat.add_argument("--user", required=True, help="the username to claim (or to sign in as again)")
+    where = chat.add_mutually_exclusive_group()
+    where.add_argument("--region", type=_region, help="talk to this region (failing over to the others)")
+    where.add_argument("--near", dest="region", action="store_const", const=None,
+                       help="talk to the nearest region, by health-check round trip (the default)")
+    cluster = chat.add_mutually_exclusive_group(required=True)
+    cluster.add_argument("--connect", action="append", type=_endpoint, metavar="[REGION=]HOST:PORT",
+                         help="a region of the cluster (repeat for each)")
+    cluster.add_argument("--dcsim", type=Path, metavar="RUN_DIR", help="the regions of a 'dcsim up' run")
+    chat.add_argument("--at", type=_region, default=None,
+                      help="with --dcsim: the region the client sits in (default: the run's first region)")
+    chat.add_argument("--key-file", type=Path, default=None,
+                      help="the secret that keeps the username yours (default: ~/.config/mlchat/claim-key)")
 
     for name, what in (("backup", "write a region's whole state to a file, while it serves"),
                        ("restore", "load a backup into an empty region (its leader then catches up from peers)")):
@@ -173,6 +193,14 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as e:
             raise SystemExit(f"mlchat leader: {e}") from None
         asyncio.run(serve(settings))
+    elif args.command == "chat":
+        from mlchat.chat import shell
+
+        try:
+            endpoints = args.connect or list(shell.dcsim_endpoints(args.dcsim, args.at).items())
+        except MlchatError as e:
+            raise SystemExit(f"mlchat chat: {e}") from None
+        sys.exit(shell.main(args.user, endpoints, args.region, args.key_file or shell.default_key_file()))
     else:
         import redis
 

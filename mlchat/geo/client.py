@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mlchat.crdt import vector
+from mlchat.errors import InvalidArgument
 from mlchat.tls import client_channel
 from mlchat.v1 import chat_pb2 as pb
 from mlchat.v1 import chat_pb2_grpc, cluster_pb2, cluster_pb2_grpc
@@ -110,6 +111,15 @@ class ChatClient:
         """Talk to another region from now on, keeping the token and what this client has seen."""
         self.close()
         self._connect(address)
+
+    def use_region(self, region: str) -> None:
+        """Talk to `region` from now on (failing over to the others, nearest first), keeping the token."""
+        if region not in self.regions:
+            known = ", ".join(r for r in self.order if r) or "one address, without its region"
+            raise InvalidArgument(f"unknown region {region!r}: this client was given {known}")
+        self.order = [region, *(r for r in self.order if r != region)]
+        self.region = region
+        self.move_to(self.regions[region])
 
     def claim(self, username: str, claim_key: str) -> pb.ClaimUsernameResponse:
         resp = self._call(lambda: self.stub.ClaimUsername(
