@@ -14,7 +14,9 @@ reported before a restart may still count); once it has voted it no longer count
 primary's lease. Every report a voter ever gave the old primary carries a stamp the primary made at
 least a lease before the vote, so by the time a majority has elected a new primary the old one (even
 alive, across a partition, or hearing some regions one way only) has lost its lease: two regions
-never take writes at the same time, given clocks that run at the same rate.
+never take writes at the same time, given clocks that run at the same rate, however far apart they are
+set: the lease counts from when the primary itself sent the stamps (`Advertised`), on its own clock,
+never from the stamps' values, which follow the fastest clock in the cluster.
 A revived old primary learns the higher epoch from its peers' heartbeats and follows; until then its
 stale lease keeps it from taking writes.
 
@@ -25,6 +27,7 @@ election itself.
 from __future__ import annotations
 
 import enum
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -43,6 +46,28 @@ class Term:
         return cls(int(epoch), primary)
 
 
+class Advertised:
+    """When this region's own version-vector entry moved, on its own clock: a peer that holds stamp X got
+    it in a message sent after the last moment the entry was still below X. Stamps are hybrid clock
+    values, which absorb faster clocks, so X itself says nothing about this region's own time."""
+
+    def __init__(self, keep_ms: int) -> None:
+        self._keep_ms = keep_ms
+        self._marks: deque[tuple[str, int]] = deque()  # (own entry, when it was so), oldest first
+
+    def mark(self, entry: str, now_ms: int) -> None:
+        """The own entry as it is now (call at least every heartbeat, before it is sent on)."""
+        if not self._marks or entry != self._marks[-1][0]:
+            self._marks.append((entry, now_ms))
+        while len(self._marks) > 1 and self._marks[1][1] < now_ms - self._keep_ms:
+            self._marks.popleft()
+
+    def sent_after(self, stamp: str) -> int:
+        """A time (this clock) before which no message carrying `stamp` was sent; 0 if too old to tell."""
+        below = [at for entry, at in self._marks if entry < stamp]
+        return max(below) if below else 0
+
+
 class Role(enum.Enum):
     FOLLOWER = "follower"
     CANDIDATE = "candidate"  # electing itself, or catching up after winning
@@ -59,7 +84,7 @@ _TRANSITIONS = {
 @dataclass(slots=True)
 class _Heard:
     term: Term
-    holds_ms: int  # the latest of our clock stamps the peer holds (wall ms of our hlc)
+    holds_ms: int  # when (our clock) we sent the latest of our stamps the peer holds, at the earliest
     at_ms: int  # when we heard it
     voted: int  # the latest epoch it voted in an election for
 
@@ -86,8 +111,8 @@ class Failover:
         self.role = role
 
     def heard(self, peer: str, term: Term, holds_ms: int, now_ms: int, voted: int = 0) -> bool:
-        """A peer's heartbeat: its term, the latest of our stamps it holds, and the latest epoch it
-        voted for. True if we adopted a higher term from it."""
+        """A peer's heartbeat: its term, since when (`Advertised.sent_after`) it holds our stamps, and the
+        latest epoch it voted for. True if we adopted a higher term from it."""
         self._heard[peer] = _Heard(term, holds_ms, now_ms, voted)
         return self.adopt(term, now_ms)
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from mlchat.crdt import vector
 from mlchat.crdt.hlc import Hlc
 from mlchat.errors import Unavailable
-from mlchat.geo.failover import Failover, Term
+from mlchat.geo.failover import Advertised, Failover, Term
 from mlchat.leader.consensus import Consensus
 from mlchat.leader.region import Region
 from mlchat.leader.replication import Replicator
@@ -38,6 +38,7 @@ class Leadership:
         self._task: asyncio.Task[None] | None = None
         self._election: asyncio.Task[None] | None = None
         self._caught_up = 0  # the latest epoch of this region's own whose catch-up is done
+        self._advertised = Advertised(keep_ms=4 * region.settings.peer_timeout_ms)
 
     async def start(self) -> None:
         if self._task is not None:
@@ -91,13 +92,14 @@ class Leadership:
     async def _observe(self) -> None:
         assert self.failover is not None
         now, mono = self.now_ms(), time.monotonic()
+        self._advertised.mark(self.region.vector[self.region.name], now)
         self._held(now)
         adopted = False
         for link in self.replicator.links.values():
             if link.term is None:
                 continue
             stamp = link.vector.get(self.region.name)
-            holds_ms = Hlc.decode(stamp).wall_ms if stamp else 0
+            holds_ms = self._advertised.sent_after(stamp) if stamp else 0
             heard_ms = now - int((mono - link.last_heard) * 1000)
             adopted |= self.failover.heard(link.region, link.term, holds_ms, heard_ms, link.voted)
         if adopted:

@@ -533,9 +533,9 @@ class Region:
         user_id = user_id_for(username, claim_key)
         if decide is None:
             if waiting := self.membership.unacknowledged():
-                raise Unavailable(f"region {self.name} has not yet heard {', '.join(waiting)} count it as a member "
-                                  "(it joined lately): it takes username claims once they do; retry, or claim in "
-                                  "another region")
+                raise Unavailable(f"region {self.name} takes username claims once {', '.join(waiting)} (new to "
+                                  "the cluster, or to this region) counts it as a member, which its next heartbeat "
+                                  "tells; retry shortly, or claim in another region")
             claim = Claim(self._stamp(), self.name, user_id, username)
             outcome = await self._stored(claim.hlc, self.store.claim(claim))
             if outcome > 0:

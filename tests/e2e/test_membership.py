@@ -14,8 +14,9 @@ from mlchat.v1 import cluster_pb2
 
 
 def _client(state: dict, region: str, user: str) -> ChatClient:
+    """Signed in: once a region joined, every region takes claims again when the newcomer counts it in."""
     c = ChatClient(state["regions"][region]["endpoints"][region], timeout_s=10)
-    c.claim(user, f"{user}-claim-key-0123456789")
+    assert sessions.claimed(c, user, f"{user}-claim-key-0123456789")
     return c
 
 
@@ -35,9 +36,7 @@ def test_a_region_joins_catches_up_and_another_leaves(tmp_path: Path):
 
         dcsim.control(run_dir, {"command": "add", "region": "ap-southeast"})
         state = dcsim.control(run_dir, {"command": "status"})
-        newcomer = ChatClient(state["regions"]["ap-southeast"]["endpoints"]["ap-southeast"], timeout_s=10)
-        # It takes claims once every member counts it in.
-        assert sessions.claimed(newcomer, "member_new", "member_new-claim-key-0123456789")
+        newcomer = _client(state, "ap-southeast", "member_new")
         # It learned every member from the one it joined through, and caught up on the history.
         wait_until(lambda: set(_peers(newcomer)) == {"us-east", "eu-west", "ap-northeast"}, 15, "all members known")
         wait_until(lambda: len(newcomer.list("history", limit=100).messages) == 30, 20, "the history")

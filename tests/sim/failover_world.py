@@ -8,8 +8,10 @@ and the others' entries are the latest stamps it holds of them, merged from ever
 receiver's own entry is what its lease check counts. A region that `should_elect` runs Paxos on "epoch:<n>" with
 its own name; an acceptor first asks `may_vote` and declines as `Consensus.prepare` does; whoever learns the
 decision adopts it. A restarted region rebuilds its core from the term and vote it stored; acceptor states, Paxos
-rounds and version vectors survive crashes. Invariants: one primary per epoch, each decided by Paxos, and at most
-one region allowed to write at any instant; once the faults stop, a single writer emerges.
+rounds and version vectors survive crashes. Each region's clock is set up to +/-500 ms from the true time, and
+its stamps are hybrid (past every stamp it holds), as the leader's are. Invariants: one primary per epoch, each
+decided by Paxos, and at most one region allowed to write at any instant; once the faults stop, a single writer
+emerges.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from mlchat.geo.failover import Failover, Role, Term
+from mlchat.crdt.hlc import Hlc
+from mlchat.geo.failover import Advertised, Failover, Role, Term
 from mlchat.geo.paxos import (
     Accept,
     Accepted,
@@ -34,6 +37,7 @@ from mlchat.geo.paxos import (
 ABC = ("a", "b", "c")
 ABCDE = ("a", "b", "c", "d", "e")
 T1 = Term(1, "a")
+MAX_SKEW_MS = 500  # how far apart regions' clocks are set, at most
 
 STEP_MS = 100  # the clock's step, and the shortest a message takes
 HEARTBEAT_STEPS = 3  # every region streams its term and vector to every peer this often (staggered)
@@ -91,19 +95,24 @@ class Region:
     acceptors: dict[str, str] = field(default_factory=dict)  # durable: key -> AcceptorState.encode()
     rounds: dict[str, int] = field(default_factory=dict)  # durable: the last Paxos round used per key
     holds: dict[str, int] = field(default_factory=dict)  # durable: the version vector, peer -> latest stamp
+    skew_ms: int = 0  # how far its clock is set from the true time
+    stamp: int = 0  # durable (the clock floor): its latest clock stamp, hybrid: past every stamp it holds
     core: Failover | None = None  # None while down
+    advertised: Advertised | None = None  # when its own stamps went out, on its own clock (lost in a crash)
     election: Election | None = None
 
 
 class Sim:
-    def __init__(self, members: tuple[str, ...], seed: int) -> None:
+    def __init__(self, members: tuple[str, ...], seed: int, skews_ms: tuple[int, ...] = ()) -> None:
         self.members = members
         self.rng = random.Random(seed)
-        self.now = 0
+        self.now = 0  # the true time; each region reads its own clock, `local`
         self.faults = Faults(steps=0)
-        self.regions = {m: Region(m, T1.encode()) for m in members}
+        skews = skews_ms or (0,) * len(members)
+        self.regions = {m: Region(m, T1.encode(), skew_ms=skew) for m, skew in zip(members, skews, strict=True)}
         for r in self.regions.values():
-            r.core = Failover(r.name, T1, SIM_LEASE_MS, SIM_TIMEOUT_MS, self.now)
+            r.core = Failover(r.name, T1, SIM_LEASE_MS, SIM_TIMEOUT_MS, self.local(r))
+            r.advertised = Advertised(keep_ms=4 * SIM_LEASE_MS)
         self.net: list[tuple[int, int, str, str, Message]] = []  # (deliver at, seq, from, to, message)
         self.seq = 0
         self.link_free: dict[tuple[str, str], int] = {}  # FIFO: nothing overtakes on one link
@@ -142,8 +151,12 @@ class Sim:
             for origin, stamp in vector.items():  # merged, as `Region.apply` does: stamps travel any path
                 if origin != r.name:
                     r.holds[origin] = max(r.holds.get(origin, 0), stamp)
-            r.core.held(r.holds, self.now)  # as `Leadership._observe` does with the region's vector
-            if r.core.heard(src, msg.term, vector.get(r.name, 0), self.now, msg.voted):
+            r.stamp = max(r.stamp, *vector.values())  # the hybrid clock absorbs every stamp it sees
+            r.core.held(r.holds, self.local(r))  # as `Leadership._observe` does with the region's vector
+            assert r.advertised is not None
+            holds = vector.get(r.name)
+            since = r.advertised.sent_after(Hlc(holds).encode()) if holds else 0
+            if r.core.heard(src, msg.term, since, self.local(r), msg.voted):
                 self.adopted(r, f"from {src}'s heartbeat")
         elif isinstance(msg, Prepare) and not self.may_promise(r, msg):
             pass  # declined, as `Consensus.prepare` does: no answer, and the acceptor's state untouched
@@ -168,15 +181,15 @@ class Sim:
                 if decided is not None:
                     r.election = None
                     self.events.append(f"{self.now}: {r.name} learns epoch {e.epoch} is {decided}'s")
-                    if r.core.adopt(Term(e.epoch, decided), self.now):
+                    if r.core.adopt(Term(e.epoch, decided), self.local(r)):
                         self.adopted(r, "by election")
             if e.proposer.phase is Phase.PREEMPTED:
-                e.retry_ms = min(e.retry_ms, self.now + STEP_MS * self.rng.randint(1, 3))
+                e.retry_ms = min(e.retry_ms, self.local(r) + STEP_MS * self.rng.randint(1, 3))
 
     def may_promise(self, r: Region, msg: Prepare) -> bool:
         """`Leadership._may_promise`: whether the acceptor takes part in this election at all."""
         assert r.core is not None
-        vote = r.core.may_vote(int(msg.key.removeprefix("epoch:")), msg.ballot[1], self.members, self.now)
+        vote = r.core.may_vote(int(msg.key.removeprefix("epoch:")), msg.ballot[1], self.members, self.local(r))
         r.stored_voted = r.core.voted  # stored before the answer leaves
         return vote
 
@@ -194,24 +207,27 @@ class Sim:
         f = r.core
         assert f is not None
         e = r.election
-        if e is not None and self.now >= e.deadline_ms:
+        if e is not None and self.local(r) >= e.deadline_ms:
             r.election = None
             self.events.append(f"{self.now}: {r.name} fails to elect for epoch {e.epoch}")
-            f.election_failed(self.now + self.rng.randrange(1000))
-        elif e is not None and self.now >= e.retry_ms:
+            f.election_failed(self.local(r) + self.rng.randrange(1000))
+        elif e is not None and self.local(r) >= e.retry_ms:
             self.broadcast(r.name, e.proposer.retry())
             r.rounds[e.proposer.key] = e.proposer.ballot[0]
-            e.retry_ms = self.now + RETRY_MS
-        elif e is None and f.should_elect(self.members, self.now):
+            e.retry_ms = self.local(r) + RETRY_MS
+        elif e is None and f.should_elect(self.members, self.local(r)):
             epoch = f.electing()
             key = f"epoch:{epoch}"
             r.rounds[key] = r.rounds.get(key, 0) + 1  # never two proposers for one key under one round
             p = Proposer(key, r.name, r.name, self.members, r.rounds[key])
-            r.election = Election(epoch, p, self.now + ELECTION_MS, self.now + RETRY_MS)
+            r.election = Election(epoch, p, self.local(r) + ELECTION_MS, self.local(r) + RETRY_MS)
             self.events.append(f"{self.now}: {r.name} (in {f.term.primary}'s epoch {f.term.epoch}) elects for {epoch}")
             self.broadcast(r.name, p.prepare())
         if (self.now // STEP_MS + self.members.index(r.name)) % HEARTBEAT_STEPS == 0:
-            beat = Beat(f.term, tuple({**r.holds, r.name: self.now}.items()), f.voted)
+            assert r.advertised is not None
+            r.advertised.mark(Hlc(r.stamp).encode(), self.local(r))  # `Leadership._observe`, before it moves on
+            r.stamp = max(r.stamp, self.local(r))
+            beat = Beat(f.term, tuple({**r.holds, r.name: r.stamp}.items()), f.voted)
             for peer in self.members:
                 if peer != r.name:
                     self.send(r.name, peer, beat)
@@ -222,7 +238,8 @@ class Sim:
                 r.core, r.election = None, None
                 self.events.append(f"{self.now}: {r.name} crashes")
             elif r.name not in self.faults.down and r.core is None:
-                r.core = Failover(r.name, Term.decode(r.stored_term), SIM_LEASE_MS, SIM_TIMEOUT_MS, self.now,
+                r.advertised = Advertised(keep_ms=4 * SIM_LEASE_MS)
+                r.core = Failover(r.name, Term.decode(r.stored_term), SIM_LEASE_MS, SIM_TIMEOUT_MS, self.local(r),
                                   voted=r.stored_voted)
                 self.events.append(f"{self.now}: {r.name} restarts in epoch {r.core.term.epoch}")
 
@@ -244,23 +261,29 @@ class Sim:
     # Invariants
 
     def writers(self) -> list[str]:
-        return [r.name for r in self.regions.values() if r.core is not None and r.core.may_write(self.members,
-                                                                                                    self.now)]
+        return [r.name for r in self.regions.values()
+                if r.core is not None and r.core.may_write(self.members, self.local(r))]
 
-    def lease_left(self, f: Failover) -> int:
+    def local(self, r: Region) -> int:
+        """The time on the region's own clock."""
+        return self.now + r.skew_ms
+
+    def lease_left(self, r: Region) -> int:
         """How much longer (ms) a primary holds its lease on what it has heard so far; negative once lapsed
         (how long ago it did), -10 leases if it never did."""
-        lo, hi = self.now - 10 * SIM_LEASE_MS, self.now + SIM_LEASE_MS  # may_write(lo..t) holds, (t..hi] not
+        f, now = r.core, self.local(r)
+        assert f is not None
+        lo, hi = now - 10 * SIM_LEASE_MS, now + SIM_LEASE_MS  # may_write(lo..t) holds, (t..hi] not
         if not f.may_write(self.members, lo):
             return -10 * SIM_LEASE_MS
         while lo < hi:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if f.may_write(self.members, mid) else (lo, mid - 1)
-        return lo - self.now
+        return lo - now
 
     def closest_overlap(self) -> int:
         """The second-longest lease any primary holds: positive iff two may write now (what Hypothesis aims at)."""
-        left = sorted((self.lease_left(r.core) for r in self.regions.values()
+        left = sorted((self.lease_left(r) for r in self.regions.values()
                        if r.core is not None and r.core.role is Role.PRIMARY), reverse=True)
         return left[1] if len(left) > 1 else -10**9
 
@@ -336,11 +359,11 @@ def random_faults(rng: random.Random, members: tuple[str, ...], max_steps: int) 
     )
 
 
-def run_seed(seed: int, steps: int) -> Sim:
+def run_seed(seed: int, steps: int, max_skew_ms: int = MAX_SKEW_MS) -> Sim:
     """A whole faulty run from one seed: `steps` steps of random fault phases, then the faults stop."""
     rng = random.Random(seed)
     members = ABCDE[: rng.choice([3, 5])]
-    sim = Sim(members, rng.getrandbits(32))
+    sim = Sim(members, rng.getrandbits(32), tuple(rng.randint(-max_skew_ms, max_skew_ms) for _ in members))
     while steps > 0:
         phase = random_faults(rng, members, steps)
         sim.run(phase)
