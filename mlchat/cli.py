@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import re
-import sys
 from pathlib import Path
 
+from mlchat import logs
 from mlchat.geo.modes import Mode, SyncAcks
 from mlchat.leader import limits
 from mlchat.leader.settings import LeaderSettings
@@ -29,10 +28,13 @@ def _peer(text: str) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mlchat", description="mlchat: a multi-region chat backend")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    levels = ["DEBUG", "INFO", "WARNING", "ERROR"]
+    parser.add_argument("--log-level", default="INFO", choices=levels, help="log events from this level up")
     sub = parser.add_subparsers(dest="command", required=True)
 
     leader = sub.add_parser("leader", help="run one region's leader")
+    # Also after `leader`, where the rest of a leader's command line is.
+    leader.add_argument("--log-level", default=argparse.SUPPRESS, choices=levels, help="log events from this level up")
     leader.add_argument("--region", required=True, type=_region)
     leader.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT of the client API")
     leader.add_argument("--redis", default=None, help="Redis URL; default: embedded Valkey in --data-dir")
@@ -65,11 +67,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="calls a user may make at once after a quiet spell")
     leader.add_argument("--subscriber-buffer", type=int, default=limits.SUBSCRIBER_BUFFER,
                         help="messages a subscriber may fall behind before it is cut off")
+    leader.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
+                        help="serve Prometheus metrics at http://LISTEN_HOST:PORT/metrics (default 0: off)")
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if args.command == "leader":
+        logs.configure(args.log_level, args.region)
         from mlchat.leader.server import serve
 
         settings = LeaderSettings(
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
             peers=dict(args.peer), heartbeat_ms=args.heartbeat_ms, peer_timeout_ms=args.peer_timeout_ms,
             join=args.join, advertise=args.advertise, routes_file=args.routes, mode=args.mode,
             sync_acks=args.sync_acks, write_timeout_ms=args.write_timeout_ms, primary=args.primary or "",
-            user_rate=args.user_rate, user_burst=args.user_burst)
+            user_rate=args.user_rate, user_burst=args.user_burst, metrics_port=args.metrics_port)
         asyncio.run(serve(settings))
 
 

@@ -65,11 +65,12 @@ class Cluster:
     links: dict[tuple[str, str], Link] = field(default_factory=dict)
     paths: dict[tuple[str, str], Toxics] = field(default_factory=dict)  # (a, b): what traffic a -> b meets
     _ports_of: dict[str, int] = field(default_factory=dict)  # region -> its leader's port
+    _metrics_of: dict[str, int] = field(default_factory=dict)  # region -> its leader's metrics port
 
     def _ports(self, count: int) -> list[int]:
         if self.base_port is None:
             return [free_port() for _ in range(count)]
-        first = self.base_port + len(self.links) + len(self._ports_of)  # after those handed out
+        first = self.base_port + len(self.links) + len(self._ports_of) + len(self._metrics_of)  # after those handed out
         ports = list(range(first, first + count))
         busy = [p for p in ports if not port_is_free(p)]
         if busy:
@@ -94,10 +95,10 @@ class Cluster:
         await asyncio.gather(*(asyncio.to_thread(leader.wait_ready) for leader in self.leaders.values()))
 
     async def _add_links(self, region: str) -> None:
-        """A leader port for `region` and the proxy links between it and every region so far."""
+        """A leader port and a metrics port for `region`, and the proxy links between it and every region so far."""
         known = [*self._ports_of, region]
-        fresh = iter(self._ports(1 + 2 * len(known) - 1))
-        self._ports_of[region] = next(fresh)
+        fresh = iter(self._ports(2 + 2 * len(known) - 1))
+        self._ports_of[region], self._metrics_of[region] = next(fresh), next(fresh)
         for src, dst in {(region, other) for other in known} | {(other, region) for other in known}:
             link = Link(f"{src}->{dst}", ("127.0.0.1", self._ports_of[dst]), next(fresh))
             self.links[src, dst] = link
@@ -114,7 +115,8 @@ class Cluster:
     def _new_leader(self, region: str, *args: str) -> LeaderProcess:
         leader = LeaderProcess(region, self.run_dir / region, port=self._ports_of[region], extra_args=(
             "--secret-file", str(self.run_dir / "cluster-secret"),
-            "--routes", str(self.run_dir / region / "routes.json"), *self.leader_args, *args))
+            "--routes", str(self.run_dir / region / "routes.json"),
+            "--metrics-port", str(self._metrics_of[region]), *self.leader_args, *args))
         self.leaders[region] = leader
         return leader
 
@@ -247,6 +249,7 @@ class Cluster:
             "regions": {
                 r: {"leader": leader.address, "pid": leader.proc.pid if leader.proc else None,
                     "running": leader.proc is not None and leader.proc.poll() is None,
+                    "metrics": f"http://127.0.0.1:{self._metrics_of[r]}/metrics",
                     "endpoints": {src: self.links[src, r].address for src in self.leaders}}
                 for r, leader in self.leaders.items()
             },

@@ -24,6 +24,7 @@ from mlchat.geo.modes import Mode
 from mlchat.leader import limits
 from mlchat.leader.consensus import Consensus
 from mlchat.leader.leadership import Leadership
+from mlchat.leader.metrics import metrics_registry, serve_metrics
 from mlchat.leader.region import Region
 from mlchat.leader.replication import ReplicationServicer, Replicator
 from mlchat.leader.servicer import Authenticator, ChatServicer, ClusterServicer, wall_ms
@@ -67,7 +68,7 @@ async def serve(settings: LeaderSettings) -> None:
         embedded.start()
         url = embedded.url
     store = Store(redis_client(url))
-    supervisor = asyncio.create_task(_supervise(embedded, settings.region)) if embedded is not None else None
+    supervisor = asyncio.create_task(_supervise(embedded)) if embedded is not None else None
     try:
         await _serve(settings, store)
     finally:
@@ -78,17 +79,17 @@ async def serve(settings: LeaderSettings) -> None:
             embedded.stop()
 
 
-async def _supervise(embedded: EmbeddedValkey, region: str) -> None:
+async def _supervise(embedded: EmbeddedValkey) -> None:
     """Start the embedded Valkey again whenever it dies (calls answer UNAVAILABLE meanwhile). It runs
     on the main thread, as the first start did: the child's parent-death signal follows that thread."""
     while True:
         await asyncio.sleep(0.2)
         if not embedded.alive():
-            log.warning("[%s] embedded Valkey died: starting it again", region)
+            log.warning("embedded Valkey died: starting it again")
             try:
                 embedded.restart()
             except (RuntimeError, TimeoutError):
-                log.exception("[%s] embedded Valkey did not start again; retrying", region)
+                log.exception("embedded Valkey did not start again; retrying")
 
 
 async def _serve(settings: LeaderSettings, store: Store) -> None:
@@ -99,22 +100,24 @@ async def _serve(settings: LeaderSettings, store: Store) -> None:
     await region.start()
     auth = Authenticator(signer, limits.RateLimiter(settings.user_rate, settings.user_burst))
 
+    replicator = Replicator(region, signer, wall_ms)
+    rng = random.Random()
+    consensus = Consensus(region, replicator.stub, replicator.metadata, rng, wall_ms)
+    replication = ReplicationServicer(region, auth, replicator, consensus)
+    registry, rpc_metrics = metrics_registry(region, replicator, replication)
     server = grpc.aio.server(
+        interceptors=[rpc_metrics],
         # Peers send their state in one message; client requests are held to their own limit.
         options=[("grpc.max_receive_message_length", limits.MAX_PEER_STATE_BYTES),
                  ("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=limits.MAX_CONCURRENT_RPCS)
-    replicator = Replicator(region, signer, wall_ms)
-    rng = random.Random()
-    consensus = Consensus(region, replicator.stub, replicator.metadata, rng, wall_ms)
     leadership = (Leadership(region, replicator, consensus, wall_ms, rng)
                   if settings.mode is Mode.SINGLE_LEADER else None)
     writes = Writes(region, replicator, consensus, leadership)
     chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(region, auth, writes), server)
     cluster_pb2_grpc.add_ClusterServiceServicer_to_server(
         ClusterServicer(region, auth, replicator.peer_status, lambda: replicator.term()), server)
-    replication_pb2_grpc.add_ReplicationServiceServicer_to_server(
-        ReplicationServicer(region, auth, replicator, consensus), server)
+    replication_pb2_grpc.add_ReplicationServiceServicer_to_server(replication, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -124,13 +127,21 @@ async def _serve(settings: LeaderSettings, store: Store) -> None:
          health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     if server.add_insecure_port(settings.listen) == 0:
         raise SystemExit(f"cannot listen on {settings.listen}: address in use or invalid")
+    metrics_server = None
+    if settings.metrics_port:
+        host = settings.listen.rpartition(":")[0].strip("[]")
+        try:
+            metrics_server = await serve_metrics(registry, host, settings.metrics_port)
+        except OSError as e:
+            raise SystemExit(f"cannot serve metrics on {host}:{settings.metrics_port}: {e.strerror}") from None
+        log.info("metrics at http://%s:%s/metrics", host, settings.metrics_port)
     if leadership is not None:  # before serving: no write is taken, nor vote given, without a term
         await leadership.start()
     await server.start()
     for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     await replicator.start()
-    log.info("[%s] leader serving on %s (mode %s, peers %s)", settings.region, settings.listen, settings.mode,
+    log.info("leader serving on %s (mode %s, peers %s)", settings.listen, settings.mode,
              ", ".join(region.members) or "none")
     print(f"mlchat leader {settings.region} serving on {settings.listen}", flush=True)
 
@@ -140,7 +151,7 @@ async def _serve(settings: LeaderSettings, store: Store) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
 
-    log.info("[%s] shutting down", settings.region)
+    log.info("shutting down")
     await health_servicer.enter_graceful_shutdown()
     region.fanout.close_all()
     region.feed.close_all()
@@ -148,4 +159,7 @@ async def _serve(settings: LeaderSettings, store: Store) -> None:
         await leadership.stop()
     await server.stop(settings.grace_s)  # calls in flight may still forward through the replicator's channels
     await replicator.stop()
-    log.info("[%s] stopped", settings.region)
+    if metrics_server is not None:
+        metrics_server.close()
+        await metrics_server.wait_closed()
+    log.info("stopped")
