@@ -49,10 +49,10 @@ def test_each_region_reports_replication_per_peer(cluster: dict) -> None:
     wait_until(lambda: sample(metrics(cluster, WEST), "mlchat_deltas_applied_total", peer=EAST) > applied_before,
                20, "eu-west applying what us-east sent")
     assert sample(metrics(cluster, EAST), "mlchat_deltas_sent_total", peer=WEST) > sent_before
-    samples = metrics(cluster, WEST)
-    # The message crossed the WAN on the live stream: its lag counts the one-way delay at least.
-    assert sample(samples, "mlchat_replication_lag_ms", peer=EAST) > 0
-    assert sample(samples, "mlchat_hot_shards") >= 1
+    # The message crosses the WAN on the live stream: its lag counts the one-way delay at least.
+    wait_until(lambda: sample(metrics(cluster, WEST), "mlchat_replication_lag_ms", peer=EAST) > 0,
+               20, "eu-west's lag from us-east measured on the message")
+    assert sample(metrics(cluster, WEST), "mlchat_hot_shards") >= 1
 
 
 def test_concurrent_status_writes_count_a_conflict(cluster: dict) -> None:
@@ -79,3 +79,20 @@ def test_concurrent_status_writes_count_a_conflict(cluster: dict) -> None:
         (_, winner), = final()
     # The region holding the winner saw the other write arrive and lose.
     wait_until(lambda: conflicts(winner) >= before[winner] + 1, 20, f"a status conflict counted in {winner}")
+
+
+def test_concurrent_claims_on_one_name_count_a_conflict_in_each_region(cluster: dict) -> None:
+    def conflicts(region: str) -> float:
+        return sample(metrics(cluster, region), "mlchat_conflicts_total", kind="claim")
+
+    before = {region: conflicts(region) for region in (EAST, WEST)}
+    with client(cluster, EAST) as east, client(cluster, WEST) as west:
+        dcsim.control(cluster["run_dir"], {"command": "partition", "a": EAST, "b": WEST})
+        try:
+            east.claim("contested", "contested-east-key-0001")
+            west.claim("contested", "contested-west-key-0001")
+        finally:
+            dcsim.control(cluster["run_dir"], {"command": "heal"})
+    for region in (EAST, WEST):  # each region receives the other's claim on a name it holds
+        wait_until(lambda: conflicts(region) == before[region] + 1, 20,  # noqa: B023
+                   f"a claim conflict counted in {region}")
