@@ -59,8 +59,9 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:  # no such method: gRPC answers UNIMPLEMENTED itself
             return None
-        kind = f"{'stream' if handler.request_streaming else 'unary'}_" \
-               f"{'stream' if handler.response_streaming else 'unary'}"
+        # The handler is a namedtuple with one behavior set, named after the call's shape: wrap that one.
+        kind = "_".join("stream" if streaming else "unary"
+                        for streaming in (handler.request_streaming, handler.response_streaming))
         return handler._replace(**{kind: self._measured(details.method.lstrip("/"), getattr(handler, kind))})
 
     def _measured(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
