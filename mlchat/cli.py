@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import re
 import sys
 from pathlib import Path
 
+from mlchat import logs
 from mlchat.certs import LEAF_DAYS, ensure
 from mlchat.errors import MlchatError
 from mlchat.geo.modes import Mode, SyncAcks
@@ -51,10 +51,13 @@ def _endpoint(text: str) -> tuple[str, str]:
 def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """The `mlchat` parser, and its `leader` subparser (which a topology file gives defaults)."""
     parser = argparse.ArgumentParser(prog="mlchat", description="mlchat: a multi-region chat backend")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    levels = ["DEBUG", "INFO", "WARNING", "ERROR"]
+    parser.add_argument("--log-level", default="INFO", choices=levels, help="log events from this level up")
     sub = parser.add_subparsers(dest="command", required=True)
 
     leader = sub.add_parser("leader", help="run one region's leader")
+    # Also after `leader`, where the rest of a leader's command line is.
+    leader.add_argument("--log-level", default=argparse.SUPPRESS, choices=levels, help="log events from this level up")
     leader.add_argument("--region", required=True, type=_region)
     leader.add_argument("--topology", type=Path, default=None, metavar="FILE",
                         help="cluster topology (TOML): this region's addresses, peers, storage, mode and secret "
@@ -100,6 +103,8 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                         help="calls a user may make at once after a quiet spell")
     leader.add_argument("--subscriber-buffer", type=int, default=limits.SUBSCRIBER_BUFFER,
                         help="messages a subscriber may fall behind before it is cut off")
+    leader.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
+                        help="serve Prometheus metrics at http://LISTEN_HOST:PORT/metrics (default 0: off)")
 
     certs = sub.add_parser("certs", help="create a CA and per-region certificates for mutual TLS between regions")
     certs.add_argument("--out", type=Path, required=True, help="directory for ca.pem, REGION.pem and their keys")
@@ -172,13 +177,13 @@ def leader_settings(args: argparse.Namespace) -> LeaderSettings:
         sync_acks=args.sync_acks, write_timeout_ms=args.write_timeout_ms, primary=args.primary or "",
         user_rate=args.user_rate, user_burst=args.user_burst, peer_listen=args.peer_listen,
         tls=TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert else None,
-        peer_tls=TlsFiles(args.peer_cert, args.peer_key, args.peer_ca) if args.peer_cert else None)
+        peer_tls=TlsFiles(args.peer_cert, args.peer_key, args.peer_ca) if args.peer_cert else None,
+        metrics_port=args.metrics_port)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure(args.log_level, getattr(args, "region", None) or "-")
     if args.command == "certs":
         hosts: dict[str, list[str]] = {}
         for region, host in args.host:

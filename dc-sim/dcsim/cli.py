@@ -207,7 +207,8 @@ def down(run_dir: Path, timeout_s: float = 60.0) -> None:
 def print_status(status: dict[str, Any]) -> None:
     for region, info in status["regions"].items():
         state = "running" if info["running"] else "DOWN"
-        print(f"{region:<14} {state:<8} leader {info['leader']}, regions (mutual TLS) {info['peers_on']}")
+        print(f"{region:<14} {state:<8} leader {info['leader']}, regions (mutual TLS) {info['peers_on']}, "
+              f"metrics {info['metrics']}")
         print(f"{'':14} clients in {region} connect to {info['endpoints'][region]}")
         others = ", ".join(f"from {src}: {addr}" for src, addr in info["endpoints"].items() if src != region)
         if others:

@@ -74,6 +74,7 @@ class Cluster:
     paths: dict[tuple[str, str], Toxics] = field(default_factory=dict)  # (a, b): what traffic a -> b meets
     _ports_of: dict[str, int] = field(default_factory=dict)  # region -> its leader's port
     _peer_ports_of: dict[str, int] = field(default_factory=dict)  # region -> its leader's peer port
+    _metrics_of: dict[str, int] = field(default_factory=dict)  # region -> its leader's metrics port
 
     @property
     def certs_dir(self) -> Path:
@@ -87,7 +88,7 @@ class Cluster:
         if self.base_port is None:
             return [free_port() for _ in range(count)]
         # After those handed out.
-        first = self.base_port + len(self.links) + len(self.peer_links) + 2 * len(self._ports_of)
+        first = self.base_port + len(self.links) + len(self.peer_links) + 3 * len(self._ports_of)
         ports = list(range(first, first + count))
         busy = [p for p in ports if not port_is_free(p)]
         if busy:
@@ -113,10 +114,12 @@ class Cluster:
         await asyncio.gather(*(asyncio.to_thread(leader.wait_ready) for leader in self.leaders.values()))
 
     async def _add_links(self, region: str) -> None:
-        """A leader port and a peer port for `region`, and the proxy links between it and every region so far."""
+        """A leader port, a peer port and a metrics port for `region`, and the proxy links between it and every
+        region so far."""
         known = [*self._ports_of, region]
-        fresh = iter(self._ports(2 + 2 * len(known) - 1 + 2 * (len(known) - 1)))
-        self._ports_of[region], self._peer_ports_of[region] = next(fresh), next(fresh)
+        fresh = iter(self._ports(3 + 2 * len(known) - 1 + 2 * (len(known) - 1)))
+        self._ports_of[region], self._peer_ports_of[region], self._metrics_of[region] = next(fresh), next(fresh), \
+            next(fresh)
         for src, dst in {(region, other) for other in known} | {(other, region) for other in known}:
             self.links[src, dst] = Link(f"{src}->{dst}", ("127.0.0.1", self._ports_of[dst]), next(fresh))
             await self.links[src, dst].start()
@@ -140,7 +143,7 @@ class Cluster:
             "--secret-file", str(self.run_dir / "cluster-secret"),
             "--routes", str(self.run_dir / region / "routes.json"),
             "--peer-cert", str(tls.cert), "--peer-key", str(tls.key), "--peer-ca", str(tls.ca),
-            *self.leader_args, *args))
+            "--metrics-port", str(self._metrics_of[region]), *self.leader_args, *args))
         self.leaders[region] = leader
         return leader
 
@@ -283,6 +286,7 @@ class Cluster:
                 r: {"leader": leader.address, "peers_on": leader.peer_address,
                     "pid": leader.proc.pid if leader.proc else None,
                     "running": leader.proc is not None and leader.proc.poll() is None,
+                    "metrics": f"http://127.0.0.1:{self._metrics_of[r]}/metrics",
                     "endpoints": {src: self.links[src, r].address for src in self.leaders}}
                 for r, leader in self.leaders.items()
             },

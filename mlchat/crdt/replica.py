@@ -51,6 +51,11 @@ class Delta:
     departed: tuple[str, ...] = ()
 
 
+def carries_changes(delta: Delta) -> bool:
+    """Whether a delta changes state (a heartbeat carries only the sender's vector and members)."""
+    return bool(delta.shard_updates or delta.statuses or delta.claims or delta.channels or delta.memberships)
+
+
 def wanted(hlc: str, origin: str, peer_vector: dict[str, str]) -> bool:
     """Whether a peer with `peer_vector` lacks a register value or claim stamped `hlc` in `origin`."""
     return hlc > peer_vector.get(origin, "")

@@ -213,9 +213,9 @@ class Consensus:
             call = getattr(self.stub(region), method)
             return await call(request, metadata=self.metadata(), timeout=ROUND_TIMEOUT_S)
         except grpc.aio.AioRpcError as e:
-            log.debug("[%s] %s to %s failed: %s", self.region.name, method, region, e.details())
+            log.debug("%s to %s failed: %s", method, region, e.details())
         except Unavailable as e:  # this region's own acceptor, declining
-            log.debug("[%s] %s to itself: %s", self.region.name, method, e)
+            log.debug("%s to itself: %s", method, e)
         except Exception:
-            log.warning("[%s] %s to %s failed", self.region.name, method, region, exc_info=True)
+            log.warning("%s to %s failed", method, region, exc_info=True)
         return None

@@ -57,7 +57,7 @@ class Leadership:
         self.replicator.term = lambda: self.term
         self.replicator.voted = lambda: self.failover.voted if self.failover else 0
         self.consensus.may_promise = self._may_promise
-        log.info("[%s] single-leader: epoch %d, primary %s", self.region.name, term.epoch, term.primary)
+        log.info("single-leader: epoch %d, primary %s", term.epoch, term.primary)
         self._task = asyncio.create_task(self._watch())
 
     async def stop(self) -> None:
@@ -87,7 +87,7 @@ class Leadership:
                     # Its own task: heartbeats go on being observed while the election runs.
                     self._election = asyncio.create_task(self._elect())
             except Exception:  # storage down, say: the next interval tries again
-                log.warning("[%s] watching the primary failed", self.region.name, exc_info=True)
+                log.warning("watching the primary failed", exc_info=True)
 
     async def _observe(self) -> None:
         assert self.failover is not None
@@ -124,19 +124,19 @@ class Leadership:
     async def _adopted(self) -> None:
         term = self.term
         await self.region.store.save_term(term.encode(), self.failover.voted if self.failover else 0)
-        log.info("[%s] follows primary %s (epoch %d)", self.region.name, term.primary, term.epoch)
+        log.info("follows primary %s (epoch %d)", term.primary, term.epoch)
 
     async def _elect(self) -> None:
         assert self.failover is not None
         epoch = self.failover.electing()
-        log.info("[%s] primary %s silent: electing a primary for epoch %d", self.region.name,
+        log.info("primary %s silent: electing a primary for epoch %d",
                  self.failover.term.primary, epoch)
         timeout_s = self.region.settings.write_timeout_ms / 1000
         held: dict[str, str] = {}
         try:
             winner = await self.consensus.propose(f"epoch:{epoch}", self.region.name, timeout_s, held.update)
         except Exception as e:  # undecided (no majority in time), or storage down
-            log.info("[%s] election for epoch %d undecided: %s", self.region.name, epoch, e)
+            log.info("election for epoch %d undecided: %s", epoch, e)
             self.failover.election_failed(self.now_ms() + int(self.rng.uniform(0, 1000)))
             return
         if winner == self.region.name:
@@ -152,7 +152,7 @@ class Leadership:
             try:
                 await self.region.wait_for(vector.encode_token(held), self.region.settings.write_timeout_ms / 1000)
             except Unavailable as e:
-                log.info("[%s] elected for epoch %d, still catching up: %s", self.region.name, epoch, e)
+                log.info("elected for epoch %d, still catching up: %s", epoch, e)
                 continue
             self._caught_up = epoch
             return

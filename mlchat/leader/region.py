@@ -23,7 +23,7 @@ import contextlib
 import hashlib
 import itertools
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -34,7 +34,7 @@ from mlchat.crdt.digest import state_digest
 from mlchat.crdt.lww import MemberValue, StatusValue
 from mlchat.crdt.msglog import LogEntry, MessageShard, message_id, shard_name, split_order_key, split_shard_name
 from mlchat.crdt.regionclock import RegionClock
-from mlchat.crdt.replica import Delta, ReplicaState, wanted
+from mlchat.crdt.replica import Delta, ReplicaState, carries_changes, wanted
 from mlchat.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -121,6 +121,7 @@ class Region:
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._shard_locks: dict[str, asyncio.Lock] = {}
         self.fanout: Fanout[Committed | AccessChanged] = Fanout(settings.subscriber_buffer)
+        self.conflicts: Counter[str] = Counter()  # by kind: values from peers that met a different one here
 
     async def start(self) -> None:
         self.clocks = RegionClock(self.name, await self.store.clock_floor(), await self.store.load_vector())
@@ -214,7 +215,7 @@ class Region:
                 await self.store.save_vector(remote)
                 self._saved_remote = remote
         except Exception:  # storage down: the next heartbeat tries again
-            log.warning("[%s] storing the clock floor failed", self.name, exc_info=True)
+            log.warning("storing the clock floor failed", exc_info=True)
         self._vector_moved()
         advertised = {self.name: self.settings.peer_address}
         return Delta(vector=self.vector, members={**self.members, **advertised}, departed=tuple(sorted(self.departed)))
@@ -356,7 +357,7 @@ class Region:
                 await self.store.compact_shard(name, shard.snapshot(), self._pending_updates[name])
                 self._pending_updates[name] = 0
             except Exception:  # the updates stay in their list; compaction is tried again later
-                log.warning("[%s] compacting shard %s failed", self.name, name, exc_info=True)
+                log.warning("compacting shard %s failed", name, exc_info=True)
 
     @contextlib.asynccontextmanager
     async def _dropped_on_failure(self, name: str) -> AsyncIterator[None]:
@@ -609,28 +610,42 @@ class Region:
             part = await self._apply_shard(name, update)
             if part is not None:
                 new_updates[name] = part
+        # Conflicts, counted by kind: a register value that lost to one another region wrote (a write
+        # made after seeing another always wins, so the loser was concurrent with it, or came late by a
+        # slower path), or a claim or channel record on a name another user holds too.
         statuses = []
         for value in delta.statuses:
-            _, changed = await self.store.set_status(value)
+            winner, changed = await self.store.set_status(value)
+            self.conflicts["status"] += winner.region != value.region
             if changed:
                 statuses.append(value)
-        claims = [c for c in delta.claims if await self.store.add_claim(c)]
-        channels = [c for c in delta.channels if await self.store.add_channel(c)]
-        for record in channels:
-            self.fanout.publish(record.name, ACCESS_CHANGED)
+        claims = []
+        for claim in delta.claims:
+            claimants = await self.store.add_claim(claim)
+            self.conflicts["claim"] += claimants > 1
+            if claimants:
+                claims.append(claim)
+        channels = []
+        for record in delta.channels:
+            creators = await self.store.add_channel(record)
+            self.conflicts["channel"] += creators > 1
+            if creators:
+                channels.append(record)
+                self.fanout.publish(record.name, ACCESS_CHANGED)
         memberships = []
-        for value in delta.memberships:
-            _, changed = await self.store.set_member(value)
+        for member in delta.memberships:
+            held, changed = await self.store.set_member(member)
+            self.conflicts["membership"] += held.region != member.region
             if changed:
-                memberships.append(value)
-                if not value.member:
-                    self.fanout.publish(value.channel, ACCESS_CHANGED)
+                memberships.append(member)
+                if not member.member:
+                    self.fanout.publish(member.channel, ACCESS_CHANGED)
         self.clocks.absorb(delta.vector, self._now_ms())
         self._vector_moved()
-        if new_updates or statuses or claims or channels or memberships:
-            self.feed.publish(FEED, Delta(shard_updates=new_updates, statuses=tuple(statuses), claims=tuple(claims),
-                                          channels=tuple(channels), memberships=tuple(memberships),
-                                          vector=self.vector))
+        new = Delta(shard_updates=new_updates, statuses=tuple(statuses), claims=tuple(claims),
+                    channels=tuple(channels), memberships=tuple(memberships), vector=self.vector)
+        if carries_changes(new):
+            self.feed.publish(FEED, new)
 
     async def _apply_shard(self, name: str, update: bytes) -> bytes | None:
         """Apply a pycrdt update to a shard; if anything in it was new here, store it and return it
@@ -652,6 +667,10 @@ class Region:
         return update
 
     # Region-wide --------------------------------------------------------------------------------
+
+    def hot_shard_sizes(self) -> list[int]:
+        """For each shard held in memory, an estimate of its memory: the size of its encoded state."""
+        return [len(shard.snapshot()) for shard in self._shards.values()]
 
     async def digest(self) -> str:
         store = self.store

@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,11 +27,12 @@ from mlchat.crdt import vector
 from mlchat.crdt.claims import Claim
 from mlchat.crdt.hlc import Hlc
 from mlchat.crdt.lww import MemberValue, StatusValue
-from mlchat.crdt.replica import Delta, ReplicaState, combine
+from mlchat.crdt.replica import Delta, ReplicaState, carries_changes, combine
 from mlchat.errors import ResourceExhausted
 from mlchat.geo.failover import Term
 from mlchat.geo.membership import PeerState, peer_state
 from mlchat.leader.consensus import Consensus
+from mlchat.leader.fanout import Subscription
 from mlchat.leader.limits import MAX_PEER_MESSAGE_BYTES
 from mlchat.leader.region import FEED, Region
 from mlchat.leader.servicer import PEER_PREFIX, Authenticator, streaming, unary
@@ -73,6 +75,8 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
         self.auth = auth
         self.replicator = replicator
         self.consensus = consensus
+        self.sent: Counter[str] = Counter()  # per peer: deltas with changes sent on its streams
+        self.outboxes: dict[str, Subscription[Delta]] = {}  # per peer: what its latest stream has yet to send
 
     @unary
     async def Join(self, request, context):  # type: ignore[no-untyped-def]
@@ -107,24 +111,32 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
     async def Replicate(self, request, context):  # type: ignore[no-untyped-def]
         self.auth.principal(context, peer=True)
         context.set_compression(grpc.Compression.Gzip)  # WAN links are paid by the byte
+        peer = request.region
         with self.region.feed.subscribe(FEED) as changes:  # first: nothing changed from now is missed
-            state = ReplicaState({s.shard: s.state_vector for s in request.shards}, dict(request.vector))
-            async for part in self.region.delta_for(state):
-                yield self._with_term(delta_pb(self.region.name, part))
-            while True:
-                batch = await changes.next_batch()
-                if not batch:
-                    if changes.overflowed:
-                        raise ResourceExhausted(f"peer {request.region} fell more than {changes.capacity} changes "
-                                                "behind: reconnect to catch up")
-                    return
-                parts = combine(batch)  # a peer that lags gets fewer, larger messages
-                for i, delta in enumerate(parts):
-                    message = self._with_term(delta_pb(self.region.name, delta))
-                    message.backlog = changes.pending + len(parts) - i - 1
-                    if message.ByteSize() < COMPRESS_ABOVE:  # not worth the CPU
-                        context.disable_next_message_compression()
-                    yield message
+            self.outboxes[peer] = changes
+            try:
+                state = ReplicaState({s.shard: s.state_vector for s in request.shards}, dict(request.vector))
+                async for part in self.region.delta_for(state):
+                    self.sent[peer] += carries_changes(part)
+                    yield self._with_term(delta_pb(self.region.name, part))
+                while True:
+                    batch = await changes.next_batch()
+                    if not batch:
+                        if changes.overflowed:
+                            raise ResourceExhausted(f"peer {peer} fell more than {changes.capacity} changes "
+                                                    "behind: reconnect to catch up")
+                        return
+                    parts = combine(batch)  # a peer that lags gets fewer, larger messages
+                    for i, delta in enumerate(parts):
+                        message = self._with_term(delta_pb(self.region.name, delta))
+                        message.backlog = changes.pending + len(parts) - i - 1
+                        if message.ByteSize() < COMPRESS_ABOVE:  # not worth the CPU
+                            context.disable_next_message_compression()
+                        self.sent[peer] += carries_changes(delta)
+                        yield message
+            finally:
+                if self.outboxes.get(peer) is changes:  # not a newer stream of the same peer's
+                    del self.outboxes[peer]
 
 
 @dataclass
@@ -137,7 +149,7 @@ class PeerLink:
     last_heard: float = 0.0  # monotonic seconds
     lag_ms: int = 0  # commit there to applied here, for the latest change that carried messages
     backlog: int = 0  # changes the peer still had queued for this region, at its latest message
-    deltas: int = 0
+    applied: int = 0  # deltas with changes received and applied (new here or not)
     vector: dict[str, str] = field(default_factory=dict)  # what the peer holds, as it last said
     term: Term | None = None  # single-leader mode: the primary the peer follows, as it last said
     voted: int = 0  # single-leader mode: the latest epoch the peer voted for, as it last said
@@ -226,7 +238,7 @@ class Replicator:
             response = await replication_pb2_grpc.ReplicationServiceStub(channel).Join(
                 rpb.JoinRequest(region=self.region.name, address=settings.peer_address),
                 metadata=self.metadata(), timeout=30)
-        log.info("[%s] joined through %s: members %s", self.region.name, address, ", ".join(response.members))
+        log.info("joined through %s: members %s", address, ", ".join(response.members))
         return {r: a for r, a in response.members.items() if r != self.region.name}
 
     def metadata(self) -> tuple[tuple[str, str]]:
@@ -236,13 +248,13 @@ class Replicator:
     async def admit(self, region: str, address: str) -> None:
         """A region joins (or is heard of): follow it."""
         if await self.region.add_member(region, address):
-            log.info("[%s] %s joined at %s", self.region.name, region, address)
+            log.info("%s joined at %s", region, address)
             self._follow_region(region)
 
     async def dismiss(self, region: str) -> None:
         """A region leaves: stop following it."""
         if await self.region.remove_member(region):
-            log.info("[%s] %s left", self.region.name, region)
+            log.info("%s left", region)
             task = self._followers.pop(region, None)
             if task is not None:
                 task.cancel()
@@ -308,9 +320,9 @@ class Replicator:
                         backoff = 0.05
             except (grpc.aio.AioRpcError, TimeoutError, StopAsyncIteration) as e:
                 detail = e.details() if isinstance(e, grpc.aio.AioRpcError) else "silent too long or closed"
-                log.info("[%s] stream from %s ended: %s", self.region.name, link.region, detail)
+                log.info("stream from %s ended: %s", link.region, detail)
             except Exception:
-                log.exception("[%s] applying changes from %s failed", self.region.name, link.region)
+                log.exception("applying changes from %s failed", link.region)
             link.connected = False
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
@@ -324,7 +336,7 @@ class Replicator:
         await self._membership(delta)
         if delta.members:  # a heartbeat: the peer's own view
             await self.region.listed(link.region, delta.members)
-        link.deltas += 1
+        link.applied += carries_changes(delta)
         if delta.vector:
             link.vector = vector.merge(link.vector, delta.vector)
             heard, self._heard = self._heard, asyncio.Event()

@@ -28,6 +28,7 @@ from mlchat.geo.modes import Mode
 from mlchat.leader import limits
 from mlchat.leader.consensus import Consensus
 from mlchat.leader.leadership import Leadership
+from mlchat.leader.metrics import metrics_registry, serve_metrics
 from mlchat.leader.region import Region
 from mlchat.leader.replication import ReplicationServicer, Replicator
 from mlchat.leader.servicer import Authenticator, ChatServicer, ClusterServicer, wall_ms
@@ -75,7 +76,7 @@ async def serve(settings: LeaderSettings) -> None:
         embedded.start()
         url = embedded.url
     store = Store(redis_client(url))
-    supervisor = asyncio.create_task(_supervise(embedded, settings.region)) if embedded is not None else None
+    supervisor = asyncio.create_task(_supervise(embedded)) if embedded is not None else None
     try:
         await _serve(settings, store, client_tls, peer_tls)
     finally:
@@ -86,17 +87,17 @@ async def serve(settings: LeaderSettings) -> None:
             embedded.stop()
 
 
-async def _supervise(embedded: EmbeddedValkey, region: str) -> None:
+async def _supervise(embedded: EmbeddedValkey) -> None:
     """Start the embedded Valkey again whenever it dies (calls answer UNAVAILABLE meanwhile). It runs
     on the main thread, as the first start did: the child's parent-death signal follows that thread."""
     while True:
         await asyncio.sleep(0.2)
         if not embedded.alive():
-            log.warning("[%s] embedded Valkey died: starting it again", region)
+            log.warning("embedded Valkey died: starting it again")
             try:
                 embedded.restart()
             except (RuntimeError, TimeoutError):
-                log.exception("[%s] embedded Valkey did not start again; retrying", region)
+                log.exception("embedded Valkey did not start again; retrying")
 
 
 async def _serve(settings: LeaderSettings, store: Store, client_tls: tls.TlsMaterial | None,
@@ -111,6 +112,8 @@ async def _serve(settings: LeaderSettings, store: Store, client_tls: tls.TlsMate
     replicator = Replicator(region, signer, wall_ms, tls.peer_credentials(peer_tls) if peer_tls else None)
     rng = random.Random()
     consensus = Consensus(region, replicator.stub, replicator.metadata, rng, wall_ms)
+    replication_servicer = ReplicationServicer(region, auth, replicator, consensus)
+    registry, rpc_metrics = metrics_registry(region, replicator, replication_servicer)
     leadership = (Leadership(region, replicator, consensus, wall_ms, rng)
                   if settings.mode is Mode.SINGLE_LEADER else None)
     writes = Writes(region, replicator, consensus, leadership)
@@ -122,14 +125,22 @@ async def _serve(settings: LeaderSettings, store: Store, client_tls: tls.TlsMate
                                  ClusterServicer(region, auth, replicator.peer_status, lambda: replicator.term())))
     replication = (replication_pb2.DESCRIPTOR.services_by_name["ReplicationService"],
                    functools.partial(replication_pb2_grpc.add_ReplicationServiceServicer_to_server,
-                                     ReplicationServicer(region, auth, replicator, consensus)))
+                                     replication_servicer))
     if settings.peer_listen:
         # Replication only on the peer port: were it on the client port too, mutual TLS would guard nothing.
         # Chat there too, for the users' writes a region forwards to the primary (single-leader mode).
-        servers = [_server(settings.listen, client_tls, health_servicer, chat, cluster),
-                   _server(settings.peer_listen, peer_tls, health_servicer, replication, chat)]
+        servers = [_server(settings.listen, client_tls, rpc_metrics, health_servicer, chat, cluster),
+                   _server(settings.peer_listen, peer_tls, rpc_metrics, health_servicer, replication, chat)]
     else:
-        servers = [_server(settings.listen, None, health_servicer, chat, cluster, replication)]
+        servers = [_server(settings.listen, None, rpc_metrics, health_servicer, chat, cluster, replication)]
+    metrics_server = None
+    if settings.metrics_port:
+        host = settings.listen.rpartition(":")[0].strip("[]")
+        try:
+            metrics_server = await serve_metrics(registry, host, settings.metrics_port)
+        except OSError as e:
+            raise SystemExit(f"cannot serve metrics on {host}:{settings.metrics_port}: {e.strerror}") from None
+        log.info("metrics at http://%s:%s/metrics", host, settings.metrics_port)
     if leadership is not None:  # before serving: no write is taken, nor vote given, without a term
         await leadership.start()
     for server in servers:
@@ -138,7 +149,7 @@ async def _serve(settings: LeaderSettings, store: Store, client_tls: tls.TlsMate
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     await replicator.start()
     where = settings.listen + (f", regions on {settings.peer_listen}" if settings.peer_listen else "")
-    log.info("[%s] leader serving on %s (mode %s, client TLS %s, peer TLS %s, peers %s)", settings.region, where,
+    log.info("leader serving on %s (mode %s, client TLS %s, peer TLS %s, peers %s)", where,
              settings.mode, "on" if settings.tls else "off", "mutual" if settings.peer_tls else "off",
              ", ".join(region.members) or "none")
     print(f"mlchat leader {settings.region} serving on {where}", flush=True)
@@ -149,7 +160,7 @@ async def _serve(settings: LeaderSettings, store: Store, client_tls: tls.TlsMate
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
 
-    log.info("[%s] shutting down", settings.region)
+    log.info("shutting down")
     await health_servicer.enter_graceful_shutdown()
     region.fanout.close_all()
     region.feed.close_all()
@@ -158,13 +169,18 @@ async def _serve(settings: LeaderSettings, store: Store, client_tls: tls.TlsMate
     # Calls in flight may still forward through the replicator's channels.
     await asyncio.gather(*(server.stop(settings.grace_s) for server in servers))
     await replicator.stop()
-    log.info("[%s] stopped", settings.region)
+    if metrics_server is not None:
+        metrics_server.close()
+        await metrics_server.wait_closed()
+    log.info("stopped")
 
 
-def _server(address: str, material: tls.TlsMaterial | None, health_servicer: health.aio.HealthServicer,
+def _server(address: str, material: tls.TlsMaterial | None, interceptor: grpc.aio.ServerInterceptor,
+            health_servicer: health.aio.HealthServicer,
             *services: tuple[ServiceDescriptor, Callable[[grpc.aio.Server], None]]) -> grpc.aio.Server:
     """A gRPC server on `address` (TLS if given material) with these services, health and reflection."""
     server = grpc.aio.server(
+        interceptors=[interceptor],
         # Peers send their state in one message; client requests are held to their own limit.
         options=[("grpc.max_receive_message_length", limits.MAX_PEER_STATE_BYTES),
                  ("grpc.so_reuseport", 0)],

@@ -49,7 +49,7 @@ async def _abort_for(err: BaseException, context: grpc.aio.ServicerContext, regi
     if isinstance(err, MlchatError):
         await context.abort(_status_code(err), str(err))
     if isinstance(err, _STORAGE_ERRORS):
-        log.warning("[%s] storage unavailable: %s", region, err)
+        log.warning("storage unavailable: %s", err)
         await context.abort(grpc.StatusCode.UNAVAILABLE, f"region {region} cannot reach its storage; retry")
     raise err
 

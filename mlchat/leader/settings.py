@@ -42,6 +42,7 @@ class LeaderSettings:
     routes_file: Path | None = None  # JSON region -> host:port overriding members' addresses
     heartbeat_ms: int = 500  # a replication stream with nothing to send sends this often
     peer_timeout_ms: int = 3000  # a peer silent this long is suspect, twice this long down
+    metrics_port: int = 0  # Prometheus metrics over HTTP on the listen host at this port; 0: none
     feed_buffer: int = 10_000  # changes a peer may fall behind before its stream is cut (it reconnects)
 
     def __post_init__(self) -> None:

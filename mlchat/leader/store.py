@@ -168,15 +168,16 @@ return 1
 """
 
 # A private channel record from another region. KEYS: channel records, meta:hlc.
-# ARGV: user id, hlc, region. Returns 1 if the records changed.
+# ARGV: user id, hlc, region. Returns 0 if the records did not change, else how many users created it.
 _ADD_CHANNEL = _REGISTERS + """
 raise_floor(KEYS[2], ARGV[2])
-return keep_earliest(KEYS[1], ARGV[1], ARGV[2] .. '\\0' .. ARGV[3])
+if keep_earliest(KEYS[1], ARGV[1], ARGV[2] .. '\\0' .. ARGV[3]) == 0 then return 0 end
+return redis.call('HLEN', KEYS[1])
 """
 
 # A claim from another region: kept (per user, the earliest) whatever else is on the name.
 # KEYS: claims on the name, user hash, set of users, meta:hlc. ARGV: user id, hlc, region, name.
-# Returns 1 if the claims on the name changed.
+# Returns 0 if the claims on the name did not change, else how many users claim it.
 _ADD_CLAIM = _REGISTERS + """
 raise_floor(KEYS[4], ARGV[2])
 if keep_earliest(KEYS[1], ARGV[1], ARGV[2] .. '\\0' .. ARGV[3]) == 0 then return 0 end
@@ -184,7 +185,7 @@ if redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('HSET', KEYS[2], 'name', ARGV[4], 'hlc', ARGV[2], 'region', ARGV[3])
   redis.call('SADD', KEYS[3], ARGV[1])
 end
-return 1
+return redis.call('HLEN', KEYS[1])
 """
 
 # KEYS: claims on the name, user hash, set of users, meta:hlc. ARGV: user id, hlc, region, name.
@@ -402,11 +403,11 @@ class Store:
                                     args=[claim.user_id, claim.hlc, claim.region, claim.name])
         return int(outcome)
 
-    async def add_claim(self, claim: Claim) -> bool:
-        """Record a claim from another region; True if it changed the claims on its name."""
-        changed = await self._add_claim(keys=[f"n:{claim.name}", f"u:{claim.user_id}", "users", "meta:hlc"],
-                                        args=[claim.user_id, claim.hlc, claim.region, claim.name])
-        return bool(changed)
+    async def add_claim(self, claim: Claim) -> int:
+        """Record a claim from another region; 0 if the claims on its name did not change, else how
+        many users claim the name (more than one: a conflict)."""
+        return int(await self._add_claim(keys=[f"n:{claim.name}", f"u:{claim.user_id}", "users", "meta:hlc"],
+                                         args=[claim.user_id, claim.hlc, claim.region, claim.name]))
 
     async def claims_on(self, name: str) -> list[Claim]:
         return _claims(name, await self.redis.hgetall(f"n:{name}"))
@@ -427,11 +428,11 @@ class Store:
             args=[user, record.hlc, record.region, rank_key(member)])
         return int(outcome)
 
-    async def add_channel(self, record: Claim) -> bool:
-        """Record a private channel from another region; True if the channel's records changed."""
-        changed = await self._add_channel(keys=[_records(record.name), "meta:hlc"],
-                                          args=[record.user_id, record.hlc, record.region])
-        return bool(changed)
+    async def add_channel(self, record: Claim) -> int:
+        """Record a private channel from another region; 0 if the channel's records did not change,
+        else how many users created it (more than one: a conflict)."""
+        return int(await self._add_channel(keys=[_records(record.name), "meta:hlc"],
+                                           args=[record.user_id, record.hlc, record.region]))
 
     async def channel_records(self, channel: str) -> list[Claim]:
         return _claims(channel, await self.redis.hgetall(_records(channel)))

@@ -114,7 +114,8 @@ class EmbeddedValkey:
                     time.sleep(0.02)
         finally:
             client.close()
-        log.info("embedded valkey pid %s on %s, data in %s", self._proc.pid, self.url, self.data_dir)
+        where = f"127.0.0.1:{self.port}" if self.port else self.socket  # not the URL: it holds the password
+        log.info("embedded valkey pid %s on %s, data in %s", self._proc.pid, where, self.data_dir)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self._proc is None:

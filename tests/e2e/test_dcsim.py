@@ -64,6 +64,7 @@ def test_status_lists_every_region_and_its_endpoints(run):
     out = dcsim(run["run_dir"], "status").stdout
     for region in REGIONS.split(","):
         assert f"{region:<14} running" in out
+        assert f"metrics {run['regions'][region]['metrics']}" in out
     assert "delay us-east->eu-west: 40.25 ms" in out
     assert "partitions: none" in out
 
@@ -211,6 +212,7 @@ def test_down_leaves_no_process_behind(tmp_path):
     assert len(processes) >= 5  # controller, two leaders, two Valkeys
     ports = [int(info[key].rsplit(":", 1)[1]) for info in state["regions"].values() for key in ("leader", "peers_on")]
     ports += [int(addr.rsplit(":", 1)[1]) for info in state["regions"].values() for addr in info["endpoints"].values()]
+    ports += [int(info["metrics"].rsplit(":", 1)[1].split("/")[0]) for info in state["regions"].values()]
     dcsim(tmp_path, "down")
     assert not [p for p in processes if pid_alive(p)]
     assert not (tmp_path / "state.json").exists()

@@ -1,0 +1,187 @@
+"""Prometheus metrics of one leader, on a registry of its own, served over HTTP (`--metrics-port`).
+
+RPCs are measured by a server interceptor as they finish: method, final status code, latency.
+Everything else is read from the live objects when Prometheus scrapes (peer links, outboxes, hot
+shards, subscribers, and the counts those objects keep), so no other part of the leader knows
+about Prometheus, and a gauge never goes stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from mlchat.geo.membership import PeerState
+from mlchat.geo.modes import describe
+
+if TYPE_CHECKING:
+    from mlchat.leader.region import Region
+    from mlchat.leader.replication import ReplicationServicer, Replicator
+
+# Seconds; Subscribe and Replicate streams land in the last buckets, every other call well below.
+RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 300.0)
+CONFLICT_KINDS = ("status", "membership", "claim", "channel")
+
+
+def final_code(set_code: grpc.StatusCode | None, failure: grpc.StatusCode | None) -> grpc.StatusCode:
+    """The status a call ended with: the one the handler set (an abort sets it), else what its
+    failure means to gRPC (an exception is UNKNOWN, a cancelled call CANCELLED), else OK."""
+    return set_code or failure or grpc.StatusCode.OK
+
+
+class RpcMetrics(grpc.aio.ServerInterceptor):
+    """Counts every call by method and final status code, and times it."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.calls = Counter("mlchat_rpc", "RPCs finished, by method and final status code",
+                             ["method", "code"], registry=registry)
+        self.seconds = Histogram("mlchat_rpc_seconds", "RPC latency (streams: their whole life), by method",
+                                 ["method"], buckets=RPC_BUCKETS, registry=registry)
+
+    async def intercept_service(self, continuation: Callable[..., Any],
+                                details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None:  # no such method: gRPC answers UNIMPLEMENTED itself
+            return None
+        # The handler is a namedtuple with one behavior set, named after the call's shape: wrap that one.
+        kind = "_".join("stream" if streaming else "unary"
+                        for streaming in (handler.request_streaming, handler.response_streaming))
+        return handler._replace(**{kind: self._measured(details.method.lstrip("/"), getattr(handler, kind))})
+
+    def _measured(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        # Streaming handlers either yield their responses or write them (health's Watch): keep the shape.
+        if inspect.isasyncgenfunction(behavior):
+            async def streamed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                with self._recorded(method, context):
+                    async for response in behavior(request, context):
+                        yield response
+            return streamed
+
+        async def awaited(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            with self._recorded(method, context):
+                return await behavior(request, context)
+        return awaited
+
+    @contextlib.contextmanager
+    def _recorded(self, method: str, context: grpc.aio.ServicerContext) -> Iterator[None]:
+        started = time.perf_counter()
+        failure = None
+        try:
+            yield
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away, or the server stops
+            failure = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            failure = grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            self.calls.labels(method, final_code(context.code(), failure).name).inc()
+            self.seconds.labels(method).observe(time.perf_counter() - started)
+
+
+class LeaderCollector(Collector):
+    """Gauges and counters read from the live leader at scrape time."""
+
+    def __init__(self, region: Region, replicator: Replicator, replication: ReplicationServicer) -> None:
+        self.region = region
+        self.replicator = replicator
+        self.replication = replication
+
+    def collect(self) -> Iterable[Metric]:
+        region, settings = self.region, self.region.settings
+        info = GaugeMetricFamily("mlchat_region_info", "This leader's region and replication mode",
+                                 labels=["region", "mode"])
+        info.add_metric([region.name, describe(settings.mode, settings.sync_acks)], 1)
+        yield info
+
+        now, timeout_s = time.monotonic(), settings.peer_timeout_ms / 1000
+        links, outboxes = self.replicator.links, self.replication.outboxes
+        up = GaugeMetricFamily("mlchat_peer_up", "1 if the stream from the peer is up (not suspect, not down)",
+                               labels=["peer"])
+        lag = GaugeMetricFamily("mlchat_replication_lag_ms", "Commit in the peer to applied here, for the "
+                                "latest change from the peer that carried messages", labels=["peer"])
+        applied = CounterMetricFamily("mlchat_deltas_applied", "Deltas with changes received from the peer "
+                                      "and applied here (by this process)", labels=["peer"])
+        for peer, link in links.items():
+            up.add_metric([peer], float(link.state(now, timeout_s) is PeerState.UP))
+            lag.add_metric([peer], link.lag_ms)
+            applied.add_metric([peer], link.applied)
+        backlog = GaugeMetricFamily("mlchat_replication_backlog", "Changes queued here for the peer, not yet "
+                                    "sent on its stream (its outbox)", labels=["peer"])
+        for peer in sorted({*links, *outboxes}):
+            backlog.add_metric([peer], outboxes[peer].pending if peer in outboxes else 0)
+        sent = CounterMetricFamily("mlchat_deltas_sent", "Deltas with changes sent to the peer on its stream "
+                                   "(by this process)", labels=["peer"])
+        for peer, count in sorted(self.replication.sent.items()):
+            sent.add_metric([peer], count)
+        yield from (up, lag, applied, backlog, sent)
+
+        conflicts = CounterMetricFamily("mlchat_conflicts", "Values from peers that met a different one held "
+                                        "here: a status or membership that lost, a claim or private channel "
+                                        "record on a name another user holds", labels=["kind"])
+        for kind in CONFLICT_KINDS:
+            conflicts.add_metric([kind], region.conflicts[kind])
+        yield conflicts
+
+        yield GaugeMetricFamily("mlchat_subscribers", "Open Subscribe streams", value=region.fanout.subscriber_count())
+        sizes = region.hot_shard_sizes()
+        yield GaugeMetricFamily("mlchat_hot_shards", "Message-log shards held in memory", value=len(sizes))
+        yield GaugeMetricFamily("mlchat_hot_shard_bytes", "Memory of the hot shards, estimated as the size of "
+                                "their encoded state", value=sum(sizes))
+
+
+def metrics_registry(region: Region, replicator: Replicator,
+                     replication: ReplicationServicer) -> tuple[CollectorRegistry, RpcMetrics]:
+    """A registry of this leader's metrics, and the interceptor that feeds its RPC metrics."""
+    # The leader process serves one registry, this one: its counters need no `_created` series.
+    disable_created_metrics()
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(LeaderCollector(region, replicator, replication))
+    return registry, RpcMetrics(registry)
+
+
+def http_response(request_line: bytes, registry: CollectorRegistry) -> bytes:
+    """The HTTP/1.0 answer to a request line: the metrics for `GET /metrics`, else 404."""
+    parts = request_line.split()
+    if len(parts) >= 2 and parts[0] == b"GET" and parts[1].split(b"?")[0] == b"/metrics":
+        status, content_type, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(registry)
+    else:
+        status, content_type, body = "404 Not Found", "text/plain; charset=utf-8", b"metrics are at GET /metrics\n"
+    head = f"HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+async def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> asyncio.Server:
+    """Serve the registry over HTTP on the event loop (so a scrape reads the live objects between
+    two steps of the leader, never in the middle of one)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(10):
+                request_line = await reader.readline()
+                while (await reader.readline()).strip():  # headers: none matters
+                    pass
+                writer.write(http_response(request_line, registry))
+                await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass  # a scraper that went away or never finished its request
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, host, port)
