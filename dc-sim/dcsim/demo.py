@@ -172,7 +172,7 @@ class Demo:
             self.clients["alice"].post("general", f"update {i} while Tokyo is down", f"alice-down-{i}")
         self.control("restart", region="ap-northeast")
         chika = self.clients["chika"]
-        chika.claim("chika", self.keys["chika"])
+        sessions.claimed(chika, "chika", self.keys["chika"])  # once the newcomer counts it in
         caught_up = wait(lambda: len(set(self.digests().values())) == 1, 30)
         say(f"  ap-northeast caught up on what it missed: {caught_up}; #general holds "
             f"{len(chika.list('general', limit=100).messages)} messages in every region")
