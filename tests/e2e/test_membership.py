@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import grpc
 from support import wait_until
 
 from dcsim import cli as dcsim
@@ -18,6 +19,14 @@ def _client(state: dict, region: str, user: str) -> ChatClient:
     c = ChatClient(state["regions"][region]["endpoints"][region], timeout_s=10)
     assert sessions.claimed(c, user, f"{user}-claim-key-0123456789")
     return c
+
+
+def _status_text(c: ChatClient, user_id: str) -> str:
+    try:
+        return c.get_status(user_id).status.text
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.NOT_FOUND, e  # the user's claim has not arrived yet
+        return ""
 
 
 def _peers(c: ChatClient) -> dict[str, int]:
@@ -40,7 +49,8 @@ def test_a_region_joins_catches_up_and_another_leaves(tmp_path: Path):
         # It learned every member from the one it joined through, and caught up on the history.
         wait_until(lambda: set(_peers(newcomer)) == {"us-east", "eu-west", "ap-northeast"}, 15, "all members known")
         wait_until(lambda: len(newcomer.list("history", limit=100).messages) == 30, 20, "the history")
-        assert newcomer.get_status(east.user.user_id).status.text == "here before the join"
+        # Users and statuses come in the catch-up's last part, after the shards.
+        wait_until(lambda: _status_text(newcomer, east.user.user_id) == "here before the join", 20, "the status")
         # Every member learned of it (the others through gossip) and receives its writes.
         newcomer.post("history", "hello from the newcomer", "n1")
         for region in ("us-east", "eu-west", "ap-northeast"):
