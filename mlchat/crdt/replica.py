@@ -15,6 +15,7 @@ client id comes in from the caller.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from pycrdt import merge_updates
@@ -38,6 +39,16 @@ class ReplicaState:
 
 
 @dataclass(frozen=True)
+class Relayed:
+    """Where a change this region applied from a peer came from, as its stream to a third region needs
+    to know it (`mlchat.geo.relay`); never sent."""
+
+    source: str  # the peer it was applied from
+    origins: dict[str, str] | None  # origin -> the highest stamp of a change it carries; None: not known
+    before: dict[str, str]  # this region's vector just before it was applied
+
+
+@dataclass(frozen=True)
 class Delta:
     shard_updates: dict[str, bytes] = field(default_factory=dict)
     statuses: tuple[StatusValue, ...] = ()
@@ -49,11 +60,21 @@ class Delta:
     # Membership as the sender knows it (heartbeats carry it): region -> address, and who left.
     members: dict[str, str] = field(default_factory=dict)
     departed: tuple[str, ...] = ()
+    relayed: Relayed | None = None  # set on what a region applied from a peer that was new to it
 
 
 def carries_changes(delta: Delta) -> bool:
     """Whether a delta changes state (a heartbeat carries only the sender's vector and members)."""
     return bool(delta.shard_updates or delta.statuses or delta.claims or delta.channels or delta.memberships)
+
+
+def origins(stamped: Iterable[LogEntry | StatusValue | Claim | MemberValue]) -> dict[str, str]:
+    """For each origin region, the highest stamp among `stamped`."""
+    out: dict[str, str] = {}
+    for item in stamped:
+        if item.hlc > out.get(item.region, ""):
+            out[item.region] = item.hlc
+    return out
 
 
 def wanted(hlc: str, origin: str, peer_vector: dict[str, str]) -> bool:
@@ -184,12 +205,8 @@ class Replica:
 
     def written(self) -> dict[str, str]:
         """For each origin region, the stamp of the latest of its writes held here."""
-        out: dict[str, str] = {}
-        for stamped in (*self._messages.values(), *self._statuses.values(), *self._all_claims(),
-                        *self._members.values()):
-            if stamped.hlc > out.get(stamped.region, ""):
-                out[stamped.region] = stamped.hlc
-        return out
+        return origins([*self._messages.values(), *self._statuses.values(), *self._all_claims(),
+                        *self._members.values()])
 
     def _all_claims(self) -> list[Claim]:
         """Username claims and private channel records."""
@@ -221,16 +238,22 @@ class Replica:
             vector=current,
         )
 
-    def apply(self, delta: Delta, now_ms: int) -> list[LogEntry]:
-        """Merge a peer's delta; return the messages that are new here. What was new goes on the feed."""
+    def apply(self, delta: Delta, now_ms: int, source: str = "") -> list[LogEntry]:
+        """Merge a delta from the peer `source`; return the messages that are new here. What was new goes
+        on the feed."""
+        before_vector = self.vector
         added: list[LogEntry] = []
+        integrated: list[LogEntry] = []  # every entry new to a shard (a second copy of a message too)
         new_updates = {}
+        known = True  # whether the origins of everything new are known (see `Relayed`)
         for name, update in delta.shard_updates.items():
             shard = self._shard(name)
             before = shard.state_vector()
             entries = shard.apply(update)
             if entries or shard.state_vector() != before:
                 new_updates[name] = update
+                known = known and bool(entries)
+            integrated += entries
             for entry in entries:
                 if self._messages.get(entry.id) is None:
                     added.append(entry)
@@ -255,8 +278,10 @@ class Replica:
                 memberships.append(m)
         self.clocks.absorb(delta.vector, now_ms)
         if new_updates or statuses or claims or channels or memberships:
+            stamped = origins([*integrated, *statuses, *claims, *channels, *memberships]) if known else None
             self.feed.append(Delta(shard_updates=new_updates, statuses=tuple(statuses), claims=tuple(claims),
-                                   channels=tuple(channels), memberships=tuple(memberships), vector=self.vector))
+                                   channels=tuple(channels), memberships=tuple(memberships), vector=self.vector,
+                                   relayed=Relayed(source, stamped, before_vector)))
         return added
 
     def take_feed(self) -> list[Delta]:

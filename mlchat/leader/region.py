@@ -34,7 +34,7 @@ from mlchat.crdt.digest import state_digest
 from mlchat.crdt.lww import MemberValue, StatusValue
 from mlchat.crdt.msglog import LogEntry, MessageShard, message_id, shard_name, split_order_key, split_shard_name
 from mlchat.crdt.regionclock import RegionClock
-from mlchat.crdt.replica import Delta, ReplicaState, carries_changes, wanted
+from mlchat.crdt.replica import Delta, Relayed, ReplicaState, carries_changes, origins, wanted
 from mlchat.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -603,13 +603,18 @@ class Region:
     async def state(self) -> ReplicaState:
         return ReplicaState(await self.store.shard_states(), self.vector)
 
-    async def apply(self, delta: Delta) -> None:
-        """Merge a peer's delta; publish on the feed whatever was new here, for other peers."""
+    async def apply(self, delta: Delta, source: str) -> None:
+        """Merge a delta from the peer `source`; publish on the feed whatever was new here, for other peers."""
+        before = self.vector
         new_updates = {}
+        integrated: list[LogEntry] = []
+        known = True  # whether the origins of everything new are known (see `Relayed`)
         for name, update in delta.shard_updates.items():
-            part = await self._apply_shard(name, update)
-            if part is not None:
-                new_updates[name] = part
+            entries = await self._apply_shard(name, update)
+            if entries is not None:
+                new_updates[name] = update
+                integrated += entries
+                known = known and bool(entries)
         # Conflicts, counted by kind: a register value that lost to one another region wrote (a write
         # made after seeing another always wins, so the loser was concurrent with it, or came late by a
         # slower path), or a claim or channel record on a name another user holds too.
@@ -642,15 +647,17 @@ class Region:
                     self.fanout.publish(member.channel, ACCESS_CHANGED)
         self.clocks.absorb(delta.vector, self._now_ms())
         self._vector_moved()
+        stamped = origins([*integrated, *statuses, *claims, *channels, *memberships]) if known else None
         new = Delta(shard_updates=new_updates, statuses=tuple(statuses), claims=tuple(claims),
-                    channels=tuple(channels), memberships=tuple(memberships), vector=self.vector)
+                    channels=tuple(channels), memberships=tuple(memberships), vector=self.vector,
+                    relayed=Relayed(source, stamped, before))
         if carries_changes(new):
             self.feed.publish(FEED, new)
 
-    async def _apply_shard(self, name: str, update: bytes) -> bytes | None:
-        """Apply a pycrdt update to a shard; if anything in it was new here, store it and return it
-        (for other peers). The update is stored as it came: pycrdt holds back items whose
-        predecessors have not arrived yet, and the stored update keeps them until they do."""
+    async def _apply_shard(self, name: str, update: bytes) -> list[LogEntry] | None:
+        """Apply a pycrdt update to a shard; if anything in it was new here, store it (for other peers to
+        be sent as it came) and return the entries it added. The update is stored as it came: pycrdt holds
+        back items whose predecessors have not arrived yet, and the stored update keeps them until they do."""
         async with self._locked_shard(name) as shard:
             before = shard.state_vector()
             added = shard.apply(update)
@@ -664,7 +671,7 @@ class Region:
             if entry.id in new:
                 self.fanout.publish(entry.channel, Committed(entry, new[entry.id],
                                                              self.causal_token((entry.region, entry.hlc))))
-        return update
+        return added
 
     # Region-wide --------------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from mlchat.crdt.lww import MemberValue, StatusValue
 from mlchat.crdt.replica import Delta, ReplicaState, carries_changes, combine
 from mlchat.errors import ResourceExhausted
 from mlchat.geo.failover import Term
+from mlchat.geo.relay import RelayQueue
 from mlchat.geo.membership import PeerState, peer_state
 from mlchat.leader.consensus import Consensus
 from mlchat.leader.fanout import Subscription
@@ -119,17 +120,19 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
                 async for part in self.region.delta_for(state):
                     self.sent[peer] += carries_changes(part)
                     yield self._with_term(delta_pb(self.region.name, part))
+                relays = RelayQueue(peer, self.region.settings.relay_delay_ms, changes.capacity)
                 while True:
-                    batch = await changes.next_batch()
+                    batch = await changes.next_batch()  # heartbeats come at least every heartbeat_ms
                     if not batch:
                         if changes.overflowed:
                             raise ResourceExhausted(f"peer {peer} fell more than {changes.capacity} changes "
                                                     "behind: reconnect to catch up")
                         return
-                    parts = combine(batch)  # a peer that lags gets fewer, larger messages
+                    # A peer that lags gets fewer, larger messages.
+                    parts = combine(relays.next(batch, self.replicator.peer_vector(peer), self.replicator.now_ms()))
                     for i, delta in enumerate(parts):
                         message = self._with_term(delta_pb(self.region.name, delta))
-                        message.backlog = changes.pending + len(parts) - i - 1
+                        message.backlog = changes.pending + relays.held + len(parts) - i - 1
                         if message.ByteSize() < COMPRESS_ABOVE:  # not worth the CPU
                             context.disable_next_message_compression()
                         self.sent[peer] += carries_changes(delta)
@@ -217,6 +220,11 @@ class Replicator:
         """The members whose stream is up now."""
         now, timeout_s = time.monotonic(), self.region.settings.peer_timeout_ms / 1000
         return [r for r, link in self.links.items() if link.state(now, timeout_s) is PeerState.UP]
+
+    def peer_vector(self, region: str) -> dict[str, str]:
+        """What a member holds, as it last told this region."""
+        link = self.links.get(region)
+        return link.vector if link is not None else {}
 
     def holders(self, origin: str, hlc: str) -> list[str]:
         """The members known to hold the write stamped `hlc` in region `origin`."""
@@ -332,7 +340,7 @@ class Replicator:
         if message.epoch:
             link.term, link.voted = Term(message.epoch, message.primary), message.voted_epoch
         delta = delta_from_pb(message)
-        await self.region.apply(delta)
+        await self.region.apply(delta, link.region)
         await self._membership(delta)
         if delta.members:  # a heartbeat: the peer's own view
             await self.region.listed(link.region, delta.members)

@@ -54,6 +54,14 @@ class LeaderSettings:
             raise ValueError("a client API over TLS needs a peer port of its own (--peer-listen)")
 
     @property
+    def relay_delay_ms(self) -> int:
+        """How long a change applied from one peer waits before it is relayed to another that may have it
+        by the direct path (`mlchat.geo.relay`): peers tell their vectors at least every heartbeat, so two
+        suffice. In single-leader mode relays go at once: a region's vote waits on hearing the primary's
+        stamps by any path, and the failover timing counts on that."""
+        return 0 if self.mode is Mode.SINGLE_LEADER else 2 * self.heartbeat_ms
+
+    @property
     def peer_address(self) -> str:
         """Where other regions reach this one."""
         return self.advertise or self.peer_listen or self.listen

@@ -10,7 +10,7 @@ How it maps onto the leader:
   acceptor states and Paxos rounds. A crash loses the rest: the cores in memory, streams, proposals in flight.
 - Streams are the leader's `Replicate`: a region opens a stream from each member with its own state, and the
   member answers with `delta_for(state)`, then every change on its feed (its writes, what it applied that was new,
-  heartbeats with its vector and members). The network loses, duplicates, delays and reorders datagrams; the
+  heartbeats with its vector and members) as its `RelayQueue` for that stream lets it through. The network loses, duplicates, delays and reorders datagrams; the
   stream layer (TCP's part) numbers a stream's messages and delivers them in order or not at all: a gap, or a
   silence longer than the peer timeout, ends the stream and the receiver opens another. Join and the Paxos
   messages are datagrams (unary calls) and face loss, duplication and reordering as they are.
@@ -39,10 +39,12 @@ from mlchat.crdt.msglog import message_id
 from mlchat.crdt.replica import Delta, Replica, ReplicaState
 from mlchat.geo import paxos
 from mlchat.geo.membership import Membership, PeerState, peer_state
+from mlchat.geo.relay import RelayQueue
 
 STEP_MS = 10
 HEARTBEAT_STEPS = 10
 TIMEOUT_STEPS = 30  # the peer timeout: a stream silent this long is ended
+RELAY_DELAY_MS = 2 * HEARTBEAT_STEPS * STEP_MS  # as `LeaderSettings.relay_delay_ms`
 CLAIM_TIMEOUT_STEPS = 100  # a name proposal that has not decided by then answers UNAVAILABLE
 START_MS = 1_700_000_000_000
 MAX_SKEW_MS = 500
@@ -111,11 +113,13 @@ class Inbound:
     session: int
     expected: int = 0
     heard_at: int = 0  # step
+    vector: dict[str, str] = field(default_factory=dict)  # what the peer holds, as its stream last said
 
 
 @dataclass
 class Outbound:
     session: int
+    relays: RelayQueue
     seq: int = 0
 
 
@@ -234,14 +238,17 @@ class World:
         on every stream the region serves."""
         replica, _ = node.core()
         disk = node.disk
-        for delta in replica.take_feed():
+        feed = replica.take_feed()
+        for delta in feed:
             data = replace(delta, vector={}, members={}, departed=())
             if data.shard_updates or data.statuses or data.claims or data.channels or data.memberships:
                 disk.changes.append(data)
             disk.floor = max([disk.floor, replica.clocks.floor, *(v.hlc for v in delta.statuses),
                               *(c.hlc for c in (*delta.claims, *delta.channels)),
                               *(m.hlc for m in delta.memberships)])
-            for peer, out in node.outbound.items():
+        for peer, out in node.outbound.items():
+            inbound = node.inbound.get(peer)
+            for delta in out.relays.next(feed, inbound.vector if inbound else {}, self.now_ms(node)):
                 self.send(node.name, peer, Part(out.session, out.seq, delta))
                 out.seq += 1
 
@@ -287,7 +294,8 @@ class World:
             current = node.outbound.get(msg.receiver)
             if current is not None and current.session >= msg.session:
                 return  # a duplicate, or an older stream's: it opens nothing
-            node.outbound[msg.receiver] = Outbound(msg.session)  # a newer stream from that peer replaces the old
+            # A newer stream from that peer replaces the old.
+            node.outbound[msg.receiver] = Outbound(msg.session, RelayQueue(msg.receiver, RELAY_DELAY_MS, 10_000))
             catch_up = replica.delta_for(msg.state)
             self.send(node.name, msg.receiver, Part(msg.session, 0, catch_up))
             node.outbound[msg.receiver].seq = 1
@@ -300,7 +308,8 @@ class World:
                 return
             inbound.expected += 1
             inbound.heard_at = self.step_no
-            replica.apply(msg.delta, self.now_ms(node))
+            inbound.vector = vector.merge(inbound.vector, msg.delta.vector)
+            replica.apply(msg.delta, self.now_ms(node), src)
             self.store_and_ship(node)
             left, joined = membership.news(msg.delta.members, msg.delta.departed)
             for region in joined:

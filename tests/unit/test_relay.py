@@ -1,0 +1,88 @@
+"""What a region's stream to one peer carries: its own changes at once, relays only when the peer lacks them."""
+
+from __future__ import annotations
+
+from mlchat.crdt.replica import Delta, Relayed
+from mlchat.crdt.lww import StatusValue
+from mlchat.geo.relay import RelayQueue
+
+DELAY = 1000
+
+
+def own(hlc: str, vector: dict[str, str]) -> Delta:
+    return Delta(statuses=(StatusValue("u1", 1, "", hlc, "b"),), vector=vector)
+
+
+def relayed(source: str, origins: dict[str, str] | None, before: dict[str, str], vector: dict[str, str]) -> Delta:
+    statuses = tuple(StatusValue(f"u-{o}", 1, "", h, o) for o, h in (origins or {}).items())
+    return Delta(statuses=statuses, vector=vector, relayed=Relayed(source, origins, before))
+
+
+def heartbeat(vector: dict[str, str]) -> Delta:
+    return Delta(vector=vector, members={"b": "b"})
+
+
+def test_own_changes_and_changes_of_unknown_origin_go_at_once_with_their_vector():
+    queue = RelayQueue("c", DELAY, 100)
+    mine = own("05", {"b": "05"})
+    unknown = relayed("a", None, {"b": "05"}, {"a": "03", "b": "05"})
+    assert queue.next([mine, unknown], {}, now_ms=0) == [mine, unknown]
+
+
+def test_a_change_is_never_sent_back_to_the_peer_it_came_from_or_that_wrote_it_only_its_vector():
+    queue = RelayQueue("a", DELAY, 100)
+    from_a = relayed("a", {"c": "02"}, {}, {"a": "03", "c": "02"})
+    by_a = relayed("c", {"a": "03"}, {}, {"a": "04", "c": "02"})
+    assert queue.next([from_a, by_a], {}, now_ms=0) == [Delta(vector={"c": "02"}), Delta(vector={"a": "04"})]
+    assert queue.held == 0
+
+
+def test_a_relay_waits_then_goes_only_if_the_peer_still_lacks_it():
+    queue = RelayQueue("c", DELAY, 100)
+    first = relayed("a", {"a": "03"}, {"a": "01"}, {"a": "03", "b": "05"})
+    second = relayed("a", {"a": "04"}, {"a": "03"}, {"a": "04", "b": "05"})
+    assert queue.next([first, second], {}, now_ms=0) == []
+    assert queue.next([], {}, now_ms=DELAY - 1) == []
+    # The peer got the first by the direct path meanwhile; the second it still lacks when it falls due.
+    sent = queue.next([], {"a": "03"}, now_ms=DELAY)
+    assert [d.statuses for d in sent] == [second.statuses]
+    assert queue.held == 0
+
+
+def test_while_a_relay_is_held_the_vector_told_the_peer_stops_before_it():
+    queue = RelayQueue("c", DELAY, 100)
+    held = relayed("a", {"a": "07", "d": "04"}, {"a": "03", "d": "02", "b": "05"}, {"a": "07", "d": "04", "b": "05"})
+    assert queue.next([held], {}, now_ms=0) == []
+    told = queue.next([own("06", {"a": "07", "d": "04", "b": "06"})], {}, now_ms=10)
+    assert told[0].vector == {"a": "03", "d": "02", "b": "06"}  # its own entry is never held back
+    released = queue.next([heartbeat({"a": "07", "d": "04", "b": "06"})], {}, now_ms=DELAY)
+    assert [d.vector for d in released] == [held.vector, {"a": "07", "d": "04", "b": "06"}]
+
+
+def test_an_origin_the_region_held_nothing_of_is_left_out_of_the_vector_while_held():
+    queue = RelayQueue("c", DELAY, 100)
+    queue.next([relayed("a", {"a": "03"}, {"b": "05"}, {"a": "03", "b": "05"})], {}, now_ms=0)
+    assert queue.next([heartbeat({"a": "03", "b": "05"})], {}, now_ms=1)[0].vector == {"b": "05"}
+
+
+def test_released_relays_go_before_what_arrived_since():
+    queue = RelayQueue("c", DELAY, 100)
+    old = relayed("a", {"a": "03"}, {"a": "01"}, {"a": "03", "b": "05"})
+    queue.next([old], {}, now_ms=0)
+    mine = own("06", {"a": "03", "b": "06"})
+    assert [d.statuses for d in queue.next([mine], {}, now_ms=DELAY)] == [old.statuses, mine.statuses]
+
+
+def test_beyond_its_capacity_the_oldest_held_relay_goes_at_once():
+    queue = RelayQueue("c", DELAY, 2)
+    relays = [relayed("a", {"a": f"0{i}"}, {"a": f"0{i - 1}"}, {"a": f"0{i}"}) for i in range(1, 4)]
+    sent = queue.next(relays, {}, now_ms=0)
+    assert [d.statuses for d in sent] == [relays[0].statuses]
+    assert queue.held == 2
+
+
+def test_without_a_delay_relays_go_at_once_but_never_back():
+    queue = RelayQueue("c", 0, 100)
+    to_c = relayed("a", {"a": "03"}, {}, {"a": "03"})
+    back = relayed("c", {"c": "02"}, {}, {"c": "02"})
+    assert queue.next([to_c, back], {}, now_ms=0) == [to_c, Delta(vector={"c": "02"})]
