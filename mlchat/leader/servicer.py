@@ -167,28 +167,26 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def ClaimUsername(self, request, context):
         name = limits.username(request.username)
         key = limits.claim_key(request.claim_key)
-        if (answer := await self.writes.forwarded("ClaimUsername", request, context)) is not None:
-            return answer
-        self.writes.admit()
-        view = await self.writes.claim(name, key, context.time_remaining())
-        await self.writes.confirm(view.claim.region, view.claim.hlc, context.time_remaining())
-        token, principal = self.auth.signer.issue(view.user_id, view.username, wall_ms())
-        return pb.ClaimUsernameResponse(user=user_pb(view), token=token,
-                                        token_expires_at_ms=principal.expires_at_ms,
-                                        causal_token=self.region.causal_token((view.claim.region, view.claim.hlc)))
+
+        def respond(view: UserView, causal_token: bytes) -> pb.ClaimUsernameResponse:
+            token, principal = self.auth.signer.issue(view.user_id, view.username, wall_ms())
+            return pb.ClaimUsernameResponse(user=user_pb(view), token=token,
+                                            token_expires_at_ms=principal.expires_at_ms, causal_token=causal_token)
+
+        return await self.writes.run("ClaimUsername", request, context,
+                                     lambda: self.writes.claim(name, key, context.time_remaining()),
+                                     lambda view: view.claim, respond)
 
     @unary
     async def PostMessage(self, request, context):
         me = self.auth.principal(context)
         channel, body = limits.channel(request.channel), limits.body(request.body)
         client_msg_id = limits.client_msg_id(request.client_msg_id)
-        if (answer := await self.writes.forwarded("PostMessage", request, context)) is not None:
-            return answer
-        self.writes.admit()
-        entry, duplicate = await self.region.post(me.user_id, channel, body, client_msg_id)
-        await self.writes.confirm(entry.region, entry.hlc, context.time_remaining())
-        return pb.PostMessageResponse(message=message_pb(entry), duplicate=duplicate,
-                                      causal_token=self.region.causal_token((entry.region, entry.hlc)))
+        return await self.writes.run(
+            "PostMessage", request, context, lambda: self.region.post(me.user_id, channel, body, client_msg_id),
+            lambda posted: posted[0],
+            lambda posted, token: pb.PostMessageResponse(message=message_pb(posted[0]), duplicate=posted[1],
+                                                         causal_token=token))
 
     @unary
     async def ListMessages(self, request, context):
@@ -216,25 +214,19 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         if request.presence not in pb.Presence.values() or request.presence == pb.PRESENCE_UNSPECIFIED:
             raise InvalidArgument(f"presence {request.presence} is invalid: use ONLINE, AWAY, BUSY or OFFLINE")
         text = limits.status_text(request.text)
-        if (answer := await self.writes.forwarded("SetStatus", request, context)) is not None:
-            return answer
-        self.writes.admit()
-        winner = await self.region.set_status(me.user_id, request.presence, text)
-        await self.writes.confirm(winner.region, winner.hlc, context.time_remaining())
-        return pb.SetStatusResponse(status=status_pb(me.user_id, winner),
-                                    causal_token=self.region.causal_token((winner.region, winner.hlc)))
+        return await self.writes.run(
+            "SetStatus", request, context, lambda: self.region.set_status(me.user_id, request.presence, text),
+            lambda winner: winner,
+            lambda winner, token: pb.SetStatusResponse(status=status_pb(me.user_id, winner), causal_token=token))
 
     @unary
     async def CreatePrivateChannel(self, request, context):
         me = self.auth.principal(context)
         channel = limits.channel(request.channel)
-        if (answer := await self.writes.forwarded("CreatePrivateChannel", request, context)) is not None:
-            return answer
-        self.writes.admit()
-        record = await self.region.create_channel(me.user_id, channel)
-        await self.writes.confirm(record.region, record.hlc, context.time_remaining())
-        return pb.CreatePrivateChannelResponse(channel=channel_pb(record),
-                                               causal_token=self.region.causal_token((record.region, record.hlc)))
+        return await self.writes.run(
+            "CreatePrivateChannel", request, context, lambda: self.region.create_channel(me.user_id, channel),
+            lambda record: record,
+            lambda record, token: pb.CreatePrivateChannelResponse(channel=channel_pb(record), causal_token=token))
 
     async def _set_member(self, method: str, member: bool, request: Any, context: grpc.aio.ServicerContext
                           ) -> pb.ChannelMemberResponse:
@@ -242,15 +234,10 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         channel = limits.channel(request.channel)
         if not request.user_id:
             raise InvalidArgument("user_id is required")
-        if (answer := await self.writes.forwarded(method, request, context)) is not None:
-            return answer
-        self.writes.admit()
-        value = await self.region.set_member(me.user_id, channel, request.user_id, member)
-        if not value.hlc:  # never a member, and nothing was written
-            return pb.ChannelMemberResponse(member=member_pb(value), causal_token=self.region.causal_token())
-        await self.writes.confirm(value.region, value.hlc, context.time_remaining())
-        return pb.ChannelMemberResponse(member=member_pb(value),
-                                        causal_token=self.region.causal_token((value.region, value.hlc)))
+        return await self.writes.run(
+            method, request, context, lambda: self.region.set_member(me.user_id, channel, request.user_id, member),
+            lambda value: value,  # no stamp when the user never was a member: nothing was written
+            lambda value, token: pb.ChannelMemberResponse(member=member_pb(value), causal_token=token))
 
     @unary
     async def AddChannelMember(self, request, context):

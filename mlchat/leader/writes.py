@@ -14,7 +14,8 @@ takes them only while it holds its lease.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -27,6 +28,14 @@ from mlchat.leader.replication import Replicator
 from mlchat.v1 import chat_pb2_grpc
 
 FORWARDED = "x-mlchat-forwarded-by"  # metadata on a write forwarded to the primary
+T = TypeVar("T")
+
+
+class Stamped(Protocol):
+    """What a write stored: it names the region that stamped it, and its stamp ("" if nothing was written)."""
+
+    region: str
+    hlc: str
 
 
 class Writes:
@@ -47,6 +56,21 @@ class Writes:
     def _timeout(self, time_remaining: float | None) -> float:
         """How long to wait on other regions: keep a margin of the caller's deadline to answer it."""
         return self.timeout_s if time_remaining is None else max(0.0, min(time_remaining - 0.2, self.timeout_s))
+
+    async def run(self, method: str, request: Any, context: grpc.aio.ServicerContext,
+                  commit: Callable[[], Awaitable[T]], stamped: Callable[[T], Stamped],
+                  respond: Callable[[T, bytes], Any]) -> Any:
+        """A write call, as every mode asks: forwarded to the primary, or admitted, committed (`commit`), and
+        confirmed held by enough regions; then answered (`respond`, given the result and its causal token)."""
+        if (answer := await self.forwarded(method, request, context)) is not None:
+            return answer
+        self.admit()
+        result = await commit()
+        stamp = stamped(result)
+        if not stamp.hlc:  # nothing was written
+            return respond(result, self.region.causal_token())
+        await self.confirm(stamp.region, stamp.hlc, context.time_remaining())
+        return respond(result, self.region.causal_token((stamp.region, stamp.hlc)))
 
     async def forwarded(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """single-leader mode, in a region that is not the primary: the primary's answer to the call.
