@@ -13,8 +13,10 @@ triples a cluster's WAN traffic (each of n regions receives each message n-1 tim
   covers it, else sent. A peer cut off from a change's origin therefore gets it from here, late.
 
 Every message carries the sender's vector, which the receiver adopts as a promise that it holds what the
-vector covers. While relays are held, the vector told the peer is capped, per origin, at what this region held
-of that origin before the oldest held change arrived, so it never covers a change the peer was not sent.
+vector covers; it merges what it is told, in order, so a message need only carry the entries that moved
+since the last one on its stream (`told`). While relays are held, the vector told the peer is capped, per
+origin, at what this region held of that origin before the oldest held change arrived, so it never covers a
+change the peer was not sent.
 
 Pure: the caller passes `now_ms` and the peer's vector, and sends what comes back, in order.
 """
@@ -34,6 +36,7 @@ class RelayQueue:
         self.delay_ms = delay_ms
         self.capacity = capacity  # held relays beyond it go out at once: memory stays bounded
         self._held: deque[tuple[int, Delta]] = deque()  # (due, delta), in feed order
+        self._told: dict[str, str] = {}  # the vector as this stream told it the peer
 
     @property
     def held(self) -> int:
@@ -57,6 +60,15 @@ class RelayQueue:
             out.append(self._held.popleft()[1])
         cap = self._cap() if out and self._held else {}
         return [self._capped(d, cap) for d in out]
+
+    def told(self, deltas: list[Delta]) -> list[Delta]:
+        """`deltas`, about to be sent in order, each with only the vector entries the stream has not told yet."""
+        out = []
+        for delta in deltas:
+            moved = {r: h for r, h in delta.vector.items() if self._told.get(r) != h}
+            self._told.update(moved)
+            out.append(delta if len(moved) == len(delta.vector) else replace(delta, vector=moved))
+        return out
 
     def _held_by_peer(self, relayed: Relayed) -> bool:
         return relayed.source == self.peer or set(relayed.origins or ()) <= {self.peer}

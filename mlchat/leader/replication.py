@@ -129,7 +129,8 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
                                                     "behind: reconnect to catch up")
                         return
                     # A peer that lags gets fewer, larger messages.
-                    parts = combine(relays.next(batch, self.replicator.peer_vector(peer), self.replicator.now_ms()))
+                    parts = relays.told(combine(relays.next(batch, self.replicator.peer_vector(peer),
+                                                            self.replicator.now_ms())))
                     for i, delta in enumerate(parts):
                         message = self._with_term(delta_pb(self.region.name, delta))
                         message.backlog = changes.pending + relays.held + len(parts) - i - 1

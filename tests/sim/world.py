@@ -249,7 +249,7 @@ class World:
                               *(m.hlc for m in delta.memberships)])
         for peer, out in node.outbound.items():
             inbound = node.inbound.get(peer)
-            for delta in out.relays.next(feed, inbound.vector if inbound else {}, self.now_ms(node)):
+            for delta in out.relays.told(out.relays.next(feed, inbound.vector if inbound else {}, self.now_ms(node))):
                 self.send(node.name, peer, Part(out.session, out.seq, delta))
                 out.seq += 1
 

@@ -86,3 +86,12 @@ def test_without_a_delay_relays_go_at_once_but_never_back():
     to_c = relayed("a", {"a": "03"}, {}, {"a": "03"})
     back = relayed("c", {"c": "02"}, {}, {"c": "02"})
     assert queue.next([to_c, back], {}, now_ms=0) == [to_c, Delta(vector={"c": "02"})]
+
+
+def test_a_stream_tells_each_vector_entry_once_until_it_moves():
+    queue = RelayQueue("c", DELAY, 100)
+    first = own("05", {"a": "03", "b": "05"})
+    second = own("06", {"a": "03", "b": "06"})
+    idle = heartbeat({"a": "03", "b": "06"})
+    assert [d.vector for d in queue.told([first, second, idle])] == [{"a": "03", "b": "05"}, {"b": "06"}, {}]
+    assert queue.told([idle])[0].members == idle.members  # a heartbeat stays one, its vector told already
