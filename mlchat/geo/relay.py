@@ -35,7 +35,11 @@ class RelayQueue:
         self.peer = peer
         self.delay_ms = delay_ms
         self.capacity = capacity  # held relays beyond it go out at once: memory stays bounded
-        self._held: deque[tuple[int, Delta]] = deque()  # (due, delta), in feed order
+        self._held: deque[tuple[int, int, Delta]] = deque()  # (number, due, delta), in feed order
+        self._number = 0
+        # Per origin, the smallest `before` among held relays of it, first, then the smallest among those
+        # held after that one, and so on: (number, before) with `before` increasing (a sliding-window minimum).
+        self._caps: dict[str, deque[tuple[int, str]]] = {}
         self._told: dict[str, str] = {}  # the vector as this stream told it the peer
 
     @property
@@ -55,10 +59,10 @@ class RelayQueue:
                 if self.delay_ms <= 0:
                     out.append(delta)
                 else:
-                    self._held.append((now_ms + self.delay_ms, delta))
+                    self._hold(now_ms + self.delay_ms, delta)
         while len(self._held) > self.capacity:
-            out.append(self._held.popleft()[1])
-        cap = self._cap() if out and self._held else {}
+            out.append(self._pop())
+        cap = {origin: window[0][1] for origin, window in self._caps.items()}
         return [self._capped(d, cap) for d in out]
 
     def told(self, deltas: list[Delta]) -> list[Delta]:
@@ -78,26 +82,36 @@ class RelayQueue:
         later one never overtakes an earlier one, and each call looks only at what it takes out."""
         out = []
         while self._held:
-            due, delta = self._held[0]
+            _, due, delta = self._held[0]
             if vector.covers(peer_vector, delta.relayed.origins or {}):  # type: ignore[union-attr]
-                self._held.popleft()
+                self._pop()
             elif due <= now_ms:
-                out.append(self._held.popleft()[1])
+                out.append(self._pop())
             else:
                 break
         return out
 
-    def _cap(self) -> dict[str, str]:
-        """Per origin of a held relay, the most the vector told the peer may say of it: what this region
-        held of that origin before the held relay arrived."""
-        cap: dict[str, str] = {}
-        for _, held in self._held:
-            relayed = held.relayed
-            for origin in relayed.origins or ():  # type: ignore[union-attr]
-                before = relayed.before.get(origin, "")  # type: ignore[union-attr]
-                if origin not in cap or before < cap[origin]:
-                    cap[origin] = before
-        return cap
+    def _hold(self, due: int, delta: Delta) -> None:
+        number, self._number = self._number, self._number + 1
+        self._held.append((number, due, delta))
+        relayed = delta.relayed
+        for origin in relayed.origins or ():  # type: ignore[union-attr]
+            before = relayed.before.get(origin, "")  # type: ignore[union-attr]
+            window = self._caps.setdefault(origin, deque())
+            while window and window[-1][1] >= before:
+                window.pop()
+            window.append((number, before))
+
+    def _pop(self) -> Delta:
+        """Take out the oldest held relay."""
+        number, _, delta = self._held.popleft()
+        for origin in delta.relayed.origins or ():  # type: ignore[union-attr]
+            window = self._caps[origin]
+            if window[0][0] == number:
+                window.popleft()
+                if not window:
+                    del self._caps[origin]
+        return delta
 
     @staticmethod
     def _capped(delta: Delta, cap: dict[str, str]) -> Delta:
