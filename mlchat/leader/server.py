@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
@@ -55,11 +56,19 @@ def load_secret(path: Path) -> bytes:
     return secret
 
 
-def redis_client(url: str) -> aioredis.Redis:
+CLUSTER_SCHEME = "redis+cluster://"
+
+
+def redis_client(url: str) -> aioredis.Redis | RedisCluster:
+    """A client for `url`: `redis+cluster://[:password@]host:port` (any one node) is a Redis Cluster,
+    which the client discovers from that node; `redis://`, `rediss://` and `unix://` one server."""
     # One quick retry on a fresh connection rides over a Redis restart; a call that still fails
     # answers UNAVAILABLE at once, so the client can retry or go elsewhere.
-    return aioredis.Redis.from_url(url, retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
-                                   retry_on_error=[ConnectionError, TimeoutError], health_check_interval=5)
+    retry = Retry(ExponentialBackoff(cap=0.1, base=0.01), 1)
+    if url.startswith(CLUSTER_SCHEME):
+        return RedisCluster.from_url("redis://" + url[len(CLUSTER_SCHEME):], retry=retry, health_check_interval=5)
+    return aioredis.Redis.from_url(url, retry=retry, retry_on_error=[ConnectionError, TimeoutError],
+                                   health_check_interval=5)
 
 
 async def serve(settings: LeaderSettings) -> None:
