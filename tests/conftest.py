@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import redis
+from support import cluster_ports
 
 from mlchat.geo.client import ChatClient
 from mlchat.leader.process import LeaderProcess, free_port
-from mlchat.leader.valkey import EmbeddedValkey
+from mlchat.leader.valkey import EmbeddedValkey, EmbeddedValkeyCluster
 
 
 @functools.cache
@@ -47,6 +48,25 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def valkey_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedValkeyCluster]:
+    """A Redis Cluster of three Valkey primaries for the whole session (the bundled binary)."""
+    cluster = EmbeddedValkeyCluster(tmp_path_factory.mktemp("valkey-cluster"), cluster_ports())
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(params=["valkey", "cluster"])
+def any_redis_url(request: pytest.FixtureRequest) -> str:
+    """The session's single Redis, then the session's three-primary Redis Cluster (`redis+cluster://`)."""
+    if request.param == "valkey":
+        return str(request.getfixturevalue("redis_url"))
+    return str(request.getfixturevalue("valkey_cluster").url)
 
 
 @pytest.fixture

@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from mlchat.leader.process import free_port
+
 
 def wait_until(condition: Callable[[], bool], deadline_s: float = 10.0, what: str = "condition") -> None:
     """Poll `condition` until it holds; fail the test if it does not within `deadline_s`."""
@@ -53,3 +55,8 @@ def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 def sample(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
     """One sample's value, 0 if it is absent (a counter not yet touched)."""
     return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def cluster_ports(primaries: int = 3) -> list[tuple[int, int]]:
+    """(client port, cluster bus port) for each primary of a local Redis Cluster."""
+    return [(free_port(), free_port()) for _ in range(primaries)]

@@ -228,7 +228,6 @@ class EmbeddedValkeyCluster:
         for node in self.nodes:
             if node.alive():
                 raise RuntimeError("restart: a node of the cluster is still running")
-            node._proc = None
         self.start(timeout_s)
 
 
