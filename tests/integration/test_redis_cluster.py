@@ -168,3 +168,28 @@ def test_backup_refuses_a_cluster_and_says_why(own_cluster, tmp_path):
                           "--out", str(tmp_path / "b.gz")], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "Redis Cluster" in out.stderr
     assert own_cluster.password not in out.stderr and not (tmp_path / "b.gz").exists()
+
+
+@pytest.mark.parametrize("mode", ["strong-names", "single-leader"])
+def test_consensus_modes_keep_acceptor_state_and_term_on_the_cluster(valkey_cluster, tmp_path, mode, unique):
+    """Paxos acceptor state (WATCH/MULTI on one key, WAITAOF on its primary) and the term, on a cluster."""
+    extra = ("--mode", mode, *(("--primary", "us-east") if mode == "single-leader" else ()))
+    leader = LeaderProcess("us-east", tmp_path / "leader", redis_url=valkey_cluster.url, extra_args=extra).start()
+    try:
+        with ChatClient(leader.address) as c:
+            first = c.claim(f"px_{unique}", "paxos-claim-key-0001").user
+            assert first.claim_state == pb.CLAIM_STATE_CONFIRMED
+            c.post(f"px{unique}", "before", "p1")
+        leader.kill()
+        leader.start()
+        with ChatClient(leader.address) as c:
+            assert c.claim(f"px_{unique}", "paxos-claim-key-0001").user.claim_hlc == first.claim_hlc
+            with pytest.raises(grpc.RpcError) as err:
+                c.claim(f"px_{unique}", "another-claim-key-0002")
+            assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+            c.post(f"px{unique}", "after", "p2")
+            assert [m.body for m in c.list(f"px{unique}").messages] == ["before", "after"]
+    finally:
+        leader.stop()
+    with redis.RedisCluster.from_url(valkey_cluster.node_urls()[0]) as client:
+        assert client.exists(f"px:name:px_{unique}")
