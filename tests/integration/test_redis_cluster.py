@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
+from redis.crc import key_slot
 from support import cluster_ports, wait_until
 
 from mlchat.geo.client import ChatClient
@@ -125,6 +126,47 @@ def test_nothing_acknowledged_is_lost_when_the_leader_or_every_primary_is_killed
             assert c.cluster_status(with_digest=True).state_digest == before
             # The clock floor, merged from every primary's copy, keeps the clock from going back.
             assert c.post("ch0", "after", "id-after").message.hlc > max(m.hlc for m in acked)
+    finally:
+        leader.stop()
+
+
+def _on_node(index: int, of: int = 3) -> str:
+    """A channel name whose keys live on primary `index` (slots split evenly, in order)."""
+    low, high = index * 16384 // of, (index + 1) * 16384 // of - 1
+    return next(name for i in range(10_000) if low <= key_slot((name := f"room{i}").encode()) <= high)
+
+
+def test_calls_answer_unavailable_while_a_primary_is_down_and_succeed_once_it_is_back(own_cluster, tmp_path):
+    down, up = _on_node(1), _on_node(2)
+    leader = LeaderProcess("us-east", tmp_path / "leader", redis_url=own_cluster.url, extra_args=FAST).start()
+    try:
+        with ChatClient(leader.address, timeout_s=5) as c:
+            c.claim("primary_down", "primary-down-claim-key1")
+            for ch in (down, up):
+                c.post(ch, "before", "b")
+            own_cluster.nodes[1].kill()
+            codes = set()
+            for i in range(5):
+                try:
+                    c.post(down, f"during {i}", f"d{i}")
+                    codes.add(grpc.StatusCode.OK)
+                except grpc.RpcError as e:
+                    codes.add(e.code())
+            assert codes == {grpc.StatusCode.UNAVAILABLE}  # a precise status, never UNKNOWN
+            own_cluster.nodes[1].start()
+
+            def posted() -> bool:
+                try:
+                    c.post(down, "after", "a")
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.UNAVAILABLE
+                    return False
+                return True
+
+            wait_until(posted, 30, "a post to the restarted primary")
+            c.post(up, "after", "a")
+            assert [m.body for m in c.list(down).messages] == ["before", "after"]
+            assert [m.body for m in c.list(up).messages] == ["before", "after"]
     finally:
         leader.stop()
 
