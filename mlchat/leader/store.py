@@ -18,6 +18,7 @@ that scripts touch, marked *, have one copy per slot and the meta keys one tag: 
   meta:vector  HASH origin region -> hlc up to which all its writes are held here
   meta:members HASH region -> address of the other members; meta:departed  SET of regions that left;
   meta:listed-by  SET of members known to count this region as one of theirs
+  meta:copies  (Redis Cluster only) SET of the tags that hold copies of the starred keys
 
 A write is one Lua script, so the state change and everything derived from it commit together or not
 at all, and it is acknowledged only after Redis has it. One exception on a cluster: a name's claims and
