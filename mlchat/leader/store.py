@@ -41,7 +41,8 @@ from mlchat.crdt.claims import Claim
 from mlchat.crdt.hlc import ENCODED_LENGTH as HLC_LEN
 from mlchat.crdt.lww import MemberValue, StatusValue
 from mlchat.crdt.msglog import ID_LENGTH, LogEntry, split_shard_name
-from mlchat.leader.keys import CHANNELS, COPIES, FLOOR, SHARDS, USERS, ClusterLayout, Layout, SingleLayout
+from mlchat.leader.keys import (CHANNELS, COPIES, FLOOR, SHARDS, USERS, ClusterLayout, Layout, SingleLayout,
+                               slot_tags)
 
 _LESS = """
 local function less(a, b)
@@ -294,6 +295,8 @@ class Store:
     def __init__(self, client: aioredis.Redis | RedisCluster) -> None:
         self.redis: Any = client
         self.layout: Layout = ClusterLayout() if isinstance(client, RedisCluster) else SingleLayout()
+        if self.layout.cluster:
+            slot_tags()  # ~0.2 s once, at start rather than in the first write
         self._listed: set[str] = set()  # tags known to be in COPIES already
         self._add_user = client.register_script(_ADD_USER)
         self._post = client.register_script(_POST)
