@@ -41,8 +41,7 @@ from mlchat.crdt.claims import Claim
 from mlchat.crdt.hlc import ENCODED_LENGTH as HLC_LEN
 from mlchat.crdt.lww import MemberValue, StatusValue
 from mlchat.crdt.msglog import ID_LENGTH, LogEntry, split_shard_name
-from mlchat.leader.keys import (CHANNELS, COPIES, FLOOR, SHARDS, USERS, ClusterLayout, Layout, SingleLayout,
-                               slot_tags)
+from mlchat.leader.keys import CHANNELS, COPIES, FLOOR, SHARDS, USERS, ClusterLayout, Layout, SingleLayout, slot_tags
 
 _LESS = """
 local function less(a, b)
