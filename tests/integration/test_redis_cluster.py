@@ -139,9 +139,10 @@ def _on_node(index: int, of: int = 3) -> str:
 def test_calls_answer_unavailable_while_a_primary_is_down_and_succeed_once_it_is_back(own_cluster, tmp_path):
     down, up = _on_node(1), _on_node(2)
     leader = LeaderProcess("us-east", tmp_path / "leader", redis_url=own_cluster.url, extra_args=FAST).start()
+    key = "primary-down-claim-key1"
     try:
         with ChatClient(leader.address, timeout_s=5) as c:
-            c.claim("primary_down", "primary-down-claim-key1")
+            c.claim("primary_down", key)
             for ch in (down, up):
                 c.post(ch, "before", "b")
             own_cluster.nodes[1].kill()
@@ -153,7 +154,11 @@ def test_calls_answer_unavailable_while_a_primary_is_down_and_succeed_once_it_is
                 except grpc.RpcError as e:
                     codes.add(e.code())
             assert codes == {grpc.StatusCode.UNAVAILABLE}  # a precise status, never UNKNOWN
-            own_cluster.nodes[1].start()
+        # Started with no gRPC channel open here: forking this process while gRPC polls can crash the
+        # child between fork and exec.
+        own_cluster.nodes[1].start()
+        with ChatClient(leader.address, timeout_s=5) as c:
+            wait_until(lambda: _claimed(c, "primary_down", key), 30, "a token once the primary is back")
 
             def posted() -> bool:
                 try:
