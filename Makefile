@@ -33,7 +33,7 @@ proto: $(STAMP)
 	$(PY) -m mlchat.protoc
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check mlchat tests
+	$(VENV)/bin/ruff check mlchat tests dc-sim
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -28,6 +28,7 @@ from mlchat.crdt.hlc import ENCODED_LENGTH as HLC_LENGTH
 from mlchat.crdt.hlc import Hlc, is_encoded_hlc
 
 ROOT = "log"
+EMPTY_UPDATE = b"\x00\x00"  # an update that changes nothing
 ID_LENGTH = 16
 
 
@@ -108,12 +109,17 @@ class MessageShard:
         return len(self._log)
 
     def add(self, entries: Iterable[LogEntry]) -> bytes:
-        """Add local entries in one transaction; return the update to persist and ship."""
-        before = self._doc.get_state()
-        with self._doc.transaction(origin="local"):
-            for entry in entries:
-                self._log[entry.order_key] = entry.payload
-        return self._doc.get_update(before)
+        """Add local entries in one transaction; return the update to persist and ship: the transaction's
+        own, which costs the same whatever the shard's size (`get_update(before)` grows with it)."""
+        updates: list[bytes] = []
+        subscription = self._doc.observe(lambda event: updates.append(event.update))
+        try:
+            with self._doc.transaction(origin="local"):
+                for entry in entries:
+                    self._log[entry.order_key] = entry.payload
+        finally:
+            self._doc.unobserve(subscription)
+        return updates[0] if updates else EMPTY_UPDATE  # one transaction: one update, if it changed anything
 
     def apply(self, update: bytes) -> list[LogEntry]:
         """Apply a remote update (or a delta, or a snapshot); return the entries it added."""

@@ -55,34 +55,42 @@ class RelayQueue:
                     self._held.append((now_ms + self.delay_ms, delta))
         while len(self._held) > self.capacity:
             out.append(self._held.popleft()[1])
-        return [self._capped(d) for d in out]
+        cap = self._cap() if out and self._held else {}
+        return [self._capped(d, cap) for d in out]
 
     def _held_by_peer(self, relayed: Relayed) -> bool:
         return relayed.source == self.peer or set(relayed.origins or ()) <= {self.peer}
 
     def _released(self, peer_vector: dict[str, str], now_ms: int) -> list[Delta]:
-        """Held relays that are due and that the peer does not hold; those it holds are dropped."""
-        keep: deque[tuple[int, Delta]] = deque()
+        """From the oldest on, held relays that the peer holds by now (dropped) or that are due (sent): a
+        later one never overtakes an earlier one, and each call looks only at what it takes out."""
         out = []
-        for due, delta in self._held:
+        while self._held:
+            due, delta = self._held[0]
             if vector.covers(peer_vector, delta.relayed.origins or {}):  # type: ignore[union-attr]
-                continue
-            if due <= now_ms and not keep:  # in feed order: a later one never overtakes an earlier one
-                out.append(delta)
+                self._held.popleft()
+            elif due <= now_ms:
+                out.append(self._held.popleft()[1])
             else:
-                keep.append((due, delta))
-        self._held = keep
+                break
         return out
 
-    def _capped(self, delta: Delta) -> Delta:
-        """`delta` with a vector that covers nothing still held from the peer."""
-        if not self._held or not delta.vector:
-            return delta
-        capped = dict(delta.vector)
+    def _cap(self) -> dict[str, str]:
+        """Per origin of a held relay, the most the vector told the peer may say of it: what this region
+        held of that origin before the held relay arrived."""
+        cap: dict[str, str] = {}
         for _, held in self._held:
             relayed = held.relayed
             for origin in relayed.origins or ():  # type: ignore[union-attr]
                 before = relayed.before.get(origin, "")  # type: ignore[union-attr]
-                if origin in capped and capped[origin] > before:
-                    capped[origin] = before
+                if origin not in cap or before < cap[origin]:
+                    cap[origin] = before
+        return cap
+
+    @staticmethod
+    def _capped(delta: Delta, cap: dict[str, str]) -> Delta:
+        """`delta` with a vector that covers nothing still held from the peer."""
+        if not cap or not delta.vector or not any(r in cap and h > cap[r] for r, h in delta.vector.items()):
+            return delta
+        capped = {r: min(h, cap[r]) if r in cap else h for r, h in delta.vector.items()}
         return replace(delta, vector={r: h for r, h in capped.items() if h})

@@ -1,6 +1,7 @@
 """Prometheus metrics of one leader, on a registry of its own, served over HTTP (`--metrics-port`).
 
-RPCs are measured by a server interceptor as they finish: method, final status code, latency.
+RPCs are measured as they finish: method, final status code, latency. Each servicer's methods are wrapped
+once, where they are registered (a server interceptor would run again for every call).
 Everything else is read from the live objects when Prometheus scrapes (peer links, outboxes, hot
 shards, subscribers, and the counts those objects keep), so no other part of the leader knows
 about Prometheus, and a gauge never goes stale.
@@ -13,9 +14,11 @@ import contextlib
 import inspect
 import time
 from collections.abc import Callable, Iterable, Iterator
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -45,7 +48,7 @@ def final_code(set_code: grpc.StatusCode | None, failure: grpc.StatusCode | None
     return set_code or failure or grpc.StatusCode.OK
 
 
-class RpcMetrics(grpc.aio.ServerInterceptor):
+class RpcMetrics:
     """Counts every call by method and final status code, and times it."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -54,15 +57,10 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
         self.seconds = Histogram("mlchat_rpc_seconds", "RPC latency (streams: their whole life), by method",
                                  ["method"], buckets=RPC_BUCKETS, registry=registry)
 
-    async def intercept_service(self, continuation: Callable[..., Any],
-                                details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(details)
-        if handler is None:  # no such method: gRPC answers UNIMPLEMENTED itself
-            return None
-        # The handler is a namedtuple with one behavior set, named after the call's shape: wrap that one.
-        kind = "_".join("stream" if streaming else "unary"
-                        for streaming in (handler.request_streaming, handler.response_streaming))
-        return handler._replace(**{kind: self._measured(details.method.lstrip("/"), getattr(handler, kind))})
+    def measured(self, service: ServiceDescriptor, servicer: Any) -> SimpleNamespace:
+        """What to register in place of `servicer`: its methods of `service`, each measured."""
+        return SimpleNamespace(**{m.name: self._measured(f"{service.full_name}/{m.name}", getattr(servicer, m.name))
+                                  for m in service.methods})
 
     def _measured(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         # Streaming handlers either yield their responses or write them (health's Watch): keep the shape.
@@ -148,7 +146,7 @@ class LeaderCollector(Collector):
 
 def metrics_registry(region: Region, replicator: Replicator,
                      replication: ReplicationServicer) -> tuple[CollectorRegistry, RpcMetrics]:
-    """A registry of this leader's metrics, and the interceptor that feeds its RPC metrics."""
+    """A registry of this leader's metrics, and what feeds its RPC metrics."""
     # The leader process serves one registry, this one: its counters need no `_created` series.
     disable_created_metrics()
     registry = CollectorRegistry(auto_describe=True)

@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 CAUSAL_WAIT_MAX_S = 30.0
 FEED = "*"  # the one topic of the replication feed
 RECENT_IDS = 10_000
+REFUSING_CHANNELS = 1_000
 T = TypeVar("T")
 
 
@@ -119,6 +120,9 @@ class Region:
         self._inflight: dict[str, list[asyncio.Future[tuple[LogEntry, bool]]]] = {}
         # Ids of messages committed lately, so that a retry is answered without a shard reload.
         self._recent: OrderedDict[str, None] = OrderedDict()
+        # Private channels where posts were refused lately: there, posts are checked before they are
+        # queued, so that non-members cannot make the hot shard be dropped and reloaded at every post.
+        self._refusing: OrderedDict[str, None] = OrderedDict()
         self._shard_locks: dict[str, asyncio.Lock] = {}
         self.fanout: Fanout[Committed | AccessChanged] = Fanout(settings.subscriber_buffer)
         self.conflicts: Counter[str] = Counter()  # by kind: values from peers that met a different one here
@@ -246,8 +250,10 @@ class Region:
     # Messages -----------------------------------------------------------------------------------
 
     async def post(self, user_id: str, channel: str, body: str, client_msg_id: str) -> tuple[LogEntry, bool]:
-        """Commit a message; return it and whether the call was a retry of an earlier one."""
-        await self.check_access(channel, user_id)
+        """Commit a message; return it and whether the call was a retry of an earlier one. Whether the
+        user may post in the channel is checked as it is stored (`_commit_shard`): one round trip."""
+        if channel in self._refusing:
+            await self.check_access(channel, user_id)
         msg_id = message_id(user_id, channel, client_msg_id)
         # Each caller waits on a future of its own: one that gives up cancels nothing others wait on.
         future: asyncio.Future[tuple[LogEntry, bool]] = asyncio.get_running_loop().create_future()
@@ -316,13 +322,19 @@ class Region:
             # Every id stored under the key just built: the script ran before (a retried call whose
             # reply was lost), so this is a success.
             ours = outcome.duplicates and all(outcome.duplicates.get(e.id) == e.order_key for e in entries)
-            if outcome.duplicates and not ours:
-                # Retries of messages stored before (by an earlier process, or another process of
-                # this region). Nothing was stored: drop the shard, which holds what Redis does not,
-                # answer the retries, and queue the other posts again.
+            if (outcome.duplicates and not ours) or outcome.refused:
+                # Retries of messages stored before (by an earlier process, or another process of this
+                # region), or posts to a private channel by non-members. Nothing was stored: drop the
+                # shard, which holds what Redis does not, answer those, and queue the other posts again.
                 self._shards.pop(name, None)
+                if outcome.refused:
+                    self._refusing[entries[0].channel] = None
+                    while len(self._refusing) > REFUSING_CHANNELS:
+                        self._refusing.popitem(last=False)
                 for e in entries:
-                    if e.id in outcome.duplicates:
+                    if e.id in outcome.refused:
+                        self._settle(e.id, PermissionDenied(not_a_member(e.channel, e.user_id)))
+                    elif e.id in outcome.duplicates:
                         self._settle(e.id, (await self._stored_message(e.channel, e.id), False))
                     else:
                         self._queue.setdefault(e.channel, []).append(
@@ -439,8 +451,7 @@ class Region:
         """Raise PermissionDenied unless `user_id` may read and post in `channel` (public, or a member)."""
         private, member = await self.store.access(channel, user_id)
         if private and not member:
-            raise PermissionDenied(f"channel {channel!r} is private and user {user_id} is not a member: "
-                                   "a member has to add you (AddChannelMember)")
+            raise PermissionDenied(not_a_member(channel, user_id))
 
     async def create_channel(self, user_id: str, channel: str) -> Claim:
         """Create the private channel `channel`, with `user_id` its creator and first member; return its
@@ -684,6 +695,11 @@ class Region:
         return state_digest([e async for e in store.messages()], [s async for s in store.statuses()],
                             [c async for c in store.claims()], [c async for c in store.channels()],
                             [m async for m in store.memberships()])
+
+
+def not_a_member(channel: str, user_id: str) -> str:
+    return (f"channel {channel!r} is private and user {user_id} is not a member: a member has to add you "
+            "(AddChannelMember)")
 
 
 def membership_refusal(actor: str, creator: str, actor_is_member: bool, user_id: str, add: bool) -> str:

@@ -30,8 +30,8 @@ from mlchat.crdt.lww import MemberValue, StatusValue
 from mlchat.crdt.replica import Delta, ReplicaState, carries_changes, combine
 from mlchat.errors import ResourceExhausted
 from mlchat.geo.failover import Term
-from mlchat.geo.relay import RelayQueue
 from mlchat.geo.membership import PeerState, peer_state
+from mlchat.geo.relay import RelayQueue
 from mlchat.leader.consensus import Consensus
 from mlchat.leader.fanout import Subscription
 from mlchat.leader.limits import MAX_PEER_MESSAGE_BYTES

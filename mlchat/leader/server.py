@@ -7,7 +7,6 @@ in flight get `grace_s` to finish, then Redis (and an embedded Valkey) stop.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import random
 import secrets
@@ -16,6 +15,7 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
@@ -32,7 +32,7 @@ from mlchat.geo.modes import Mode
 from mlchat.leader import limits
 from mlchat.leader.consensus import Consensus
 from mlchat.leader.leadership import Leadership
-from mlchat.leader.metrics import metrics_registry, serve_metrics
+from mlchat.leader.metrics import RpcMetrics, metrics_registry, serve_metrics
 from mlchat.leader.region import Region
 from mlchat.leader.replication import ReplicationServicer, Replicator
 from mlchat.leader.servicer import Authenticator, ChatServicer, ClusterServicer, wall_ms
@@ -175,21 +175,22 @@ async def _serve(settings: LeaderSettings, store: Store, client_tls: tls.TlsMate
                   if settings.mode is Mode.SINGLE_LEADER else None)
     writes = Writes(region, replicator, consensus, leadership)
     health_servicer = health.aio.HealthServicer()
-    chat = (chat_pb2.DESCRIPTOR.services_by_name["ChatService"],
-            functools.partial(chat_pb2_grpc.add_ChatServiceServicer_to_server, ChatServicer(region, auth, writes)))
-    cluster = (cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"],
-               functools.partial(cluster_pb2_grpc.add_ClusterServiceServicer_to_server,
-                                 ClusterServicer(region, auth, replicator.peer_status, lambda: replicator.term())))
-    replication = (replication_pb2.DESCRIPTOR.services_by_name["ReplicationService"],
-                   functools.partial(replication_pb2_grpc.add_ReplicationServiceServicer_to_server,
-                                     replication_servicer))
+    chat = Service(chat_pb2.DESCRIPTOR.services_by_name["ChatService"], chat_pb2_grpc.add_ChatServiceServicer_to_server,
+                   ChatServicer(region, auth, writes))
+    cluster = Service(cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"],
+                      cluster_pb2_grpc.add_ClusterServiceServicer_to_server,
+                      ClusterServicer(region, auth, replicator.peer_status, lambda: replicator.term()))
+    replication = Service(replication_pb2.DESCRIPTOR.services_by_name["ReplicationService"],
+                          replication_pb2_grpc.add_ReplicationServiceServicer_to_server, replication_servicer)
+    health_service = Service(health_pb2.DESCRIPTOR.services_by_name["Health"],
+                             health_pb2_grpc.add_HealthServicer_to_server, health_servicer)
     if settings.peer_listen:
         # Replication only on the peer port: were it on the client port too, mutual TLS would guard nothing.
         # Chat there too, for the users' writes a region forwards to the primary (single-leader mode).
-        servers = [_server(settings.listen, client_tls, rpc_metrics, health_servicer, chat, cluster),
-                   _server(settings.peer_listen, peer_tls, rpc_metrics, health_servicer, replication, chat)]
+        servers = [_server(settings.listen, client_tls, rpc_metrics, health_service, chat, cluster),
+                   _server(settings.peer_listen, peer_tls, rpc_metrics, health_service, replication, chat)]
     else:
-        servers = [_server(settings.listen, None, rpc_metrics, health_servicer, chat, cluster, replication)]
+        servers = [_server(settings.listen, None, rpc_metrics, health_service, chat, cluster, replication)]
     metrics_server = None
     if settings.metrics_port:
         host = settings.listen.rpartition(":")[0].strip("[]")
@@ -232,21 +233,26 @@ async def _serve(settings: LeaderSettings, store: Store, client_tls: tls.TlsMate
     log.info("stopped")
 
 
-def _server(address: str, material: tls.TlsMaterial | None, interceptor: grpc.aio.ServerInterceptor,
-            health_servicer: health.aio.HealthServicer,
-            *services: tuple[ServiceDescriptor, Callable[[grpc.aio.Server], None]]) -> grpc.aio.Server:
-    """A gRPC server on `address` (TLS if given material) with these services, health and reflection."""
+@dataclass(frozen=True)
+class Service:
+    descriptor: ServiceDescriptor
+    add_to_server: Callable[[Any, grpc.aio.Server], None]  # the generated add_*Servicer_to_server
+    servicer: Any
+
+
+def _server(address: str, material: tls.TlsMaterial | None, rpc_metrics: RpcMetrics, *services: Service
+            ) -> grpc.aio.Server:
+    """A gRPC server on `address` (TLS if given material) with these services (health among them) and
+    reflection; every call measured."""
     server = grpc.aio.server(
-        interceptors=[interceptor],
         # Peers send their state in one message; client requests are held to their own limit.
         options=[("grpc.max_receive_message_length", limits.MAX_PEER_STATE_BYTES),
                  ("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=limits.MAX_CONCURRENT_RPCS)
-    for _, add_to in services:
-        add_to(server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [*(descriptor.full_name for descriptor, _ in services), health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    for service in services:
+        service.add_to_server(rpc_metrics.measured(service.descriptor, service.servicer), server)
+    reflection.enable_server_reflection([*(s.descriptor.full_name for s in services), reflection.SERVICE_NAME],
+                                        server)
     port = (server.add_insecure_port(address) if material is None
             else server.add_secure_port(address, tls.server_credentials(material)))
     if port == 0:

@@ -83,10 +83,12 @@ end
 """
 
 # A batch of new local messages of one shard and the pycrdt update that adds them all.
-# KEYS: ids, zset, stream, shard update list, channels, meta:hlc, shards. ARGV: stream cap, update,
-# channel, last hlc, shard, shard state vector, then (id, order key, member) for each message.
+# KEYS: ids, zset, stream, shard update list, channels, meta:hlc, shards, the channel's private records,
+# then each message's poster's membership register. ARGV: stream cap, update, channel, last hlc, shard,
+# shard state vector, then (id, order key, member) for each message.
 # Returns {1, stream ids}; or, storing nothing, {0, {id, stored order key, ...}} if any of the ids is
-# stored already (a retry).
+# stored already (a retry), or {2, {id, ...}} for the messages whose poster may not post in the channel
+# (it is private, and they are not members): checked here so that a post costs one round trip.
 _POST = _LESS + """
 local dups = {}
 for i = 7, #ARGV, 3 do
@@ -94,6 +96,13 @@ for i = 7, #ARGV, 3 do
   if key then dups[#dups + 1] = ARGV[i]; dups[#dups + 1] = key end
 end
 if #dups > 0 then return {0, dups} end
+if redis.call('EXISTS', KEYS[8]) == 1 then
+  local refused = {}
+  for i = 7, #ARGV, 3 do
+    if redis.call('HGET', KEYS[8 + (i - 4) / 3], 'v') ~= '1' then refused[#refused + 1] = ARGV[i] end
+  end
+  if #refused > 0 then return {2, refused} end
+end
 local sids = {}
 for i = 7, #ARGV, 3 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
@@ -279,6 +288,7 @@ T = TypeVar("T")
 class PostOutcome:
     stream_ids: list[str] = field(default_factory=list)  # of the stored messages, in order
     duplicates: dict[str, str] = field(default_factory=dict)  # id -> order key stored earlier
+    refused: set[str] = field(default_factory=set)  # ids whose poster is not a member of the private channel
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,7 +341,8 @@ class Store:
     async def post(self, shard: str, entries: list[LogEntry], update: bytes, state_vector: bytes,
                    stream_cap: int) -> PostOutcome:
         """Store new messages of one shard with the pycrdt update that adds them, unless any of them
-        is stored already: then store nothing and say which."""
+        is stored already, or the channel is private and a poster not a member: then store nothing and say
+        which."""
         updates_key, _ = _shard_keys(shard)
         ch = entries[0].channel
         args: list[str | bytes | int] = [stream_cap, update, ch, entries[-1].hlc, shard, state_vector]
@@ -339,10 +350,13 @@ class Store:
             args += [e.id, e.order_key, _member(e)]
         floor, shards, channels, _ = await self._beside(_ids(ch))
         stored, values = await self._post(
-            keys=[_ids(ch), _zset(ch), _stream(ch), updates_key, channels, floor, shards], args=args)
+            keys=[_ids(ch), _zset(ch), _stream(ch), updates_key, channels, floor, shards, _records(ch),
+                  *(_member_key(ch, e.user_id) for e in entries)], args=args)
         decoded = [v.decode() for v in values]
-        if stored:
+        if stored == 1:
             return PostOutcome(stream_ids=decoded)
+        if stored == 2:
+            return PostOutcome(refused=set(decoded))
         return PostOutcome(duplicates=dict(zip(decoded[::2], decoded[1::2], strict=True)))
 
     async def apply(self, shard: str, entries: list[LogEntry], update: bytes, state_vector: bytes,

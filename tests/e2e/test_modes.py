@@ -58,13 +58,23 @@ def client(cluster: dict, region: str, user: str) -> ChatClient:
 
 
 def isolate(cluster: dict, region: str) -> None:
-    """Cut `region` off from the others, and wait until its peers see it gone (and it sees them gone)."""
+    """Cut `region` off from the others, and wait until it sees them gone and they see it gone."""
     watcher = client(cluster, region, "partition_watcher")  # signed in first: claims may need a majority
     for other in REGIONS:
         if other != region:
             control(cluster, "partition", a=region, b=other)
-    wait_until(lambda: all(p.state != cluster_pb2.PEER_STATE_UP for p in watcher.cluster_status().peers), 15,
-               f"{region} sees its peers unreachable")
+    views = [connect(cluster, other) for other in REGIONS if other != region]
+    for view in views:
+        view.token = watcher.token  # any region verifies a token
+
+    def cut_off() -> bool:
+        return (all(p.state != cluster_pb2.PEER_STATE_UP for p in watcher.cluster_status().peers)
+                and all(p.state != cluster_pb2.PEER_STATE_UP
+                        for view in views for p in view.cluster_status().peers if p.region == region))
+
+    wait_until(cut_off, 15, f"{region} and its peers see each other unreachable")
+    for view in views:
+        view.close()
 
 
 def heal(cluster: dict) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -63,6 +64,27 @@ def test_only_members_post_list_and_subscribe_and_a_refusal_stores_nothing(users
         assert bob.user.user_id in err.details()
     assert state(ann) == before
     assert [m.body for m in ann.list(unique).messages] == ["for members only"]
+
+
+def test_posts_of_members_and_non_members_at_once_store_exactly_the_members(users, unique):
+    """Posts committed together in one batch: the check in the commit refuses only the non-member's."""
+    ann, bob = users["ann"], users["bob"]
+    ann.create_private_channel(unique)
+
+    def post(i: int) -> grpc.StatusCode:
+        author = ann if i % 2 == 0 else bob
+        try:
+            author.post(unique, f"post {i}", f"p{i}")
+            return grpc.StatusCode.OK
+        except grpc.RpcError as e:
+            return e.code()
+
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(post, range(40)))
+    assert codes == [grpc.StatusCode.OK if i % 2 == 0 else DENIED for i in range(40)]
+    ann.post(unique, "still open to members", "after")
+    bodies = [m.body for m in ann.list(unique, limit=100).messages]
+    assert sorted(bodies) == sorted([f"post {i}" for i in range(0, 40, 2)] + ["still open to members"])
 
 
 def test_an_added_member_reads_posts_and_subscribes(users, unique):

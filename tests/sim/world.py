@@ -9,10 +9,11 @@ How it maps onto the leader:
   stored (as the store's scripts do) and at heartbeats; the vector of others, saved at heartbeats; members;
   acceptor states and Paxos rounds. A crash loses the rest: the cores in memory, streams, proposals in flight.
 - Streams are the leader's `Replicate`: a region opens a stream from each member with its own state, and the
-  member answers with `delta_for(state)`, then every change on its feed (its writes, what it applied that was new,
-  heartbeats with its vector and members) as its `RelayQueue` for that stream lets it through. The network loses, duplicates, delays and reorders datagrams; the
-  stream layer (TCP's part) numbers a stream's messages and delivers them in order or not at all: a gap, or a
-  silence longer than the peer timeout, ends the stream and the receiver opens another. Join and the Paxos
+  member answers with `delta_for(state)`, then every change on its feed (its writes, what it applied that was
+  new, heartbeats with its vector and members) as its `RelayQueue` for that stream lets it through. The
+  network loses, duplicates, delays and reorders datagrams; the stream layer (TCP's part) numbers a stream's
+  messages and delivers them in order or not at all: a gap, or a silence longer than the peer timeout, ends
+  the stream and the receiver opens another. Join and the Paxos
   messages are datagrams (unary calls) and face loss, duplication and reordering as they are.
 - Each region's wall clock is off by its own skew, up to +/-500 ms.
 - Users post (retrying posts whose answer was lost, with the same client_msg_id, in any region), read with

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from mlchat.crdt.replica import Delta, Relayed
 from mlchat.crdt.lww import StatusValue
+from mlchat.crdt.replica import Delta, Relayed
 from mlchat.geo.relay import RelayQueue
 
 DELAY = 1000
