@@ -219,8 +219,13 @@ def _backup_or_restore(args: argparse.Namespace) -> None:
     import redis
 
     from mlchat.leader import backup
+    from mlchat.leader.server import CLUSTER_SCHEME
     from mlchat.leader.valkey import EmbeddedValkey, running_url
 
+    if args.redis and args.redis.startswith(CLUSTER_SCHEME):
+        raise backup.BackupError(f"{args.command} of a region on Redis Cluster is not supported: its keys are on "
+                                 "several primaries, which one MULTI cannot read together; back up each primary "
+                                 "with its own tools (BGSAVE or its AOF), all at once, with the leader stopped")
     if args.command == "backup":
         url = args.redis or running_url(args.data_dir)
         with redis.Redis.from_url(url) as client:

@@ -11,11 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
+from support import cluster_ports, flush, session_redis
 
 from mlchat.geo.client import ChatClient
 from mlchat.leader.process import LeaderProcess, free_port
-from mlchat.leader.valkey import EmbeddedValkey
+from mlchat.leader.valkey import EmbeddedValkey, EmbeddedValkeyCluster
 
 
 @functools.cache
@@ -49,6 +49,23 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def valkey_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedValkeyCluster]:
+    """A Redis Cluster of three Valkey primaries for the whole session (the bundled binary)."""
+    cluster = EmbeddedValkeyCluster(tmp_path_factory.mktemp("valkey-cluster"), cluster_ports())
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(params=["valkey", "cluster"])
+def any_redis_url(request: pytest.FixtureRequest) -> str:
+    """The session's single Redis, then the session's three-primary Redis Cluster (`redis+cluster://`)."""
+    return session_redis(request, request.param)
+
+
 @pytest.fixture
 def own_valkey(tmp_path: Path) -> Iterator[EmbeddedValkey]:
     """A Valkey server of the test's own, which the test may kill and restart (always the bundled one)."""
@@ -61,11 +78,17 @@ def own_valkey(tmp_path: Path) -> Iterator[EmbeddedValkey]:
 
 
 @pytest.fixture(scope="module")
-def leader(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LeaderProcess]:
+def leader_redis_url(redis_url: str) -> str:
+    """The Redis of the module's `leader`: the session's single one, unless a module overrides this."""
+    return redis_url
+
+
+@pytest.fixture(scope="module")
+def leader(leader_redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LeaderProcess]:
     """One region's leader on the session Redis, shared by a module's tests (they use unique names)."""
-    redis.Redis.from_url(redis_url).flushall()
+    flush(leader_redis_url)
     # Some tests drive load from one user; the rate limit has a test of its own (test_rate_limits.py).
-    with LeaderProcess("us-east", tmp_path_factory.mktemp("leader"), redis_url=redis_url,
+    with LeaderProcess("us-east", tmp_path_factory.mktemp("leader"), redis_url=leader_redis_url,
                        extra_args=("--user-rate", "0")) as proc:
         yield proc
 

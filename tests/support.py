@@ -6,6 +6,9 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from mlchat.leader.process import free_port
 
 
 def wait_until(condition: Callable[[], bool], deadline_s: float = 10.0, what: str = "condition") -> None:
@@ -53,3 +56,31 @@ def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 def sample(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
     """One sample's value, 0 if it is absent (a counter not yet touched)."""
     return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def cluster_ports(primaries: int = 3) -> list[tuple[int, int]]:
+    """(client port, cluster bus port) for each primary of a local Redis Cluster."""
+    return [(free_port(), free_port()) for _ in range(primaries)]
+
+
+def flush(url: str) -> None:
+    """Empty a Redis, or every primary of a Redis Cluster (`redis+cluster://`)."""
+    import redis
+    from redis.cluster import RedisCluster
+
+    from mlchat.leader.server import CLUSTER_SCHEME
+
+    if url.startswith(CLUSTER_SCHEME):
+        with RedisCluster.from_url("redis://" + url[len(CLUSTER_SCHEME):]) as cluster:
+            cluster.flushall(target_nodes=RedisCluster.PRIMARIES)
+    else:
+        with redis.Redis.from_url(url) as client:
+            client.flushall()
+
+
+def session_redis(request: Any, kind: str) -> str:
+    """From a fixture's `request`: the URL of the session's single Redis ("valkey") or of its
+    three-primary Redis Cluster ("cluster")."""
+    if kind == "valkey":
+        return str(request.getfixturevalue("redis_url"))
+    return str(request.getfixturevalue("valkey_cluster").url)

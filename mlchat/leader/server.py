@@ -11,6 +11,7 @@ import logging
 import random
 import secrets
 import signal
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,9 @@ import redis.asyncio as aioredis
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 
 from mlchat import tls
@@ -56,11 +59,60 @@ def load_secret(path: Path) -> bytes:
     return secret
 
 
-def redis_client(url: str) -> aioredis.Redis:
+CLUSTER_SCHEME = "redis+cluster://"
+SENTINEL_SCHEME = "redis+sentinel://"
+
+
+@dataclass(frozen=True)
+class SentinelUrl:
+    """`redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[?sentinel_password=P]`: the
+    Sentinels to ask, the name they monitor the region's primary under, the password of the Redis
+    servers, and that of the Sentinels (if they require one)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    password: str | None = None
+    sentinel_password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> SentinelUrl:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != SENTINEL_SCHEME.removesuffix("://"):
+            raise ValueError(f"not a {SENTINEL_SCHEME} URL")
+        auth, _, hosts = parts.netloc.rpartition("@")
+        password = urllib.parse.unquote(auth.partition(":")[2]) if auth else None
+        sentinels = []
+        for host_port in hosts.split(","):
+            host, sep, port = host_port.rpartition(":")
+            if not (sep and host and port.isdigit()):
+                raise ValueError(f"{SENTINEL_SCHEME} URL: {host_port!r} is not HOST:PORT of a Sentinel")
+            sentinels.append((host.strip("[]"), int(port)))
+        service = parts.path.strip("/")
+        if not service:
+            raise ValueError(f"{SENTINEL_SCHEME} URL names no service: add /NAME, as in `sentinel monitor NAME ...`")
+        query = urllib.parse.parse_qs(parts.query)
+        return cls(tuple(sentinels), service, password or None, (query.get("sentinel_password") or [None])[0])
+
+
+def redis_client(url: str) -> aioredis.Redis | RedisCluster:
+    """A client for `url`: `redis+cluster://[:password@]host:port` (any one node) is a Redis Cluster,
+    which the client discovers from that node; `redis+sentinel://...` (see `SentinelUrl`) the primary
+    that the Sentinels name, found again after a failover; `redis://`, `rediss://` and `unix://` one
+    server."""
     # One quick retry on a fresh connection rides over a Redis restart; a call that still fails
     # answers UNAVAILABLE at once, so the client can retry or go elsewhere.
-    return aioredis.Redis.from_url(url, retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
+    retry = Retry(ExponentialBackoff(cap=0.1, base=0.01), 1)
+    if url.startswith(CLUSTER_SCHEME):
+        return RedisCluster.from_url("redis://" + url[len(CLUSTER_SCHEME):], retry=retry, health_check_interval=5)
+    if url.startswith(SENTINEL_SCHEME):
+        where = SentinelUrl.parse(url)
+        sentinel = Sentinel(where.sentinels, sentinel_kwargs={"password": where.sentinel_password,
+                                                              "socket_timeout": 1.0})
+        # Each new connection asks the Sentinels for the primary: after a failover, the promoted replica.
+        return sentinel.master_for(where.service, password=where.password, retry=retry,
                                    retry_on_error=[ConnectionError, TimeoutError], health_check_interval=5)
+    return aioredis.Redis.from_url(url, retry=retry, retry_on_error=[ConnectionError, TimeoutError],
+                                   health_check_interval=5)
 
 
 async def serve(settings: LeaderSettings) -> None:
@@ -76,7 +128,11 @@ async def serve(settings: LeaderSettings) -> None:
         # to the thread that forks it, and a worker thread may exit at any time.
         embedded.start()
         url = embedded.url
-    store = Store(redis_client(url))
+    try:
+        client = redis_client(url)
+    except ValueError as e:  # the URL is not shown: it may hold a password
+        raise SystemExit(f"--redis: {e}") from None
+    store = Store(client)
     supervisor = asyncio.create_task(_supervise(embedded)) if embedded is not None else None
     try:
         await _serve(settings, store, client_tls, peer_tls)

@@ -39,8 +39,13 @@ def _status_code(err: MlchatError) -> grpc.StatusCode:
     return grpc.StatusCode[err.grpc_status]
 
 
+# Storage that is down or moving: the call may succeed later. On Redis Cluster, a primary that is down
+# or slots being served by no node (CLUSTERDOWN, TRYAGAIN); behind Sentinel, an old primary that a
+# failover turned into a read-only replica.
 _STORAGE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-                   redis.exceptions.BusyLoadingError)
+                   redis.exceptions.BusyLoadingError, redis.exceptions.ClusterError,
+                   redis.exceptions.TryAgainError, redis.exceptions.SlotNotCoveredError,
+                   redis.exceptions.ReadOnlyError)
 
 
 async def _abort_for(err: BaseException, context: grpc.aio.ServicerContext, region: str) -> None:

@@ -1,7 +1,7 @@
 """A region's durable state in Redis (any Redis >= 7 or Valkey).
 
-Keys (every per-channel key carries the hash tag `{channel}`, a step towards Redis Cluster; the
-scripts also touch the region-wide keys, which a cluster deployment will have to move out):
+Keys (every per-channel key carries the hash tag `{channel}`; on Redis Cluster the region-wide keys
+that scripts touch, marked *, have one copy per slot and the meta keys one tag: see `keys.py`):
   c:{ch}:z     ZSET, score 0: member = order_key NUL payload (LogEntry.payload); read order
   c:{ch}:ids   HASH message id -> order_key: deduplicates retries, finds the original
   c:{ch}:s     STREAM of message ids in commit order here: what Subscribe resumes from (capped)
@@ -13,14 +13,18 @@ scripts also touch the region-wide keys, which a cluster deployment will have to
   pc:{ch}      HASH creator user id -> hlc NUL region: every record of the private channel ch
   cm:{ch}:USER HASH k (rank key), v (1 member, 0 not), h, r: the user's membership register of ch
   cmi:{ch}     SET of user ids with a membership register of ch
-  shards       HASH shard name -> pycrdt state vector: what a peer is told this region holds
-  channels, users  SETs, for counts; meta:hlc  the largest hlc issued here (clock floor at start)
+  shards*      HASH shard name -> pycrdt state vector: what a peer is told this region holds
+  channels*, users*  SETs, for counts; meta:hlc*  the largest hlc issued here (clock floor at start)
   meta:vector  HASH origin region -> hlc up to which all its writes are held here
   meta:members HASH region -> address of the other members; meta:departed  SET of regions that left;
   meta:listed-by  SET of members known to count this region as one of theirs
+  meta:copies  (Redis Cluster only) SET of the tags that hold copies of the starred keys
 
 A write is one Lua script, so the state change and everything derived from it commit together or not
-at all, and it is acknowledged only after Redis has it.
+at all, and it is acknowledged only after Redis has it. One exception on a cluster: a name's claims and
+the user a claim creates live in two slots, so a claim there is two scripts, the user's second; it is
+idempotent and runs again with every retry of the claim and every copy of it from a peer, so a crash
+between the two is healed by the next.
 """
 
 from __future__ import annotations
@@ -31,11 +35,13 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.cluster import RedisCluster
 
 from mlchat.crdt.claims import Claim
 from mlchat.crdt.hlc import ENCODED_LENGTH as HLC_LEN
 from mlchat.crdt.lww import MemberValue, StatusValue
 from mlchat.crdt.msglog import ID_LENGTH, LogEntry, split_shard_name
+from mlchat.leader.keys import CHANNELS, COPIES, FLOOR, SHARDS, USERS, ClusterLayout, Layout, SingleLayout, slot_tags
 
 _LESS = """
 local function less(a, b)
@@ -68,6 +74,11 @@ local function keep_earliest(hash, user, value)
   if prior and not less(value, prior) then return 0 end
   redis.call('HSET', hash, user, value)
   return 1
+end
+local function add_user(user, users, id, hlc, region, name)
+  if redis.call('EXISTS', user) == 1 then return end
+  redis.call('HSET', user, 'name', name, 'hlc', hlc, 'region', region)
+  redis.call('SADD', users, id)
 end
 """
 
@@ -185,29 +196,33 @@ return redis.call('HLEN', KEYS[1])
 """
 
 # A claim from another region: kept (per user, the earliest) whatever else is on the name.
-# KEYS: claims on the name, user hash, set of users, meta:hlc. ARGV: user id, hlc, region, name.
+# KEYS: claims on the name, meta:hlc, then (one Redis) the user hash and the set of users, the user
+# created if new. ARGV: user id, hlc, region, name.
 # Returns 0 if the claims on the name did not change, else how many users claim it.
 _ADD_CLAIM = _REGISTERS + """
-raise_floor(KEYS[4], ARGV[2])
+raise_floor(KEYS[2], ARGV[2])
 if keep_earliest(KEYS[1], ARGV[1], ARGV[2] .. '\\0' .. ARGV[3]) == 0 then return 0 end
-if redis.call('EXISTS', KEYS[2]) == 0 then
-  redis.call('HSET', KEYS[2], 'name', ARGV[4], 'hlc', ARGV[2], 'region', ARGV[3])
-  redis.call('SADD', KEYS[3], ARGV[1])
-end
+if #KEYS == 4 then add_user(KEYS[3], KEYS[4], unpack(ARGV)) end
 return redis.call('HLEN', KEYS[1])
 """
 
-# KEYS: claims on the name, user hash, set of users, meta:hlc. ARGV: user id, hlc, region, name.
+# KEYS: claims on the name, meta:hlc, then (one Redis) the user hash and the set of users.
+# ARGV: user id, hlc, region, name.
 # Returns 1 if claimed now, 0 if this user already claimed it, -1 if another user holds a claim.
-_CLAIM = _LESS + """
+_CLAIM = _REGISTERS + """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
 if redis.call('HLEN', KEYS[1]) > 0 then return -1 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '\\0' .. ARGV[3])
-redis.call('HSET', KEYS[2], 'name', ARGV[4], 'hlc', ARGV[2], 'region', ARGV[3])
-redis.call('SADD', KEYS[3], ARGV[1])
-local floor = redis.call('GET', KEYS[4])
-if (not floor) or less(floor, ARGV[2]) then redis.call('SET', KEYS[4], ARGV[2]) end
+raise_floor(KEYS[2], ARGV[2])
+if #KEYS == 4 then add_user(KEYS[3], KEYS[4], unpack(ARGV)) end
 return 1
+"""
+
+# Cluster only, after a claim: the user it names, created if new. KEYS: user hash, set of users, meta:hlc.
+# ARGV: user id, hlc, region, name.
+_ADD_USER = _REGISTERS + """
+add_user(KEYS[1], KEYS[2], unpack(ARGV))
+raise_floor(KEYS[3], ARGV[2])
 """
 
 
@@ -283,8 +298,16 @@ class Page:
 
 
 class Store:
-    def __init__(self, client: aioredis.Redis) -> None:
-        self.redis = client
+    """A region's state in one Redis or in a Redis Cluster (a `RedisCluster` client): same keys and
+    scripts, only where the region-wide keys live differs (`keys.py`)."""
+
+    def __init__(self, client: aioredis.Redis | RedisCluster) -> None:
+        self.redis: Any = client
+        self.layout: Layout = ClusterLayout() if isinstance(client, RedisCluster) else SingleLayout()
+        if self.layout.cluster:
+            slot_tags()  # ~0.2 s once, at start rather than in the first write
+        self._listed: set[str] = set()  # tags known to be in COPIES already
+        self._add_user = client.register_script(_ADD_USER)
         self._post = client.register_script(_POST)
         self._set_status = client.register_script(_SET_STATUS)
         self._claim = client.register_script(_CLAIM)
@@ -299,6 +322,20 @@ class Store:
     async def close(self) -> None:
         await self.redis.aclose()
 
+    async def _beside(self, key: str) -> tuple[str, str, str, str]:
+        """The copies of (meta:hlc, shards, channels, users) in the slot of `key`, listed in COPIES
+        first so that readers find them."""
+        tag = self.layout.tag(key)
+        if tag is not None and tag not in self._listed:
+            await self.redis.sadd(COPIES, tag)
+            self._listed.add(tag)
+        return tuple(self.layout.copy(name, key) for name in (FLOOR, SHARDS, CHANNELS, USERS))  # type: ignore[return-value]
+
+    async def _copies(self, name: str) -> list[str]:
+        """Every copy of a region-wide key, to read and merge."""
+        tags = ({t.decode() for t in await self.redis.smembers(COPIES)} if self.layout.cluster else set())
+        return self.layout.copies(name, tags)
+
     # Messages -----------------------------------------------------------------------------------
 
     async def post(self, shard: str, entries: list[LogEntry], update: bytes, state_vector: bytes,
@@ -311,8 +348,9 @@ class Store:
         args: list[str | bytes | int] = [stream_cap, update, ch, entries[-1].hlc, shard, state_vector]
         for e in entries:
             args += [e.id, e.order_key, _member(e)]
+        floor, shards, channels, _ = await self._beside(_ids(ch))
         stored, values = await self._post(
-            keys=[_ids(ch), _zset(ch), _stream(ch), updates_key, "channels", "meta:hlc", "shards", _records(ch),
+            keys=[_ids(ch), _zset(ch), _stream(ch), updates_key, channels, floor, shards, _records(ch),
                   *(_member_key(ch, e.user_id) for e in entries)], args=args)
         decoded = [v.decode() for v in values]
         if stored == 1:
@@ -330,8 +368,9 @@ class Store:
         args: list[str | bytes | int] = [stream_cap, update, ch, shard, state_vector]
         for e in entries:
             args += [e.id, e.order_key, _member(e)]
+        _, shards, channels, _ = await self._beside(_ids(ch))
         values = [v.decode() for v in await self._apply(
-            keys=[_ids(ch), _zset(ch), _stream(ch), updates_key, "channels", "shards"], args=args)]
+            keys=[_ids(ch), _zset(ch), _stream(ch), updates_key, channels, shards], args=args)]
         return dict(zip(values[::2], values[1::2], strict=True))
 
     async def find(self, channel: str, msg_id: str) -> LogEntry | None:
@@ -400,8 +439,10 @@ class Store:
 
     async def set_status(self, value: StatusValue) -> tuple[StatusValue, bool]:
         """Merge `value` into the user's register; return the winner and whether the register changed."""
+        key = f"s:{value.user_id}"
+        floor, *_ = await self._beside(key)
         changed, (p, t, h, r) = await self._set_status(
-            keys=[f"s:{value.user_id}", "meta:hlc"],
+            keys=[key, floor],
             args=[rank_key(value), value.presence, value.text, value.hlc, value.region])
         return StatusValue(value.user_id, int(p), t.decode(), h.decode(), r.decode()), bool(changed)
 
@@ -413,15 +454,30 @@ class Store:
 
     async def claim(self, claim: Claim) -> int:
         """Record a claim; 1: claimed, 0: this user claimed the name before, -1: another user did."""
-        outcome = await self._claim(keys=[f"n:{claim.name}", f"u:{claim.user_id}", "users", "meta:hlc"],
-                                    args=[claim.user_id, claim.hlc, claim.region, claim.name])
-        return int(outcome)
+        outcome = int(await self._claim(keys=await self._claim_keys(claim), args=_claim_args(claim)))
+        if outcome >= 0:
+            await self._user_of(claim)
+        return outcome
 
     async def add_claim(self, claim: Claim) -> int:
         """Record a claim from another region; 0 if the claims on its name did not change, else how
         many users claim the name (more than one: a conflict)."""
-        return int(await self._add_claim(keys=[f"n:{claim.name}", f"u:{claim.user_id}", "users", "meta:hlc"],
-                                         args=[claim.user_id, claim.hlc, claim.region, claim.name]))
+        outcome = int(await self._add_claim(keys=await self._claim_keys(claim), args=_claim_args(claim)))
+        await self._user_of(claim)
+        return outcome
+
+    async def _claim_keys(self, claim: Claim) -> list[str]:
+        key, user = f"n:{claim.name}", f"u:{claim.user_id}"
+        floor, *_ = await self._beside(key)
+        # On one Redis the claim script creates the user too; on a cluster the user is in another slot.
+        return [key, floor] if self.layout.cluster else [key, floor, user, self.layout.copy(USERS, user)]
+
+    async def _user_of(self, claim: Claim) -> None:
+        """Cluster only: the user a claim names, created if new (idempotent: heals a crash after the claim)."""
+        if self.layout.cluster:
+            user = f"u:{claim.user_id}"
+            floor, _, _, users = await self._beside(user)
+            await self._add_user(keys=[user, users, floor], args=_claim_args(claim))
 
     async def claims_on(self, name: str) -> list[Claim]:
         return _claims(name, await self.redis.hgetall(f"n:{name}"))
@@ -437,15 +493,17 @@ class Store:
         1: created, 0: the channel is private already, -1: it holds public messages here."""
         ch, user = record.name, record.user_id
         member = MemberValue(ch, user, True, record.hlc, record.region)
+        floor, *_ = await self._beside(_records(ch))
         outcome = await self._create_channel(
-            keys=[_records(ch), "meta:hlc", _ids(ch), _member_key(ch, user), _member_index(ch)],
+            keys=[_records(ch), floor, _ids(ch), _member_key(ch, user), _member_index(ch)],
             args=[user, record.hlc, record.region, rank_key(member)])
         return int(outcome)
 
     async def add_channel(self, record: Claim) -> int:
         """Record a private channel from another region; 0 if the channel's records did not change,
         else how many users created it (more than one: a conflict)."""
-        return int(await self._add_channel(keys=[_records(record.name), "meta:hlc"],
+        floor, *_ = await self._beside(_records(record.name))
+        return int(await self._add_channel(keys=[_records(record.name), floor],
                                            args=[record.user_id, record.hlc, record.region]))
 
     async def channel_records(self, channel: str) -> list[Claim]:
@@ -454,8 +512,9 @@ class Store:
     async def set_member(self, value: MemberValue) -> tuple[MemberValue, bool]:
         """Merge `value` into the membership register; return the winner and whether it changed."""
         ch, user = value.channel, value.user_id
+        floor, *_ = await self._beside(_member_index(ch))
         changed, fields = await self._set_member(
-            keys=[_member_key(ch, user), "meta:hlc", _member_index(ch)],
+            keys=[_member_key(ch, user), floor, _member_index(ch)],
             args=[rank_key(value), int(value.member), value.hlc, value.region, user])
         return _member_value(ch, user, fields), bool(changed)  # type: ignore[return-value]
 
@@ -509,9 +568,11 @@ class Store:
                     break
                 except redis.exceptions.WatchError:
                     continue
-        # A promise must outlive a crash of the host too: wait until the AOF is on disk (Redis >= 7.2).
+        # A promise must outlive a crash of the host too: wait until the AOF is on disk (Redis >= 7.2),
+        # on the node that holds the key.
+        where = {"target_nodes": self.redis.get_node_from_key(name)} if self.layout.cluster else {}
         try:
-            await self.redis.execute_command("WAITAOF", 1, 0, 1000)
+            await self.redis.execute_command("WAITAOF", 1, 0, 1000, **where)
         except redis.exceptions.ResponseError:
             pass  # an older server (or AOF off): as durable as its other writes
         return answer
@@ -519,61 +580,72 @@ class Store:
     async def term(self) -> tuple[str, int]:
         """single-leader mode: the term this region follows, encoded ("" before the first change), and
         the latest epoch it voted for."""
-        term, voted = await self.redis.hmget("meta:term", ["term", "voted"])
+        term, voted = await self.redis.hmget(self.layout.meta("term"), ["term", "voted"])
         return (term.decode() if term else ""), int(voted or 0)
 
     async def save_term(self, term: str, voted: int) -> None:
-        await self.redis.hset("meta:term", mapping={"term": term, "voted": voted})
+        await self.redis.hset(self.layout.meta("term"), mapping={"term": term, "voted": voted})
 
     # Region-wide --------------------------------------------------------------------------------
 
     async def shard_states(self) -> dict[str, bytes]:
         """Every shard held here, with its pycrdt state vector."""
-        return {k.decode(): v for k, v in (await self.redis.hgetall("shards")).items()}
+        states: dict[str, bytes] = {}
+        for row in await self._read_all("hgetall", await self._copies(SHARDS)):
+            states.update((k.decode(), v) for k, v in row.items())
+        return states
 
     async def load_members(self) -> tuple[dict[str, str], set[str], set[str]]:
         """(region -> address of the members, regions that left, regions known to count this one in)."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hgetall("meta:members")
-            pipe.smembers("meta:departed")
-            pipe.smembers("meta:listed-by")
+            pipe.hgetall(self.layout.meta("members"))
+            pipe.smembers(self.layout.meta("departed"))
+            pipe.smembers(self.layout.meta("listed-by"))
             members, departed, listed_by = await pipe.execute()
         return ({k.decode(): v.decode() for k, v in members.items()}, {d.decode() for d in departed},
                 {r.decode() for r in listed_by})
 
     async def save_listed_by(self, region: str) -> None:
-        await self.redis.sadd("meta:listed-by", region)
+        await self.redis.sadd(self.layout.meta("listed-by"), region)
 
     async def save_member(self, region: str, address: str) -> None:
-        await self.redis.hset("meta:members", region, address)
+        await self.redis.hset(self.layout.meta("members"), region, address)
 
     async def save_departure(self, region: str) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hdel("meta:members", region)
-            pipe.sadd("meta:departed", region)
+            pipe.hdel(self.layout.meta("members"), region)
+            pipe.sadd(self.layout.meta("departed"), region)
             await pipe.execute()
 
     async def load_vector(self) -> dict[str, str]:
-        return {k.decode(): v.decode() for k, v in (await self.redis.hgetall("meta:vector")).items()}
+        return {k.decode(): v.decode() for k, v in (await self.redis.hgetall(self.layout.meta("vector"))).items()}
 
     async def save_vector(self, vector: dict[str, str]) -> None:
         if vector:
-            await self.redis.hset("meta:vector", mapping=vector)
+            await self.redis.hset(self.layout.meta("vector"), mapping=vector)
+
+    async def _read_all(self, read: str, keys: list[Any], *fields: str) -> list[Any]:
+        """`read` of each key, in one pipeline (on a cluster, one round trip per node)."""
+        if not keys:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                getattr(pipe, read)(key, *fields)
+            return list(await pipe.execute())
 
     async def _scan_read(self, pattern: str, read: str, *fields: str) -> AsyncIterator[tuple[str, Any]]:
-        """(key suffix, value) for every key matching `pattern`, read with `read` a page at a time:
-        one round trip per page, not per key."""
-        cursor = 0
-        while True:
-            cursor, keys = await self.redis.scan(cursor, match=pattern, count=1000)
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    getattr(pipe, read)(key, *fields)
-                values = await pipe.execute()
-            for key, value in zip(keys, values, strict=True):
-                yield key.decode()[len(pattern) - 1:], value
-            if cursor == 0:
-                return
+        """(key suffix, value) for every key matching `pattern` (on every node of a cluster), read
+        with `read` a page at a time: one round trip per page, not per key."""
+        page: list[bytes] = []
+        async for key in self.redis.scan_iter(match=pattern, count=1000):
+            page.append(key)
+            if len(page) < 1000:
+                continue
+            for k, value in zip(page, await self._read_all(read, page, *fields), strict=True):
+                yield k.decode()[len(pattern) - 1:], value
+            page = []
+        for k, value in zip(page, await self._read_all(read, page, *fields), strict=True):
+            yield k.decode()[len(pattern) - 1:], value
 
     async def statuses(self) -> AsyncIterator[StatusValue]:
         async for user_id, (p, t, h, r) in self._scan_read("s:*", "hmget", "p", "t", "h", "r"):
@@ -586,25 +658,28 @@ class Store:
                 yield claim
 
     async def raise_clock_floor(self, hlc: str) -> None:
-        await self._raise_floor(keys=["meta:hlc"], args=[hlc])
+        floor, *_ = await self._beside(COPIES)
+        await self._raise_floor(keys=[floor], args=[hlc])
 
     async def clock_floor(self) -> str:
-        value = await self.redis.get("meta:hlc")
-        return value.decode() if value else ""
+        """The largest hlc issued here (the largest of its copies on a cluster)."""
+        values = await self._read_all("get", await self._copies(FLOOR))
+        return max((v.decode() for v in values if v), default="")
+
+    async def _channel_names(self) -> list[str]:
+        return sorted({c.decode() for row in await self._read_all("smembers", await self._copies(CHANNELS))
+                       for c in row})
 
     async def counts(self) -> tuple[int, int, int]:
         """(users, channels, messages)."""
-        channels = [c.decode() for c in await self.redis.smembers("channels")]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.scard("users")
-            for ch in channels:
-                pipe.zcard(_zset(ch))
-            users, *sizes = await pipe.execute()
+        channels = await self._channel_names()
+        users = sum(await self._read_all("scard", await self._copies(USERS)))
+        sizes = await self._read_all("zcard", [_zset(ch) for ch in channels])
         return int(users), len(channels), sum(sizes)
 
     async def messages(self) -> AsyncIterator[LogEntry]:
         """Every message (the copy readers see), for the state digest."""
-        for ch in sorted(c.decode() for c in await self.redis.smembers("channels")):
+        for ch in await self._channel_names():
             for member in await self.redis.zrange(_zset(ch), 0, -1):
                 yield _entry(ch, member.decode())
 
@@ -615,6 +690,10 @@ def parse_stream_id(text: str) -> str:
     if not (sep and ms.isdigit() and seq.isdigit() and len(ms) <= 20 and len(seq) <= 20):
         raise ValueError(f"not a stream position: {text[:40]!r}")
     return f"{int(ms)}-{int(seq)}"
+
+
+def _claim_args(claim: Claim) -> list[str]:
+    return [claim.user_id, claim.hlc, claim.region, claim.name]
 
 
 def _claims(name: str, raw: dict[bytes, bytes]) -> list[Claim]:

@@ -57,19 +57,21 @@ def running_url(data_dir: Path) -> str:
 class EmbeddedValkey:
     """`start()` runs the server with its data in `data_dir`; `stop()` shuts it down cleanly."""
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, password: str | None = None,
+                 extra_conf: str = "") -> None:
         self.data_dir = data_dir
         self.port = port
+        self.extra_conf = extra_conf
         # Socket paths are limited to ~100 bytes, so the socket lives in a short temporary dir.
         self._sock_dir = Path(tempfile.mkdtemp(prefix="mlv-"))
         self.socket = self._sock_dir / "valkey.sock"
         self._proc: subprocess.Popen[bytes] | None = None
-        self.password = secrets.token_hex(16)
+        self.password = password or secrets.token_hex(16)
 
     def _conf(self) -> str:
         listen = (f"port {self.port}\nbind 127.0.0.1\n" if self.port
                   else f"port 0\nunixsocket {self.socket}\nunixsocketperm 700\n")
-        return f"requirepass {self.password}\n{listen}"
+        return f"requirepass {self.password}\n{listen}{self.extra_conf}"
 
     @property
     def url(self) -> str:
@@ -146,3 +148,89 @@ class EmbeddedValkey:
             self._proc.kill()
             self._proc.wait()
             self._proc = None
+
+
+class EmbeddedValkeyCluster:
+    """A Redis Cluster of Valkey primaries (three by default) on loopback, one slot range each, for
+    tests and local runs. Each primary is an `EmbeddedValkey` (AOF on, the cluster's one random password
+    in its mode-600 conf file) with its data and `nodes.conf` in `data_dir/nodeN`. The first start
+    assigns the slots (CLUSTER ADDSLOTSRANGE) and introduces the nodes (CLUSTER MEET); a later start
+    finds both in `nodes.conf`. `start()` returns once every node reports `cluster_state:ok`."""
+
+    def __init__(self, data_dir: Path, ports: list[tuple[int, int]]) -> None:
+        """`ports`: (client port, cluster bus port) of each primary."""
+        if len(ports) < 3:
+            raise ValueError("a Redis Cluster needs at least three primaries")
+        self.data_dir = data_dir
+        self.ports = ports
+        self.password = secrets.token_hex(16)
+        self.nodes = [
+            EmbeddedValkey(data_dir / f"node{i}", port=port, password=self.password,
+                           extra_conf=(f"cluster-enabled yes\ncluster-port {bus}\ncluster-config-file nodes.conf\n"
+                                       f"cluster-node-timeout 5000\nmasterauth {self.password}\n"))
+            for i, (port, bus) in enumerate(ports)]
+
+    @property
+    def url(self) -> str:
+        """`redis+cluster://` URL naming the first node: what `mlchat leader --redis` takes."""
+        return f"redis+cluster://:{self.password}@127.0.0.1:{self.ports[0][0]}"
+
+    def node_urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    def start(self, timeout_s: float = 20.0) -> None:
+        started: list[EmbeddedValkey] = []
+        try:
+            for node in self.nodes:
+                node.start(timeout_s)
+                started.append(node)
+            self._form(timeout_s)
+        except BaseException:
+            for node in started:
+                node.stop()
+            raise
+        log.info("embedded valkey cluster of %d primaries on ports %s", len(self.nodes),
+                 ", ".join(str(port) for port, _ in self.ports))
+
+    def _form(self, timeout_s: float) -> None:
+        clients = [redis.Redis.from_url(url) for url in self.node_urls()]
+        try:
+            if all(_cluster_info(c)["cluster_slots_assigned"] == "0" for c in clients):
+                n = len(clients)
+                for i, client in enumerate(clients):  # slots split evenly, in order
+                    client.execute_command("CLUSTER ADDSLOTSRANGE", i * 16384 // n, (i + 1) * 16384 // n - 1)
+                for port, bus in self.ports[1:]:
+                    clients[0].execute_command("CLUSTER MEET", "127.0.0.1", port, bus)
+            deadline = time.monotonic() + timeout_s
+            while True:
+                infos = [_cluster_info(c) for c in clients]
+                if all(i["cluster_state"] == "ok" and i["cluster_known_nodes"] == str(len(clients)) for i in infos):
+                    return
+                if time.monotonic() > deadline:
+                    states = ", ".join(f"{i['cluster_state']}/{i['cluster_known_nodes']} nodes" for i in infos)
+                    raise TimeoutError(f"valkey cluster not ok after {timeout_s}s ({states})")
+                time.sleep(0.05)
+        finally:
+            for client in clients:
+                client.close()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def kill(self) -> None:
+        """SIGKILL every node."""
+        for node in self.nodes:
+            node.kill()
+
+    def restart(self, timeout_s: float = 20.0) -> None:
+        """Start every node again (after `stop` or `kill`): AOF and `nodes.conf` bring back data and slots."""
+        for node in self.nodes:
+            if node.alive():
+                raise RuntimeError("restart: a node of the cluster is still running")
+        self.start(timeout_s)
+
+
+def _cluster_info(client: redis.Redis) -> dict[str, str]:
+    info = client.execute_command("CLUSTER INFO")  # redis-py parses it into a dict
+    return {str(k): (v.decode() if isinstance(v, bytes) else str(v)) for k, v in info.items()}

@@ -8,11 +8,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from support import wait_until
+from support import session_redis, wait_until
 
 from mlchat.geo.client import ChatClient
 from mlchat.leader.tokens import TokenSigner
 from mlchat.v1 import chat_pb2 as pb
+
+
+@pytest.fixture(scope="module", params=["valkey", "cluster"])
+def leader_redis_url(request: pytest.FixtureRequest) -> str:
+    """Every test here runs against a leader on one Valkey, then on a three-primary Valkey cluster."""
+    return session_redis(request, request.param)
 
 
 def test_claim_returns_a_confirmed_user_and_a_token(leader, unique):

@@ -7,12 +7,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from support import wait_until
+from support import session_redis, wait_until
 
 from mlchat.geo.client import ChatClient
 from mlchat.v1 import chat_pb2 as pb
 
 DENIED = grpc.StatusCode.PERMISSION_DENIED
+
+
+@pytest.fixture(scope="module", params=["valkey", "cluster"])
+def leader_redis_url(request: pytest.FixtureRequest) -> str:
+    """Every test here runs against a leader on one Valkey, then on a three-primary Valkey cluster."""
+    return session_redis(request, request.param)
 
 
 @pytest.fixture

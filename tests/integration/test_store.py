@@ -1,0 +1,229 @@
+"""The Store against every kind of Redis it runs on: one Valkey, and a Redis Cluster of three Valkey
+primaries (real servers, the bundled binary). The same tests, the same results."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+from support import cluster_ports
+
+from mlchat.crdt.claims import Claim
+from mlchat.crdt.hlc import Hlc
+from mlchat.crdt.lww import MemberValue, StatusValue
+from mlchat.crdt.msglog import LogEntry, message_id
+from mlchat.leader.process import free_port
+from mlchat.leader.server import redis_client
+from mlchat.leader.store import Store
+from mlchat.leader.valkey import EmbeddedValkey, EmbeddedValkeyCluster
+
+T = TypeVar("T")
+CAP = 1000
+
+
+def run(url: str, body: Callable[[Store], Awaitable[T]]) -> T:
+    """Run `body` with a Store on `url`, closed afterwards."""
+    async def main() -> T:
+        store = Store(redis_client(url))
+        try:
+            return await body(store)
+        finally:
+            await store.close()
+    return asyncio.run(main())
+
+
+def hlc(ms: int, counter: int = 0) -> str:
+    return Hlc(ms, counter).encode()
+
+
+def entry(channel: str, n: int, ms: int, region: str = "us-east", user: str = "u1") -> LogEntry:
+    cmid = f"m{n}"
+    return LogEntry(message_id(user, channel, cmid), channel, user, f"body {n}", cmid, hlc(ms, n), region)
+
+
+def shard(channel: str) -> str:
+    return f"{channel}/0"
+
+
+async def post(store: Store, channel: str, entries: list[LogEntry]):
+    return await store.post(shard(channel), entries, b"update", b"sv-" + channel.encode(), CAP)
+
+
+def test_post_dedup_find_and_stream(any_redis_url, unique):
+    ch = f"c{unique}"
+    first = [entry(ch, n, 1_000 + n) for n in range(3)]
+
+    async def body(store: Store):
+        stored = await post(store, ch, first)
+        retry = await post(store, ch, [first[1], entry(ch, 9, 2_000)])  # any stored id: nothing stored
+        found = await store.find(ch, first[2].id)
+        after = await store.stream_after(ch, stored.stream_ids[0], 10)
+        return stored, retry, found, after, await store.last_stream_id(ch)
+
+    stored, retry, found, after, last = run(any_redis_url, body)
+    assert len(stored.stream_ids) == 3 and not stored.duplicates
+    assert retry.stream_ids == [] and retry.duplicates == {first[1].id: first[1].order_key}
+    assert found == first[2]
+    assert [e for _, e in after] == first[1:] and last == stored.stream_ids[-1]
+
+
+def test_a_copy_from_another_region_replaces_a_later_one(any_redis_url, unique):
+    ch = f"c{unique}"
+    local = entry(ch, 1, 5_000)
+    earlier = LogEntry(local.id, ch, local.user_id, local.body, local.client_msg_id, hlc(4_000), "eu-west")
+
+    async def body(store: Store):
+        await post(store, ch, [local])
+        new = await store.apply(shard(ch), [earlier, entry(ch, 2, 6_000, "eu-west")], b"u2", b"sv", CAP)
+        return new, await store.find(ch, local.id), (await store.page(ch, "", 10, False)).entries
+
+    new, found, page = run(any_redis_url, body)
+    assert list(new) == [entry(ch, 2, 6_000, "eu-west").id]
+    assert found == earlier and [e.id for e in page] == [earlier.id, entry(ch, 2, 6_000).id]
+
+
+def test_paging_both_ways_covers_everything_once(any_redis_url, unique):
+    ch = f"c{unique}"
+    entries = [entry(ch, n, 10_000 + n) for n in range(25)]
+
+    async def body(store: Store):
+        for i in range(0, 25, 5):
+            await post(store, ch, entries[i:i + 5])
+        pages = []
+        for newest_first in (False, True):
+            seen, cursor = [], ""
+            while page := (await store.page(ch, cursor, 7, newest_first)).entries:
+                seen += page
+                cursor = page[-1].order_key
+            pages.append(seen)
+        return pages
+
+    forward, backward = run(any_redis_url, body)
+    assert forward == entries and backward == entries[::-1]
+
+
+def test_status_is_last_writer_wins(any_redis_url, unique):
+    user = f"u{unique}"
+
+    async def body(store: Store):
+        later = await store.set_status(StatusValue(user, 1, "later", hlc(2_000), "us-east"))
+        earlier = await store.set_status(StatusValue(user, 2, "earlier", hlc(1_000), "eu-west"))
+        listed = [s async for s in store.statuses() if s.user_id == user]
+        return later, earlier, await store.status(user), listed
+
+    later, earlier, now, listed = run(any_redis_url, body)
+    assert later[1] is True and earlier == (later[0], False)
+    assert now == later[0] == StatusValue(user, 1, "later", hlc(2_000), "us-east") and listed == [now]
+
+
+def test_claims_users_and_conflicts(any_redis_url, unique):
+    name = f"n{unique}"
+
+    async def body(store: Store):
+        before = (await store.counts())[0]
+        outcomes = [await store.claim(Claim(hlc(3_000), "us-east", "ua" + unique, name)),
+                    await store.claim(Claim(hlc(3_001), "us-east", "ua" + unique, name)),
+                    await store.claim(Claim(hlc(3_002), "us-east", "ub" + unique, name))]
+        remote = await store.add_claim(Claim(hlc(2_000), "eu-west", "uc" + unique, name))
+        again = await store.add_claim(Claim(hlc(2_000), "eu-west", "uc" + unique, name))
+        users = (await store.counts())[0] - before
+        listed = sorted(c.user_id for c in [c async for c in store.claims()] if c.name == name)
+        return (outcomes, remote, again, users, await store.user_name("uc" + unique),
+                await store.user_name("ub" + unique), sorted(c.user_id for c in await store.claims_on(name)), listed)
+
+    outcomes, remote, again, users, name_c, name_b, on_name, listed = run(any_redis_url, body)
+    assert outcomes == [1, 0, -1] and (remote, again) == (2, 0) and users == 2
+    assert (name_c, name_b) == (name, None)
+    assert on_name == listed == sorted(["ua" + unique, "uc" + unique])
+
+
+def test_private_channels_and_memberships(any_redis_url, unique):
+    ch, creator, other = f"p{unique}", f"ua{unique}", f"ub{unique}"
+
+    async def body(store: Store):
+        created = await store.create_channel(Claim(hlc(1_000), "us-east", creator, ch))
+        again = await store.create_channel(Claim(hlc(1_001), "us-east", other, ch))
+        await post(store, f"pub{unique}", [entry(f"pub{unique}", 1, 1_000)])
+        public = await store.create_channel(Claim(hlc(1_002), "us-east", creator, f"pub{unique}"))
+        joined = await store.set_member(MemberValue(ch, other, True, hlc(1_100), "us-east"))
+        access = await store.access(ch, other), await store.access(ch, "nobody")
+        members = await store.members(ch)
+        everywhere = [m async for m in store.memberships() if m.channel == ch]
+        records = [c async for c in store.channels() if c.name == ch]
+        return created, again, public, joined, access, members, everywhere, records
+
+    created, again, public, joined, access, members, everywhere, records = run(any_redis_url, body)
+    assert (created, again, public) == (1, 0, -1) and joined[1] is True
+    assert access == ((True, True), (True, False))
+    assert sorted(m.user_id for m in members) == sorted(m.user_id for m in everywhere) == sorted([creator, other])
+    assert [r.user_id for r in records] == [creator]
+
+
+def test_region_wide_state_merges_every_slot(any_redis_url, unique):
+    """The clock floor, the shard states and the channel set span every channel written."""
+    channels = [f"w{unique}-{i}" for i in range(20)]
+
+    async def body(store: Store):
+        for i, ch in enumerate(channels):
+            await post(store, ch, [entry(ch, 1, 90_000_000_000 + i)])
+        await store.raise_clock_floor(hlc(80_000_000_000))  # lower: changes nothing
+        states = await store.shard_states()
+        messages = [e async for e in store.messages() if e.channel in channels]
+        return await store.clock_floor(), states, messages, await store.counts()
+
+    floor, states, messages, (_, n_channels, n_messages) = run(any_redis_url, body)
+    assert floor >= hlc(90_000_000_019, 1)
+    assert {shard(ch): b"sv-" + ch.encode() for ch in channels}.items() <= states.items()
+    assert sorted(e.channel for e in messages) == sorted(channels)
+    assert n_channels >= 20 and n_messages >= 20
+
+
+def test_members_term_vector_and_acceptor_state(any_redis_url, unique):
+    async def body(store: Store):
+        await store.save_member(f"r{unique}", "host:1")
+        await store.save_member(f"s{unique}", "host:2")
+        await store.save_departure(f"s{unique}")
+        await store.save_listed_by(f"r{unique}")
+        await store.save_vector({f"r{unique}": hlc(5)})
+        await store.save_term(f"term{unique}", 7)
+        first = await store.acceptor_step(f"k{unique}", lambda raw: ("one", raw))
+        second = await store.acceptor_step(f"k{unique}", lambda raw: ("two", raw))
+        return await store.load_members(), await store.load_vector(), await store.term(), first, second
+
+    (members, departed, listed_by), vector, term, first, second = run(any_redis_url, body)
+    assert members[f"r{unique}"] == "host:1" and f"s{unique}" not in members and f"s{unique}" in departed
+    assert f"r{unique}" in listed_by and vector[f"r{unique}"] == hlc(5)
+    assert term == (f"term{unique}", 7) and (first, second) == (None, "one")
+
+
+@pytest.mark.parametrize("kind", ["valkey", "cluster"])
+def test_everything_acknowledged_survives_a_restart_of_the_servers(kind, tmp_path: Path):
+    server: EmbeddedValkey | EmbeddedValkeyCluster = (
+        EmbeddedValkey(tmp_path / "v", port=free_port()) if kind == "valkey"
+        else EmbeddedValkeyCluster(tmp_path / "c", cluster_ports()))
+    server.start()
+    channels = [f"d{i}" for i in range(10)]
+
+    async def write(store: Store):
+        for i, ch in enumerate(channels):
+            await post(store, ch, [entry(ch, 1, 50_000 + i)])
+        await store.claim(Claim(hlc(60_000), "us-east", "ud", "durable"))
+        await store.set_status(StatusValue("ud", 1, "here", hlc(60_001), "us-east"))
+
+    async def read(store: Store):
+        return ([e async for e in store.messages()], await store.user_name("ud"), await store.status("ud"),
+                await store.clock_floor(), await store.counts())
+
+    try:
+        run(server.url, write)
+        before = run(server.url, read)
+        server.kill()  # SIGKILL: the AOF must hold everything acknowledged
+        server.restart()
+        after = run(server.url, read)
+    finally:
+        server.stop()
+    assert after == before and before[1] == "durable" and before[3] == hlc(60_001)
+    assert before[4] == (1, 10, 10)

@@ -1,0 +1,40 @@
+"""Where the region-wide keys live: unchanged names on one Redis, per-slot copies on a cluster."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+from redis.crc import key_slot
+
+from mlchat.leader.keys import CHANNELS, FLOOR, SHARDS, USERS, ClusterLayout, SingleLayout, slot_tags
+
+
+def test_every_slot_has_a_short_tag_that_hashes_to_it():
+    tags = slot_tags()
+    assert len(tags) == 16384 and len(set(tags)) == 16384 and max(map(len, tags)) <= 5
+    assert all(key_slot(tag.encode()) == slot for slot, tag in enumerate(tags))
+
+
+def test_one_redis_keeps_every_name():
+    single = SingleLayout()
+    for name in (FLOOR, SHARDS, CHANNELS, USERS):
+        assert single.copy(name, "c:{general}:ids") == name and single.copies(name, {"x"}) == [name]
+    assert single.tag("c:{general}:ids") is None
+    assert [single.meta(m) for m in ("vector", "members", "term")] == ["meta:vector", "meta:members", "meta:term"]
+
+
+@given(st.text(min_size=1, max_size=30))
+def test_on_a_cluster_a_copy_shares_the_slot_of_the_keys_it_is_written_beside(name):
+    cluster = ClusterLayout()
+    for beside in (f"c:{{{name}}}:ids", f"s:{name}", f"n:{name}", f"u:{name}"):
+        slot = key_slot(beside.encode())
+        tag = cluster.tag(beside)
+        for region_wide in (FLOOR, SHARDS, CHANNELS, USERS):
+            copy = cluster.copy(region_wide, beside)
+            assert key_slot(copy.encode()) == slot and copy in cluster.copies(region_wide, {tag})
+
+
+def test_on_a_cluster_the_meta_keys_share_one_slot():
+    cluster = ClusterLayout()
+    names = ("vector", "members", "departed", "listed-by", "term")
+    assert len({key_slot(cluster.meta(m).encode()) for m in names}) == 1
