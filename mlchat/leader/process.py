@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mlchat.leader.valkey import die_with_parent
+from mlchat.leader.valkey import dying_with_parent
 from mlchat.tls import client_channel
 
 _handed_out: set[int] = set()
@@ -106,8 +106,8 @@ class LeaderProcess:
             args += ["--peer-listen", self.peer_address]
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.data_dir / "leader.log", "ab")  # noqa: SIM115 - the child owns it
-        self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=die_with_parent)
+        self.proc = subprocess.Popen(dying_with_parent(args), stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
         log.close()
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:

@@ -9,11 +9,11 @@ SIGKILLed leader leaves no server behind.
 
 from __future__ import annotations
 
-import ctypes
 import logging
+import os
 import secrets
-import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,9 +31,23 @@ def binary() -> Path:
     return Path(get_binary_path())
 
 
-def die_with_parent() -> None:
-    """In a child before exec: get SIGTERM when the thread that started it dies (Linux)."""
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+# Run in the child, between fork and exec, nothing but exec: Python code there (a preexec_fn) can hang
+# when the parent has other threads (gRPC's), holding locks the child inherits locked. So the child execs
+# this small program first, which asks for SIGTERM when the thread that started it dies (Linux
+# PR_SET_PDEATHSIG, kept across exec), exits if that happened already, and execs the real command.
+_DIE_WITH_PARENT = f"""
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl({PR_SET_PDEATHSIG}, signal.SIGTERM)
+if os.getppid() != int(sys.argv[1]):
+    sys.exit("the process that started this one is gone")
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def dying_with_parent(args: list[str]) -> list[str]:
+    """The command line that runs `args` (a path to the program first) and gets SIGTERM when the thread that
+    started it dies."""
+    return [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *args]
 
 
 def url_from_conf(text: str) -> str:
@@ -96,7 +110,7 @@ class EmbeddedValkey:
             str(binary()), str(conf), "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "everysec",
             "--save", "", "--daemonize", "no", "--logfile", str(self.data_dir / "valkey.log"),
         ]
-        self._proc = subprocess.Popen(args, preexec_fn=die_with_parent, stdin=subprocess.DEVNULL)
+        self._proc = subprocess.Popen(dying_with_parent(args), stdin=subprocess.DEVNULL)
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + timeout_s
         try:

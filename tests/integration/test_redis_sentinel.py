@@ -17,7 +17,7 @@ from support import wait_until
 from mlchat.geo.client import ChatClient
 from mlchat.leader.process import LeaderProcess, free_port
 from mlchat.leader.server import SentinelUrl
-from mlchat.leader.valkey import EmbeddedValkey, binary, die_with_parent
+from mlchat.leader.valkey import EmbeddedValkey, binary, dying_with_parent
 from mlchat.v1 import chat_pb2 as pb
 
 SERVICE = "region"
@@ -38,7 +38,7 @@ class Sentinel:
             f"sentinel monitor {SERVICE} 127.0.0.1 {primary_port} 2\n"
             f"sentinel auth-pass {SERVICE} {password}\n"
             f"sentinel down-after-milliseconds {SERVICE} 1000\nsentinel failover-timeout {SERVICE} 10000\n")
-        self.proc = subprocess.Popen([str(binary()), str(conf), "--sentinel"], preexec_fn=die_with_parent,
+        self.proc = subprocess.Popen(dying_with_parent([str(binary()), str(conf), "--sentinel"]),
                                      stdin=subprocess.DEVNULL)
         self.client = redis.Redis(port=self.port, password=SENTINEL_PASSWORD, decode_responses=True)
 
