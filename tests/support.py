@@ -20,6 +20,15 @@ def wait_until(condition: Callable[[], bool], deadline_s: float = 10.0, what: st
         time.sleep(0.01)
 
 
+def all_bodies(client: Any, channel: str) -> list[str]:
+    """Every message body of a channel, oldest first, read page by page through a `ChatClient`."""
+    bodies, cursor = [], ""
+    while page := client.list(channel, cursor=cursor, limit=500).messages:
+        bodies += [m.body for m in page]
+        cursor = page[-1].cursor
+    return bodies
+
+
 def pid_alive(pid: int) -> bool:
     """True while the process exists and is not a zombie."""
     try:

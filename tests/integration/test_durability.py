@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from support import descendants, pid_alive, wait_until
+from support import all_bodies, descendants, pid_alive, wait_until
 
 from mlchat.geo.client import ChatClient
 from mlchat.leader.process import LeaderProcess
@@ -15,14 +15,6 @@ from mlchat.v1 import chat_pb2 as pb
 from mlchat.v1 import chat_pb2_grpc
 
 KEY = "durable-claim-key-0001"
-
-
-def _all_bodies(client: ChatClient, channel: str) -> list[str]:
-    bodies, cursor = [], ""
-    while page := client.list(channel, cursor=cursor, limit=500).messages:
-        bodies += [m.body for m in page]
-        cursor = page[-1].cursor
-    return bodies
 
 
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
@@ -38,7 +30,7 @@ def test_leader_restart_loses_nothing_and_keeps_deduplication(own_valkey, tmp_pa
         with ChatClient(leader.address) as c:
             again = c.claim("durable_ann", KEY).user
             assert again.user_id == user.user_id and again.claim_hlc == user.claim_hlc
-            assert _all_bodies(c, "general") == [f"m{i}" for i in range(50)]
+            assert all_bodies(c, "general") == [f"m{i}" for i in range(50)]
             retry = c.post("general", "m7", "id7")
             assert retry.duplicate and retry.message.id == acked[7].id
             assert c.get_status(user.user_id).status.text == "before restart"
@@ -61,7 +53,7 @@ def test_redis_crash_loses_no_acknowledged_message(own_valkey, tmp_path):
         own_valkey.start()
         # The leader reconnects by itself; the failed post may be retried with the same id.
         wait_until(lambda: _try_list(c))
-        assert _all_bodies(c, "general") == [f"m{i}" for i in range(30)]
+        assert all_bodies(c, "general") == [f"m{i}" for i in range(30)]
         assert not c.post("general", "during outage", "id-outage").duplicate
         assert c.post("general", "m3", "id3").duplicate
 
@@ -117,7 +109,7 @@ def test_sigterm_ends_streams_cleanly_and_loses_no_acknowledged_post(own_valkey,
     try:
         with ChatClient(leader.address) as c:
             c.claim("shutdown_ann", KEY)
-            stored = set(_all_bodies(c, "general"))
+            stored = set(all_bodies(c, "general"))
             assert set(acked) <= stored, f"lost {len(set(acked) - stored)} acknowledged posts"
     finally:
         leader.stop()
@@ -137,7 +129,7 @@ def test_embedded_valkey_keeps_data_in_the_data_dir_and_dies_with_the_leader(tmp
         leader.start()
         with ChatClient(leader.address) as c:
             c.claim("embedded_ann", KEY)
-            assert _all_bodies(c, "general") == ["kept"]
+            assert all_bodies(c, "general") == ["kept"]
         valkey_pid = _child_pid(leader.proc.pid)
     finally:
         leader.stop()

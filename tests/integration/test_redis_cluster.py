@@ -12,8 +12,9 @@ import grpc
 import pytest
 import redis
 from redis.crc import key_slot
-from support import cluster_ports, wait_until
+from support import all_bodies, cluster_ports, wait_until
 
+from dcsim.sessions import claimed
 from mlchat.geo.client import ChatClient
 from mlchat.leader.keys import COPIES
 from mlchat.leader.process import LeaderProcess
@@ -42,25 +43,6 @@ def _node_keys(cluster: EmbeddedValkeyCluster) -> list[set[bytes]]:
     return keys
 
 
-def _bodies(client: ChatClient, channel: str) -> list[str]:
-    bodies, cursor = [], ""
-    while page := client.list(channel, cursor=cursor, limit=500).messages:
-        bodies += [m.body for m in page]
-        cursor = page[-1].cursor
-    return bodies
-
-
-def _claimed(client: ChatClient, name: str, key: str) -> bool:
-    """Claim `name`; False while the region takes no claims yet (UNAVAILABLE until its peers count it in)."""
-    try:
-        client.claim(name, key)
-    except grpc.RpcError as e:
-        if e.code() != grpc.StatusCode.UNAVAILABLE:
-            raise
-        return False
-    return True
-
-
 def test_the_cluster_has_three_primaries_each_owning_slots(own_cluster):
     with redis.Redis.from_url(own_cluster.node_urls()[0]) as node:
         slots = node.execute_command("CLUSTER SLOTS")
@@ -82,7 +64,7 @@ def test_a_leader_serves_through_the_cluster_and_its_keys_spread_over_every_prim
             assert c.post("room0", "room0 m1", "room0-1").duplicate
             c.create_private_channel("secret_room")
             c.post("secret_room", "hidden", "s1")
-            assert [_bodies(c, ch) for ch in channels] == [[f"{ch} m{i}" for i in range(3)] for ch in channels]
+            assert [all_bodies(c, ch) for ch in channels] == [[f"{ch} m{i}" for i in range(3)] for ch in channels]
             newest = c.list("room5", newest_first=True, limit=2).messages
             assert [m.body for m in newest] == ["room5 m2", "room5 m1"]
             assert c.get_status(user.user_id).status.text == "on a cluster"
@@ -119,7 +101,7 @@ def test_nothing_acknowledged_is_lost_when_the_leader_or_every_primary_is_killed
         with ChatClient(leader.address, timeout_s=5) as c:
             assert c.claim("durable_bea", "durable-claim-key-0002").user.claim_hlc == user.claim_hlc
             for k in range(5):
-                assert _bodies(c, f"ch{k}") == [f"m{i}" for i in range(k, 40, 5)]
+                assert all_bodies(c, f"ch{k}") == [f"m{i}" for i in range(k, 40, 5)]
             retry = c.post("ch2", "m7", "id7")
             assert retry.duplicate and retry.message.id == acked[7].id
             assert c.get_status(user.user_id).status.text == "before the crash"
@@ -158,7 +140,7 @@ def test_calls_answer_unavailable_while_a_primary_is_down_and_succeed_once_it_is
         # child between fork and exec.
         own_cluster.nodes[1].start()
         with ChatClient(leader.address, timeout_s=5) as c:
-            wait_until(lambda: _claimed(c, "primary_down", key), 30, "a token once the primary is back")
+            assert claimed(c, "primary_down", key, 30), "a token once the primary is back"
 
             def posted() -> bool:
                 try:
@@ -195,7 +177,7 @@ def test_a_region_on_a_cluster_and_one_on_a_single_valkey_converge(own_cluster, 
         west.start()
         with ChatClient(west.address) as w, ChatClient(east.address) as e:
             e.claim("conv_east", "conv-claim-key-east1")  # the same user again: a token
-            wait_until(lambda: _claimed(w, "conv_west", "conv-claim-key-west1"), 20, "eu-west takes claims")
+            assert claimed(w, "conv_west", "conv-claim-key-west1", 20), "eu-west takes claims"
             for i in range(10):
                 w.post(f"x{i % 4}", f"west {i}", f"w{i}")
 
