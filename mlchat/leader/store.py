@@ -143,6 +143,17 @@ end
 return new
 """
 
+# KEYS: the term hash. ARGV: term ("EPOCH PRIMARY"), the epoch last voted for. Both only move forward, so
+# that two saves landing out of order never lower the stored vote.
+_SAVE_TERM = """
+local stored = redis.call('HGET', KEYS[1], 'term')
+local epoch = stored and tonumber(string.match(stored, '^%d+')) or -1
+if tonumber(string.match(ARGV[1], '^%d+')) >= epoch then redis.call('HSET', KEYS[1], 'term', ARGV[1]) end
+if tonumber(ARGV[2]) > tonumber(redis.call('HGET', KEYS[1], 'voted') or '0') then
+  redis.call('HSET', KEYS[1], 'voted', ARGV[2])
+end
+"""
+
 # KEYS: meta:hlc. ARGV: hlc. The clock floor only moves forward.
 _RAISE_FLOOR = _LESS + """
 local floor = redis.call('GET', KEYS[1])
@@ -314,6 +325,7 @@ class Store:
         self._apply = client.register_script(_APPLY)
         self._find = client.register_script(_FIND)
         self._raise_floor = client.register_script(_RAISE_FLOOR)
+        self._save_term = client.register_script(_SAVE_TERM)
         self._add_claim = client.register_script(_ADD_CLAIM)
         self._set_member = client.register_script(_SET_MEMBER)
         self._create_channel = client.register_script(_CREATE_CHANNEL)
@@ -584,7 +596,8 @@ class Store:
         return (term.decode() if term else ""), int(voted or 0)
 
     async def save_term(self, term: str, voted: int) -> None:
-        await self.redis.hset(self.layout.meta("term"), mapping={"term": term, "voted": voted})
+        """Store the term followed ("EPOCH PRIMARY") and the epoch voted for, each unless a later one is stored."""
+        await self._save_term(keys=[self.layout.meta("term")], args=[term, voted])
 
     # Region-wide --------------------------------------------------------------------------------
 
