@@ -15,6 +15,7 @@ client id comes in from the caller.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -87,7 +88,8 @@ MAX_COMBINED = 200  # merging pycrdt updates is super-linear in their number: ke
 
 def combine(deltas: list[Delta]) -> list[Delta]:
     """Fewer deltas with the same effect, applied in order: consecutive deltas merged, at most
-    `MAX_COMBINED` at a time (a later delta's vector covers the earlier ones': it follows them)."""
+    `MAX_COMBINED` at a time, each with the merge of their vectors (a delta may tell only the entries that
+    moved, and the whole group's content travels with the one message)."""
     out = []
     for start in range(0, len(deltas), MAX_COMBINED):
         group = deltas[start:start + MAX_COMBINED]
@@ -101,7 +103,7 @@ def combine(deltas: list[Delta]) -> list[Delta]:
             claims=tuple(c for d in group for c in d.claims),
             channels=tuple(c for d in group for c in d.channels),
             memberships=tuple(m for d in group for m in d.memberships),
-            vector=vector.merge({}, group[-1].vector) if group[-1].vector else {},
+            vector=functools.reduce(vector.merge, (d.vector for d in group), {}),
             members={r: a for d in group for r, a in d.members.items()},
             departed=tuple(sorted({r for d in group for r in d.departed}))))
     return out

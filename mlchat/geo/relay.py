@@ -47,23 +47,23 @@ class RelayQueue:
         return len(self._held)
 
     def next(self, feed: list[Delta], peer_vector: dict[str, str], now_ms: int) -> list[Delta]:
-        """What to send now, in order, given the changes that arrived on the feed since the last call."""
+        """What to send now, in order, given the changes that arrived on the feed since the last call. Each
+        goes out with its vector capped below what is held at that point, so that no message covers a
+        change that only a later one carries (a relay pushed out past capacity goes after newer changes)."""
         out = self._released(peer_vector, now_ms)
         for delta in feed:
             relayed = delta.relayed
             if relayed is None or relayed.origins is None:
-                out.append(delta)
+                out.append(self._capped(delta))
             elif self._held_by_peer(relayed):  # an acknowledgement: the vector's entries for its origins
-                out.append(Delta(vector={o: h for o, h in delta.vector.items() if o in relayed.origins}))
+                out.append(self._capped(Delta(vector={o: h for o, h in delta.vector.items() if o in relayed.origins})))
+            elif self.delay_ms <= 0:
+                out.append(self._capped(delta))
             else:
-                if self.delay_ms <= 0:
-                    out.append(delta)
-                else:
-                    self._hold(now_ms + self.delay_ms, delta)
-        while len(self._held) > self.capacity:
-            out.append(self._pop())
-        cap = {origin: window[0][1] for origin, window in self._caps.items()}
-        return [self._capped(d, cap) for d in out]
+                self._hold(now_ms + self.delay_ms, delta)
+                while len(self._held) > self.capacity:
+                    out.append(self._capped(self._pop()))
+        return out
 
     def told(self, deltas: list[Delta]) -> list[Delta]:
         """`deltas`, about to be sent in order, each with only the vector entries the stream has not told yet."""
@@ -86,7 +86,7 @@ class RelayQueue:
             if vector.covers(peer_vector, delta.relayed.origins or {}):  # type: ignore[union-attr]
                 self._pop()
             elif due <= now_ms:
-                out.append(self._pop())
+                out.append(self._capped(self._pop()))
             else:
                 break
         return out
@@ -113,10 +113,12 @@ class RelayQueue:
                     del self._caps[origin]
         return delta
 
-    @staticmethod
-    def _capped(delta: Delta, cap: dict[str, str]) -> Delta:
-        """`delta` with a vector that covers nothing still held from the peer."""
-        if not cap or not delta.vector or not any(r in cap and h > cap[r] for r, h in delta.vector.items()):
+    def _capped(self, delta: Delta) -> Delta:
+        """`delta` with a vector that covers nothing held now."""
+        if not self._caps or not delta.vector:
+            return delta
+        cap = {origin: window[0][1] for origin, window in self._caps.items()}
+        if not any(r in cap and h > cap[r] for r, h in delta.vector.items()):
             return delta
         capped = {r: min(h, cap[r]) if r in cap else h for r, h in delta.vector.items()}
         return replace(delta, vector={r: h for r, h in capped.items() if h})

@@ -124,6 +124,7 @@ class Region:
         # queued, so that non-members cannot make the hot shard be dropped and reloaded at every post.
         self._refusing: OrderedDict[str, None] = OrderedDict()
         self._shard_locks: dict[str, asyncio.Lock] = {}
+        self._applying = asyncio.Lock()
         self.fanout: Fanout[Committed | AccessChanged] = Fanout(settings.subscriber_buffer)
         self.conflicts: Counter[str] = Counter()  # by kind: values from peers that met a different one here
 
@@ -615,7 +616,14 @@ class Region:
         return ReplicaState(await self.store.shard_states(), self.vector)
 
     async def apply(self, delta: Delta, source: str) -> None:
-        """Merge a delta from the peer `source`; publish on the feed whatever was new here, for other peers."""
+        """Merge a delta from the peer `source`; publish on the feed whatever was new here, for other peers.
+        One delta at a time: the vector moves when a delta's change is published, and were two applied at
+        once, one could publish a vector covering what the other has stored and not yet published, which a
+        third region would then count as held before it is relayed to it (`mlchat.geo.relay`)."""
+        async with self._applying:
+            await self._apply(delta, source)
+
+    async def _apply(self, delta: Delta, source: str) -> None:
         before = self.vector
         new_updates = {}
         integrated: list[LogEntry] = []

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mlchat.crdt.lww import StatusValue
-from mlchat.crdt.replica import Delta, Relayed
+from mlchat.crdt.replica import Delta, Relayed, combine
 from mlchat.geo.relay import RelayQueue
 
 DELAY = 1000
@@ -95,3 +95,19 @@ def test_a_stream_tells_each_vector_entry_once_until_it_moves():
     idle = heartbeat({"a": "03", "b": "06"})
     assert [d.vector for d in queue.told([first, second, idle])] == [{"a": "03", "b": "05"}, {"b": "06"}, {}]
     assert queue.told([idle])[0].members == idle.members  # a heartbeat stays one, its vector told already
+
+
+def test_a_relay_pushed_out_past_capacity_is_never_covered_by_a_message_before_it():
+    queue = RelayQueue("c", DELAY, 1)
+    older = relayed("a", {"a": "03"}, {"a": "01", "b": "05"}, {"a": "03", "b": "05"})
+    queue.next([older], {}, now_ms=0)
+    mine = own("06", {"a": "03", "b": "06"})
+    newer = relayed("a", {"a": "04"}, {"a": "03", "b": "06"}, {"a": "04", "b": "06"})
+    sent = queue.next([mine, newer], {}, now_ms=1)
+    assert [d.statuses for d in sent] == [mine.statuses, older.statuses]
+    assert sent[0].vector == {"a": "01", "b": "06"}  # the older relay goes after it
+
+
+def test_combined_messages_keep_every_entry_their_deltas_told():
+    (message,) = combine([own("06", {"a": "03", "b": "06"}), Delta(vector={"a": "04"})])
+    assert message.vector == {"a": "04", "b": "06"}
