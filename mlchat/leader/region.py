@@ -124,7 +124,8 @@ class Region:
         # queued, so that non-members cannot make the hot shard be dropped and reloaded at every post.
         self._refusing: OrderedDict[str, None] = OrderedDict()
         self._shard_locks: dict[str, asyncio.Lock] = {}
-        self._applying = asyncio.Lock()
+        self._applying: dict[int, dict[str, str]] = {}  # the vector told when each apply in flight started
+        self._applies = 0
         self.fanout: Fanout[Committed | AccessChanged] = Fanout(settings.subscriber_buffer)
         self.conflicts: Counter[str] = Counter()  # by kind: values from peers that met a different one here
 
@@ -223,7 +224,8 @@ class Region:
             log.warning("storing the clock floor failed", exc_info=True)
         self._vector_moved()
         advertised = {self.name: self.settings.peer_address}
-        return Delta(vector=self.vector, members={**self.members, **advertised}, departed=tuple(sorted(self.departed)))
+        return Delta(vector=self.told_vector(), members={**self.members, **advertised},
+                     departed=tuple(sorted(self.departed)))
 
     def causal_token(self, *seen: tuple[str, str]) -> bytes:
         """The token of what a response reflects: this region's vector, and the (origin, hlc) of any
@@ -343,7 +345,7 @@ class Region:
                 return
             await self._stored_update(name, shard)
         self._settle_stamps([e.hlc for e in entries])  # so that the published vector covers them
-        self.feed.publish(FEED, Delta(shard_updates={name: update}, vector=self.vector))
+        self.feed.publish(FEED, Delta(shard_updates={name: update}, vector=self.told_vector()))
         for i, entry in enumerate(entries):
             stream_id = outcome.stream_ids[i] if outcome.stream_ids else ""
             self._recent[entry.id] = None
@@ -464,7 +466,7 @@ class Region:
                                      "choose a new name for a private channel")
         if outcome > 0:
             member = MemberValue(channel, user_id, True, record.hlc, self.name)
-            self.feed.publish(FEED, Delta(channels=(record,), memberships=(member,), vector=self.vector))
+            self.feed.publish(FEED, Delta(channels=(record,), memberships=(member,), vector=self.told_vector()))
             self.fanout.publish(channel, ACCESS_CHANGED)  # subscribers of the public channel of that name
             return record
         top = await self._private(channel)
@@ -500,7 +502,7 @@ class Region:
         winner, changed = await self._stored(hlc, self.store.set_member(MemberValue(channel, user_id, member, hlc,
                                                                                     self.name)))
         if changed:
-            self.feed.publish(FEED, Delta(memberships=(winner,), vector=self.vector))
+            self.feed.publish(FEED, Delta(memberships=(winner,), vector=self.told_vector()))
             if not winner.member:
                 self.fanout.publish(channel, ACCESS_CHANGED)
         return winner
@@ -524,7 +526,7 @@ class Region:
         winner, changed = await self._stored(hlc, self.store.set_status(StatusValue(user_id, presence, text, hlc,
                                                                                     self.name)))
         if changed:
-            self.feed.publish(FEED, Delta(statuses=(winner,), vector=self.vector))
+            self.feed.publish(FEED, Delta(statuses=(winner,), vector=self.told_vector()))
         return winner
 
     async def status(self, user_id: str) -> StatusValue | None:
@@ -552,7 +554,7 @@ class Region:
             claim = Claim(self._stamp(), self.name, user_id, username)
             outcome = await self._stored(claim.hlc, self.store.claim(claim))
             if outcome > 0:
-                self.feed.publish(FEED, Delta(claims=(claim,), vector=self.vector))
+                self.feed.publish(FEED, Delta(claims=(claim,), vector=self.told_vector()))
         else:
             # Only decided claims are ever stored, so a name held here is decided already.
             known = owner(await self.store.claims_on(username))
@@ -570,7 +572,7 @@ class Region:
         claim = Claim(self._stamp(), self.name, user_id, username)
         changed = await self._stored(claim.hlc, self.store.add_claim(claim))
         if changed:
-            self.feed.publish(FEED, Delta(claims=(claim,), vector=self.vector))
+            self.feed.publish(FEED, Delta(claims=(claim,), vector=self.told_vector()))
 
     async def user(self, user_id: str) -> UserView:
         name = await self.store.user_name(user_id)
@@ -596,7 +598,7 @@ class Region:
         """Everything this region holds that a peer in state `peer` lacks, in parts: one shard each,
         then statuses, claims, private channels and memberships, with the vector that the whole covers
         (on the last part only)."""
-        current = self.vector  # first: what follows covers at least this
+        current = self.told_vector()  # first: what follows covers at least this
         for name, state_vector in (await self.store.shard_states()).items():
             if peer.shards.get(name) != state_vector:
                 async with self._locked_shard(name) as shard:
@@ -613,18 +615,29 @@ class Region:
         yield Delta(statuses=statuses, claims=claims, channels=channels, memberships=memberships, vector=current)
 
     async def state(self) -> ReplicaState:
-        return ReplicaState(await self.store.shard_states(), self.vector)
+        return ReplicaState(await self.store.shard_states(), self.told_vector())
 
     async def apply(self, delta: Delta, source: str) -> None:
-        """Merge a delta from the peer `source`; publish on the feed whatever was new here, for other peers.
-        One delta at a time: the vector moves when a delta's change is published, and were two applied at
-        once, one could publish a vector covering what the other has stored and not yet published, which a
-        third region would then count as held before it is relayed to it (`mlchat.geo.relay`)."""
-        async with self._applying:
-            await self._apply(delta, source)
+        """Merge a delta from the peer `source`; publish on the feed whatever was new here, for other peers."""
+        before = self.told_vector()
+        number, self._applies = self._applies, self._applies + 1
+        self._applying[number] = before
+        try:
+            await self._apply(delta, source, number, before)
+        finally:
+            self._applying.pop(number, None)
 
-    async def _apply(self, delta: Delta, source: str) -> None:
-        before = self.vector
+    def told_vector(self) -> dict[str, str]:
+        """The vector to tell peers: `vector`, with each other region's entry held where every apply in flight
+        started. Deltas from peers are applied concurrently, and each publishes what it stored only when it
+        ends: until then no vector told may cover it, or a third region would count it as held before it is
+        relayed to it (`mlchat.geo.relay`)."""
+        told = self.vector
+        for before in self._applying.values():
+            told = {r: h if r == self.name else min(h, before.get(r, "")) for r, h in told.items()}
+        return {r: h for r, h in told.items() if h}
+
+    async def _apply(self, delta: Delta, source: str, number: int, before: dict[str, str]) -> None:
         new_updates = {}
         integrated: list[LogEntry] = []
         known = True  # whether the origins of everything new are known (see `Relayed`)
@@ -666,9 +679,10 @@ class Region:
                     self.fanout.publish(member.channel, ACCESS_CHANGED)
         self.clocks.absorb(delta.vector, self._now_ms())
         self._vector_moved()
+        del self._applying[number]  # published now, with what it stored
         stamped = origins([*integrated, *statuses, *claims, *channels, *memberships]) if known else None
         new = Delta(shard_updates=new_updates, statuses=tuple(statuses), claims=tuple(claims),
-                    channels=tuple(channels), memberships=tuple(memberships), vector=self.vector,
+                    channels=tuple(channels), memberships=tuple(memberships), vector=self.told_vector(),
                     relayed=Relayed(source, stamped, before))
         if carries_changes(new):
             self.feed.publish(FEED, new)
