@@ -238,15 +238,15 @@ class Region:
             want = vector.decode_token(token)
         except ValueError as e:
             raise InvalidArgument(f"{e}: pass back a causal_token exactly as a response returned it") from None
-        if vector.covers(self.vector, want):
+        if vector.covers(self.told_vector(), want):
             return
         timeout = min(timeout_s if timeout_s is not None else CAUSAL_WAIT_MAX_S, CAUSAL_WAIT_MAX_S)
         try:
             async with asyncio.timeout(timeout):
-                while not vector.covers(self.vector, want):
+                while not vector.covers(self.told_vector(), want):
                     await self._vector_changed.wait()
         except TimeoutError:
-            gaps = ", ".join(f"{r} up to {h}" for r, h in vector.missing(self.vector, want).items())
+            gaps = ", ".join(f"{r} up to {h}" for r, h in vector.missing(self.told_vector(), want).items())
             raise Unavailable(f"region {self.name} has not yet caught up with your causal token "
                               f"(missing {gaps}); retry, or read from another region") from None
 
@@ -625,13 +625,14 @@ class Region:
         try:
             await self._apply(delta, source, number, before)
         finally:
-            self._applying.pop(number, None)
+            if self._applying.pop(number, None) is not None:  # it failed: what it stored counts as held now
+                self._vector_moved()
 
     def told_vector(self) -> dict[str, str]:
-        """The vector to tell peers: `vector`, with each other region's entry held where every apply in flight
-        started. Deltas from peers are applied concurrently, and each publishes what it stored only when it
-        ends: until then no vector told may cover it, or a third region would count it as held before it is
-        relayed to it (`mlchat.geo.relay`)."""
+        """What peers and readers may count on: `vector`, with each other region's entry held where every apply
+        in flight started. Deltas from peers are applied concurrently, and each publishes what it stored only
+        when it ends: until then no vector told may cover it, or a third region would count it as held before
+        it is relayed to it (`mlchat.geo.relay`), and a reader with a causal token could miss it here."""
         told = self.vector
         for before in self._applying.values():
             told = {r: h if r == self.name else min(h, before.get(r, "")) for r, h in told.items()}
@@ -678,8 +679,8 @@ class Region:
                 if not member.member:
                     self.fanout.publish(member.channel, ACCESS_CHANGED)
         self.clocks.absorb(delta.vector, self._now_ms())
+        del self._applying[number]  # published just below, with what it stored
         self._vector_moved()
-        del self._applying[number]  # published now, with what it stored
         stamped = origins([*integrated, *statuses, *claims, *channels, *memberships]) if known else None
         new = Delta(shard_updates=new_updates, statuses=tuple(statuses), claims=tuple(claims),
                     channels=tuple(channels), memberships=tuple(memberships), vector=self.told_vector(),
