@@ -35,10 +35,15 @@ class RegionClock:
 
     def stamp(self, now_ms: int) -> str:
         """A fresh stamp for a local write; it holds the vector back until it is settled."""
-        self.clock = self.clock.tick(now_ms)
-        stamp = self.clock.encode()
+        stamp = self.tick(now_ms)
         self._unsettled.add(stamp)
         return stamp
+
+    def tick(self, now_ms: int) -> str:
+        """A fresh stamp that does not hold the vector back: it names the outbox entries of what is applied
+        from peers, not a write of this region."""
+        self.clock = self.clock.tick(now_ms)
+        return self.clock.encode()
 
     def settle(self, stamps: Iterable[str], stored: bool = True) -> None:
         """The writes stamped so are committed (stored with the clock floor raised to their stamps, as

@@ -47,6 +47,7 @@ class Relayed:
     source: str  # the peer it was applied from
     origins: dict[str, str] | None  # origin -> the highest stamp of a change it carries; None: not known
     before: dict[str, str]  # this region's vector just before it was applied
+    stamp: str = ""  # the stamp of its entries in this region's outbox
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,11 @@ class Delta:
     members: dict[str, str] = field(default_factory=dict)
     departed: tuple[str, ...] = ()
     relayed: Relayed | None = None  # set on what a region applied from a peer that was new to it
+    # The sender's outbox cursor: every entry of its outbox stamped at or below it has reached the receiver
+    # once this delta (and every one before it on the stream) has.
+    cursor: str = ""
+    # On heartbeats, region -> the cursor of that region's outbox the sender holds (opaque: "EPOCH:STAMP").
+    cursors: dict[str, str] = field(default_factory=dict)
 
 
 def carries_changes(delta: Delta) -> bool:
@@ -105,7 +111,9 @@ def combine(deltas: list[Delta]) -> list[Delta]:
             memberships=tuple(m for d in group for m in d.memberships),
             vector=functools.reduce(vector.merge, (d.vector for d in group), {}),
             members={r: a for d in group for r, a in d.members.items()},
-            departed=tuple(sorted({r for d in group for r in d.departed}))))
+            departed=tuple(sorted({r for d in group for r in d.departed})),
+            cursor=max(d.cursor for d in group),
+            cursors={r: c for d in group for r, c in d.cursors.items()}))
     return out
 
 

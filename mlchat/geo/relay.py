@@ -16,7 +16,8 @@ Every message carries the sender's vector, which the receiver adopts as a promis
 vector covers; it merges what it is told, in order, so a message need only carry the entries that moved
 since the last one on its stream (`told`). While relays are held, the vector told the peer is capped, per
 origin, at what this region held of that origin before the oldest held change arrived, so it never covers a
-change the peer was not sent.
+change the peer was not sent. The same goes for the sender's outbox cursor (`Delta.cursor`), which the
+peer resumes from after a restart: it stays below every held relay's outbox stamp.
 
 Pure: the caller passes `now_ms` and the peer's vector, and sends what comes back, in order.
 """
@@ -27,6 +28,7 @@ from collections import deque
 from dataclasses import replace
 
 from mlchat.crdt import vector
+from mlchat.crdt.hlc import Hlc
 from mlchat.crdt.replica import Delta, Relayed
 
 
@@ -40,7 +42,9 @@ class RelayQueue:
         # Per origin, the smallest `before` among held relays of it, first, then the smallest among those
         # held after that one, and so on: (number, before) with `before` increasing (a sliding-window minimum).
         self._caps: dict[str, deque[tuple[int, str]]] = {}
+        self._stamps: deque[tuple[int, str]] = deque()  # the same for held relays' outbox stamps
         self._told: dict[str, str] = {}  # the vector as this stream told it the peer
+        self._told_cursor = ""
 
     @property
     def held(self) -> int:
@@ -56,7 +60,8 @@ class RelayQueue:
             if relayed is None or relayed.origins is None:
                 out.append(self._capped(delta))
             elif self._held_by_peer(relayed):  # an acknowledgement: the vector's entries for its origins
-                out.append(self._capped(Delta(vector={o: h for o, h in delta.vector.items() if o in relayed.origins})))
+                out.append(self._capped(Delta(vector={o: h for o, h in delta.vector.items() if o in relayed.origins},
+                                              cursor=delta.cursor)))
             elif self.delay_ms <= 0:
                 out.append(self._capped(delta))
             else:
@@ -66,12 +71,16 @@ class RelayQueue:
         return out
 
     def told(self, deltas: list[Delta]) -> list[Delta]:
-        """`deltas`, about to be sent in order, each with only the vector entries the stream has not told yet."""
+        """`deltas`, about to be sent in order, each with only the vector entries and cursor the stream has not
+        told yet."""
         out = []
         for delta in deltas:
             moved = {r: h for r, h in delta.vector.items() if self._told.get(r) != h}
             self._told.update(moved)
-            out.append(delta if len(moved) == len(delta.vector) else replace(delta, vector=moved))
+            cursor = delta.cursor if delta.cursor > self._told_cursor else ""
+            self._told_cursor = max(self._told_cursor, delta.cursor)
+            out.append(delta if len(moved) == len(delta.vector) and cursor == delta.cursor
+                       else replace(delta, vector=moved, cursor=cursor))
         return out
 
     def _held_by_peer(self, relayed: Relayed) -> bool:
@@ -96,25 +105,23 @@ class RelayQueue:
         self._held.append((number, due, delta))
         relayed = delta.relayed
         for origin in relayed.origins or ():  # type: ignore[union-attr]
-            before = relayed.before.get(origin, "")  # type: ignore[union-attr]
-            window = self._caps.setdefault(origin, deque())
-            while window and window[-1][1] >= before:
-                window.pop()
-            window.append((number, before))
+            _slide_in(self._caps.setdefault(origin, deque()), number, relayed.before.get(origin, ""))  # type: ignore[union-attr]
+        if relayed.stamp:  # type: ignore[union-attr]
+            _slide_in(self._stamps, number, relayed.stamp)  # type: ignore[union-attr]
 
     def _pop(self) -> Delta:
         """Take out the oldest held relay."""
         number, _, delta = self._held.popleft()
         for origin in delta.relayed.origins or ():  # type: ignore[union-attr]
-            window = self._caps[origin]
-            if window[0][0] == number:
-                window.popleft()
-                if not window:
-                    del self._caps[origin]
+            if not _slide_out(self._caps[origin], number):
+                del self._caps[origin]
+        _slide_out(self._stamps, number)
         return delta
 
     def _capped(self, delta: Delta) -> Delta:
-        """`delta` with a vector that covers nothing held now."""
+        """`delta` with a vector that covers nothing held now, and a cursor below every held relay."""
+        if self._stamps and delta.cursor >= self._stamps[0][1]:
+            delta = replace(delta, cursor=Hlc.decode(self._stamps[0][1]).previous().encode())
         if not self._caps or not delta.vector:
             return delta
         cap = {origin: window[0][1] for origin, window in self._caps.items()}
@@ -122,3 +129,17 @@ class RelayQueue:
             return delta
         capped = {r: min(h, cap[r]) if r in cap else h for r, h in delta.vector.items()}
         return replace(delta, vector={r: h for r, h in capped.items() if h})
+
+
+def _slide_in(window: deque[tuple[int, str]], number: int, value: str) -> None:
+    """Add held relay `number`'s value to a sliding-window minimum: its first item is the smallest value held."""
+    while window and window[-1][1] >= value:
+        window.pop()
+    window.append((number, value))
+
+
+def _slide_out(window: deque[tuple[int, str]], number: int) -> int:
+    """Take out held relay `number`, the oldest; return what the window still holds."""
+    if window and window[0][0] == number:
+        window.popleft()
+    return len(window)

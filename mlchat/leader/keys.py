@@ -3,12 +3,13 @@
 A Lua script runs on one node, so on Redis Cluster every key of one call must hash to one slot. The
 per-channel keys share the hash tag `{channel}`, and a user's or a name's keys are one key each; but
 the scripts also update region-wide keys next to them: the clock floor (`meta:hlc`), the shards'
-state vectors (`shards`) and the sets `channels` and `users`. On a cluster each of those has one copy
+state vectors (`shards`), the sets `channels` and `users`, and the outbox (`outbox`, with the highest
+stamp trimmed from it, `outbox:trimmed`). On a cluster each of those has one copy
 per slot that a script wrote to, named with a tag that hashes to that slot (`meta:hlc:{3f2}` beside
 `c:{general}:z` when `{general}` is in the slot of `3f2`); every tag that holds copies is listed in
 `meta:copies`, added there before its first copy is written, so that a reader that merges every listed
-copy misses none (the largest floor; the union of the hashes and sets, whose copies are disjoint: a
-shard, channel or user is only ever written beside its own keys). The other region-wide keys are
+copy misses none (the largest floor; the union of the hashes, sets and outboxes, whose copies are
+disjoint: a shard, channel, user or change is only ever written beside its own keys). The other region-wide keys are
 written alone or read together under one tag (`meta:{meta}:members`, ...).
 
 On one Redis (`SingleLayout`) every name is the one it always had: existing data keeps working.
@@ -22,6 +23,7 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 COPIES = "meta:copies"  # cluster only: SET of the tags that hold copies of the region-wide keys
 FLOOR, SHARDS, CHANNELS, USERS = "meta:hlc", "shards", "channels", "users"
+OUTBOX, TRIMMED = "outbox", "outbox:trimmed"
 
 
 @functools.cache

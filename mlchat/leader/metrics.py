@@ -2,7 +2,7 @@
 
 RPCs are measured as they finish: method, final status code, latency. Each servicer's methods are wrapped
 once, where they are registered (a server interceptor would run again for every call).
-Everything else is read from the live objects when Prometheus scrapes (peer links, outboxes, hot
+Everything else is read from the live objects when Prometheus scrapes (peer links, stream queues, hot
 shards, subscribers, and the counts those objects keep), so no other part of the leader knows
 about Prometheus, and a gauge never goes stale.
 """
@@ -109,7 +109,7 @@ class LeaderCollector(Collector):
         yield info
 
         now, timeout_s = time.monotonic(), settings.peer_timeout_ms / 1000
-        links, outboxes = self.replicator.links, self.replication.outboxes
+        links, queues = self.replicator.links, self.replication.queues
         up = GaugeMetricFamily("mlchat_peer_up", "1 if the stream from the peer is up (not suspect, not down)",
                                labels=["peer"])
         lag = GaugeMetricFamily("mlchat_replication_lag_ms", "Commit in the peer to applied here, for the "
@@ -121,14 +121,21 @@ class LeaderCollector(Collector):
             lag.add_metric([peer], link.lag_ms)
             applied.add_metric([peer], link.applied)
         backlog = GaugeMetricFamily("mlchat_replication_backlog", "Changes queued here for the peer, not yet "
-                                    "sent on its stream (its outbox)", labels=["peer"])
-        for peer in sorted({*links, *outboxes}):
-            backlog.add_metric([peer], outboxes[peer].pending if peer in outboxes else 0)
+                                    "sent on its stream", labels=["peer"])
+        for peer in sorted({*links, *queues}):
+            backlog.add_metric([peer], queues[peer].pending if peer in queues else 0)
+        catch_ups = CounterMetricFamily("mlchat_catch_ups", "Streams the peer opened here, by how they caught up: "
+                                        "from the outbox after the peer's cursor, or by comparing states",
+                                        labels=["peer", "kind"])
+        for (peer, kind), count in sorted(self.replication.catch_ups.items()):
+            catch_ups.add_metric([peer, kind], count)
+        outbox = GaugeMetricFamily("mlchat_outbox_entries", "Changes kept in this region's outbox for peers "
+                                   "that resume, at its latest trim", value=self.replicator.outbox_entries)
         sent = CounterMetricFamily("mlchat_deltas_sent", "Deltas with changes sent to the peer on its stream "
                                    "(by this process)", labels=["peer"])
         for peer, count in sorted(self.replication.sent.items()):
             sent.add_metric([peer], count)
-        yield from (up, lag, applied, backlog, sent)
+        yield from (up, lag, applied, backlog, sent, catch_ups, outbox)
 
         conflicts = CounterMetricFamily("mlchat_conflicts", "Values from peers that met a different one held "
                                         "here: a status or membership that lost, a claim or private channel "

@@ -7,11 +7,13 @@ subscribers, and tracks the version vector that causal tokens are checked agains
 from outside.
 
 Replication: every change to the region's state (its own writes, and what it applies from peers that
-was new here) is published on `feed` as a `Delta`, which the replication service streams to peers;
-`delta_for` answers a peer that (re)connects with everything it lacks, and `apply` merges a peer's
-delta. The region's own entry in its version vector is a watermark: every write stamped at or below
-it is committed (stamps still being committed hold it back), so a peer that holds the vector holds
-those writes.
+was new here) is stored with an entry in the region's outbox, in the same step, and published on `feed`
+as a `Delta`, which the replication service streams to peers. A peer that (re)connects is answered from
+the outbox after its cursor (`delta_since`) or, if the outbox no longer reaches back that far, with
+everything it lacks (`delta_for`); `apply` merges a peer's delta. The region's own entry in its version
+vector is a watermark: every write stamped at or below it is committed (stamps still being committed
+hold it back), so a peer that holds the vector holds those writes. The outbox cursor is one too: every
+entry stamped at or below it has been published (`cursor`).
 """
 
 from __future__ import annotations
@@ -20,21 +22,23 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import hashlib
 import itertools
 import logging
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from mlchat.crdt import vector
 from mlchat.crdt.claims import Claim, ClaimState, claim_state, owner
 from mlchat.crdt.digest import state_digest
+from mlchat.crdt.hlc import Hlc
 from mlchat.crdt.lww import MemberValue, StatusValue
 from mlchat.crdt.msglog import LogEntry, MessageShard, message_id, shard_name, split_order_key, split_shard_name
 from mlchat.crdt.regionclock import RegionClock
-from mlchat.crdt.replica import Delta, Relayed, ReplicaState, carries_changes, origins, wanted
+from mlchat.crdt.replica import Delta, Relayed, ReplicaState, carries_changes, combine, origins, wanted
 from mlchat.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -50,11 +54,13 @@ from mlchat.geo.modes import names_by_consensus
 from mlchat.leader.fanout import Fanout
 from mlchat.leader.limits import MAX_CHANNEL_MEMBERS
 from mlchat.leader.settings import LeaderSettings
-from mlchat.leader.store import Page, Store, parse_stream_id, stream_id_key
+from mlchat.leader.store import Page, Shipped, Store, parse_stream_id, past, split_entry, stream_id_key
+from mlchat.leader.wire import from_outbox, outbox_entry
 
 log = logging.getLogger(__name__)
 CAUSAL_WAIT_MAX_S = 30.0
 FEED = "*"  # the one topic of the replication feed
+OUTBOX_PAGE = 500  # outbox entries read at a time to answer a peer that resumes
 RECENT_IDS = 10_000
 REFUSING_CHANNELS = 1_000
 T = TypeVar("T")
@@ -124,13 +130,18 @@ class Region:
         # queued, so that non-members cannot make the hot shard be dropped and reloaded at every post.
         self._refusing: OrderedDict[str, None] = OrderedDict()
         self._shard_locks: dict[str, asyncio.Lock] = {}
-        self._applying: dict[int, dict[str, str]] = {}  # the vector told when each apply in flight started
-        self._applies = 0
+        # Per apply in flight, by the stamp of its outbox entries: the vector told when it started.
+        self._applying: dict[str, dict[str, str]] = {}
+        # Stamps of changes whose storing failed: they may be in the outbox all the same (Redis ran the script
+        # and the reply was lost), and hold the cursor back until the outbox is read (`_resolve_doubts`).
+        self._in_doubt: set[str] = set()
+        self.epoch = ""  # names the outbox (`Store.outbox_epoch`)
         self.fanout: Fanout[Committed | AccessChanged] = Fanout(settings.subscriber_buffer)
         self.conflicts: Counter[str] = Counter()  # by kind: values from peers that met a different one here
 
     async def start(self) -> None:
         self.clocks = RegionClock(self.name, await self.store.clock_floor(), await self.store.load_vector())
+        self.epoch = await self.store.outbox_epoch()
         self._saved_remote = dict(self.clocks.remote)
         stored, departed, listed_by = await self.store.load_members()
         for region, address in self.settings.peers.items():
@@ -186,18 +197,55 @@ class Region:
         return self.clocks.stamp(self._now_ms())
 
     def _settle_stamps(self, stamps: list[str], stored: bool = True) -> None:
-        self.clocks.settle(stamps, stored)
+        self.clocks.settle([s for s in stamps if s not in self._in_doubt], stored)
         self._vector_moved()
 
+    def _own(self, stamp: str, change: Delta) -> Shipped:
+        """The outbox entry of an own write."""
+        return Shipped(stamp, outbox_entry(change, "", {self.name: stamp}))
+
+    def _publish(self, change: Delta) -> None:
+        """Put a stored change on the feed, with the vector and cursor it lets peers count on."""
+        self.feed.publish(FEED, replace(change, vector=self.told_vector(), cursor=self.cursor()))
+
+    def cursor(self) -> str:
+        """The outbox cursor: every entry stamped at or below it is published on the feed (or held by no one:
+        a failed write). Own writes are published as they settle, so the vector's own entry bounds them;
+        entries of applies in flight and of failures not yet resolved hold it back."""
+        own = self.clocks.vector[self.name]
+        held = [*self._applying, *self._in_doubt]
+        return min(own, Hlc.decode(min(held)).previous().encode()) if held else own
+
+    async def _resolve_doubts(self) -> None:
+        """Publish whatever the outbox holds under the stamps in doubt (it was stored after all), and settle them."""
+        doubts = sorted(self._in_doubt)
+        found = await self.store.outbox_at(doubts)
+        for stamp, payload in found:
+            change = from_outbox(stamp, payload)
+            self._publish(change if change.relayed and change.relayed.source else replace(change, relayed=None))
+        self._in_doubt.difference_update(doubts)
+        if found:
+            self.clocks.floor_saved(max(stamp for stamp, _ in found))  # their scripts raised the clock floor
+        self._settle_stamps(doubts, stored=False)  # no response carried them: tokens need not cover them
+
     async def _stored(self, stamp: str, storing: Awaitable[T]) -> T:
-        """Await the storing of a write stamped `stamp`; the stamp is settled whatever happens."""
+        """Await the storing of a write stamped `stamp`; the stamp is settled, or in doubt if storing failed."""
         stored = False
         try:
-            result = await storing
+            result = await self._doubted_on_failure([stamp], storing)
             stored = True
             return result
         finally:
             self._settle_stamps([stamp], stored)
+
+    async def _doubted_on_failure(self, stamps: list[str], storing: Awaitable[T]) -> T:
+        """Await the storing of changes stamped `stamps`. If it fails, Redis may have stored them all the
+        same: they stay unsettled until the outbox says (`_resolve_doubts`)."""
+        try:
+            return await storing
+        except BaseException:
+            self._in_doubt.update(stamps)
+            raise
 
     def _vector_moved(self) -> None:
         changed, self._vector_changed = self._vector_changed, asyncio.Event()
@@ -215,6 +263,8 @@ class Region:
         floor = self.clocks.floor_target(self._now_ms())
         remote = dict(self.clocks.remote)  # taken with the floor, which is past all of it
         try:
+            if self._in_doubt:
+                await self._resolve_doubts()
             await self.store.raise_clock_floor(floor)
             self.clocks.floor_saved(floor)
             if remote != self._saved_remote:  # saved late: peers only resend what is here
@@ -225,7 +275,7 @@ class Region:
         self._vector_moved()
         advertised = {self.name: self.settings.peer_address}
         return Delta(vector=self.told_vector(), members={**self.members, **advertised},
-                     departed=tuple(sorted(self.departed)))
+                     departed=tuple(sorted(self.departed)), cursor=self.cursor())
 
     def causal_token(self, *seen: tuple[str, str]) -> bytes:
         """The token of what a response reflects: this region's vector, and the (origin, hlc) of any
@@ -320,8 +370,9 @@ class Region:
         async with self._locked_shard(name) as shard:
             update = shard.add(entries)
             async with self._dropped_on_failure(name):
-                outcome = await self.store.post(name, entries, update, shard.state_vector(),
-                                                self.settings.stream_retention)
+                outcome = await self._doubted_on_failure([e.hlc for e in entries], self.store.post(
+                    name, entries, update, shard.state_vector(), self.settings.stream_retention,
+                    self._own(entries[-1].hlc, Delta(shard_updates={name: update}))))
             # Every id stored under the key just built: the script ran before (a retried call whose
             # reply was lost), so this is a success.
             ours = outcome.duplicates and all(outcome.duplicates.get(e.id) == e.order_key for e in entries)
@@ -345,7 +396,7 @@ class Region:
                 return
             await self._stored_update(name, shard)
         self._settle_stamps([e.hlc for e in entries])  # so that the published vector covers them
-        self.feed.publish(FEED, Delta(shard_updates={name: update}, vector=self.told_vector()))
+        self._publish(Delta(shard_updates={name: update}))
         for i, entry in enumerate(entries):
             stream_id = outcome.stream_ids[i] if outcome.stream_ids else ""
             self._recent[entry.id] = None
@@ -460,13 +511,13 @@ class Region:
         """Create the private channel `channel`, with `user_id` its creator and first member; return its
         record (the existing one if this user created it before: a retry)."""
         record = Claim(self._stamp(), self.name, user_id, channel)
-        outcome = await self._stored(record.hlc, self.store.create_channel(record))
+        change = Delta(channels=(record,), memberships=(MemberValue(channel, user_id, True, record.hlc, self.name),))
+        outcome = await self._stored(record.hlc, self.store.create_channel(record, self._own(record.hlc, change)))
         if outcome < 0:
             raise FailedPrecondition(f"channel {channel!r} already has public messages in region {self.name}: "
                                      "choose a new name for a private channel")
         if outcome > 0:
-            member = MemberValue(channel, user_id, True, record.hlc, self.name)
-            self.feed.publish(FEED, Delta(channels=(record,), memberships=(member,), vector=self.told_vector()))
+            self._publish(change)
             self.fanout.publish(channel, ACCESS_CHANGED)  # subscribers of the public channel of that name
             return record
         top = await self._private(channel)
@@ -498,11 +549,11 @@ class Region:
         if member and len([m for m in await self.store.members(channel) if m.member]) >= MAX_CHANNEL_MEMBERS:
             raise FailedPrecondition(f"channel {channel!r} has {MAX_CHANNEL_MEMBERS} members, the most a private "
                                      "channel may have: remove one first")
-        hlc = self._stamp()
-        winner, changed = await self._stored(hlc, self.store.set_member(MemberValue(channel, user_id, member, hlc,
-                                                                                    self.name)))
+        value = MemberValue(channel, user_id, member, self._stamp(), self.name)
+        winner, changed = await self._stored(value.hlc, self.store.set_member(
+            value, self._own(value.hlc, Delta(memberships=(value,)))))
         if changed:
-            self.feed.publish(FEED, Delta(memberships=(winner,), vector=self.told_vector()))
+            self._publish(Delta(memberships=(winner,)))
             if not winner.member:
                 self.fanout.publish(channel, ACCESS_CHANGED)
         return winner
@@ -522,11 +573,11 @@ class Region:
     # Status -------------------------------------------------------------------------------------
 
     async def set_status(self, user_id: str, presence: int, text: str) -> StatusValue:
-        hlc = self._stamp()
-        winner, changed = await self._stored(hlc, self.store.set_status(StatusValue(user_id, presence, text, hlc,
-                                                                                    self.name)))
+        value = StatusValue(user_id, presence, text, self._stamp(), self.name)
+        winner, changed = await self._stored(value.hlc, self.store.set_status(
+            value, self._own(value.hlc, Delta(statuses=(value,)))))
         if changed:
-            self.feed.publish(FEED, Delta(statuses=(winner,), vector=self.told_vector()))
+            self._publish(Delta(statuses=(winner,)))
         return winner
 
     async def status(self, user_id: str) -> StatusValue | None:
@@ -552,9 +603,10 @@ class Region:
                                   "the cluster, or to this region) counts it as a member, which its next heartbeat "
                                   "tells; retry shortly, or claim in another region")
             claim = Claim(self._stamp(), self.name, user_id, username)
-            outcome = await self._stored(claim.hlc, self.store.claim(claim))
+            shipped = self._own(claim.hlc, Delta(claims=(claim,)))
+            outcome = await self._stored(claim.hlc, self.store.claim(claim, shipped))
             if outcome > 0:
-                self.feed.publish(FEED, Delta(claims=(claim,), vector=self.told_vector()))
+                self._publish(Delta(claims=(claim,)))
         else:
             # Only decided claims are ever stored, so a name held here is decided already.
             known = owner(await self.store.claims_on(username))
@@ -570,9 +622,10 @@ class Region:
         """Store a decided claim here; it replicates like any other (a name decided once may be
         recorded by several regions, each stamping its own record of the same user)."""
         claim = Claim(self._stamp(), self.name, user_id, username)
-        changed = await self._stored(claim.hlc, self.store.add_claim(claim))
+        shipped = self._own(claim.hlc, Delta(claims=(claim,)))
+        changed = await self._stored(claim.hlc, self.store.add_claim(claim, shipped))
         if changed:
-            self.feed.publish(FEED, Delta(claims=(claim,), vector=self.told_vector()))
+            self._publish(Delta(claims=(claim,)))
 
     async def user(self, user_id: str) -> UserView:
         name = await self.store.user_name(user_id)
@@ -596,9 +649,9 @@ class Region:
 
     async def delta_for(self, peer: ReplicaState) -> AsyncIterator[Delta]:
         """Everything this region holds that a peer in state `peer` lacks, in parts: one shard each,
-        then statuses, claims, private channels and memberships, with the vector that the whole covers
-        (on the last part only)."""
-        current = self.told_vector()  # first: what follows covers at least this
+        then statuses, claims, private channels and memberships, with the vector and outbox cursor that
+        the whole covers (on the last part only)."""
+        current, upto = self.told_vector(), self.cursor()  # first: what follows covers at least these
         for name, state_vector in (await self.store.shard_states()).items():
             if peer.shards.get(name) != state_vector:
                 async with self._locked_shard(name) as shard:
@@ -612,20 +665,55 @@ class Region:
         claims = tuple([c async for c in self.store.claims() if wanted(c.hlc, c.region, peer.vector)])
         channels = tuple([c async for c in self.store.channels() if wanted(c.hlc, c.region, peer.vector)])
         memberships = tuple([m async for m in self.store.memberships() if wanted(m.hlc, m.region, peer.vector)])
-        yield Delta(statuses=statuses, claims=claims, channels=channels, memberships=memberships, vector=current)
+        yield Delta(statuses=statuses, claims=claims, channels=channels, memberships=memberships, vector=current,
+                    cursor=upto)
+
+    def position(self, cursor: str) -> str:
+        """A cursor of this region's outbox as peers hold it: it names the outbox too."""
+        return f"{self.epoch}:{cursor}"
+
+    async def resumable(self, position: str) -> str | None:
+        """The cursor in a peer's `position` if the outbox holds everything after it, else None."""
+        epoch, _, cursor = position.partition(":")
+        if epoch != self.epoch or not cursor or cursor > self.cursor():  # another outbox, or none
+            return None
+        return cursor if cursor >= await self.store.outbox_trimmed() else None
+
+    async def delta_since(self, cursor: str, peer: str, peer_vector: dict[str, str]) -> AsyncIterator[Delta]:
+        """What a peer that holds the outbox up to `cursor` lacks, from the outbox, in parts: every later
+        entry that the peer did not send here and its vector does not cover; the last part carries the
+        vector and cursor that the whole covers. OutOfRange if the outbox was trimmed past `cursor` meanwhile."""
+        current, upto = self.told_vector(), self.cursor()  # first: what follows covers at least these
+        after = past(cursor)
+        while page := await self.store.outbox_after(after, OUTBOX_PAGE):
+            after = page[-1]
+            lacking = []
+            for stamp, payload in map(split_entry, page):
+                change = from_outbox(stamp, payload)
+                relayed = change.relayed
+                if relayed.source != peer and not (relayed.origins and vector.covers(peer_vector, relayed.origins)):  # type: ignore[union-attr]
+                    lacking.append(change)
+            for part in combine(lacking):
+                yield part
+        if cursor < await self.store.outbox_trimmed():
+            raise OutOfRange(f"the outbox of region {self.name} was trimmed past cursor {cursor} while it was "
+                             "read: reconnect to compare states")
+        yield Delta(vector=current, cursor=upto)
 
     async def state(self) -> ReplicaState:
         return ReplicaState(await self.store.shard_states(), self.told_vector())
 
     async def apply(self, delta: Delta, source: str) -> None:
-        """Merge a delta from the peer `source`; publish on the feed whatever was new here, for other peers."""
+        """Merge a delta from the peer `source`; store whatever was new here with its outbox entry, and publish
+        it on the feed, for other peers."""
         before = self.told_vector()
-        number, self._applies = self._applies, self._applies + 1
-        self._applying[number] = before
+        stamp = self.clocks.tick(self._now_ms())
+        self._applying[stamp] = before
         try:
-            await self._apply(delta, source, number, before)
+            await self._apply(delta, source, stamp, before)
         finally:
-            if self._applying.pop(number, None) is not None:  # it failed: what it stored counts as held now
+            if self._applying.pop(stamp, None) is not None:  # it failed: what it stored counts as held now
+                self._in_doubt.add(stamp)  # and is published once the outbox says what that is
                 self._vector_moved()
 
     def told_vector(self) -> dict[str, str]:
@@ -638,12 +726,17 @@ class Region:
             told = {r: h if r == self.name else min(h, before.get(r, "")) for r, h in told.items()}
         return {r: h for r, h in told.items() if h}
 
-    async def _apply(self, delta: Delta, source: str, number: int, before: dict[str, str]) -> None:
+    async def _apply(self, delta: Delta, source: str, stamp: str, before: dict[str, str]) -> None:
+        def shipped(change: Delta, stamped: Sequence[LogEntry | StatusValue | Claim | MemberValue]) -> Shipped:
+            """The outbox entry of what was new here: relayed from `source` (see `Relayed` for its origins)."""
+            return Shipped(stamp, outbox_entry(change, source, origins(stamped) if stamped else None))
+
         new_updates = {}
         integrated: list[LogEntry] = []
         known = True  # whether the origins of everything new are known (see `Relayed`)
         for name, update in delta.shard_updates.items():
-            entries = await self._apply_shard(name, update)
+            change = Delta(shard_updates={name: update})
+            entries = await self._apply_shard(name, update, functools.partial(shipped, change))
             if entries is not None:
                 new_updates[name] = update
                 integrated += entries
@@ -653,42 +746,44 @@ class Region:
         # slower path), or a claim or channel record on a name another user holds too.
         statuses = []
         for value in delta.statuses:
-            winner, changed = await self.store.set_status(value)
+            winner, changed = await self.store.set_status(value, shipped(Delta(statuses=(value,)), [value]))
             self.conflicts["status"] += winner.region != value.region
             if changed:
                 statuses.append(value)
         claims = []
         for claim in delta.claims:
-            claimants = await self.store.add_claim(claim)
+            claimants = await self.store.add_claim(claim, shipped(Delta(claims=(claim,)), [claim]))
             self.conflicts["claim"] += claimants > 1
             if claimants:
                 claims.append(claim)
         channels = []
         for record in delta.channels:
-            creators = await self.store.add_channel(record)
+            creators = await self.store.add_channel(record, shipped(Delta(channels=(record,)), [record]))
             self.conflicts["channel"] += creators > 1
             if creators:
                 channels.append(record)
                 self.fanout.publish(record.name, ACCESS_CHANGED)
         memberships = []
         for member in delta.memberships:
-            held, changed = await self.store.set_member(member)
+            held, changed = await self.store.set_member(member, shipped(Delta(memberships=(member,)), [member]))
             self.conflicts["membership"] += held.region != member.region
             if changed:
                 memberships.append(member)
                 if not member.member:
                     self.fanout.publish(member.channel, ACCESS_CHANGED)
         self.clocks.absorb(delta.vector, self._now_ms())
-        del self._applying[number]  # published just below, with what it stored
+        del self._applying[stamp]  # published just below, with what it stored
         self._vector_moved()
         stamped = origins([*integrated, *statuses, *claims, *channels, *memberships]) if known else None
         new = Delta(shard_updates=new_updates, statuses=tuple(statuses), claims=tuple(claims),
-                    channels=tuple(channels), memberships=tuple(memberships), vector=self.told_vector(),
-                    relayed=Relayed(source, stamped, before))
+                    channels=tuple(channels), memberships=tuple(memberships),
+                    relayed=Relayed(source, stamped, before, stamp))
         if carries_changes(new):
-            self.feed.publish(FEED, new)
+            self.clocks.floor_saved(stamp)  # its outbox entries raised the clock floor to it
+            self._publish(new)
 
-    async def _apply_shard(self, name: str, update: bytes) -> list[LogEntry] | None:
+    async def _apply_shard(self, name: str, update: bytes,
+                           shipped: Callable[[list[LogEntry]], Shipped]) -> list[LogEntry] | None:
         """Apply a pycrdt update to a shard; if anything in it was new here, store it (for other peers to
         be sent as it came) and return the entries it added. The update is stored as it came: pycrdt holds
         back items whose predecessors have not arrived yet, and the stored update keeps them until they do."""
@@ -699,7 +794,7 @@ class Region:
                 return None
             async with self._dropped_on_failure(name):
                 new = await self.store.apply(name, added, update, shard.state_vector(),
-                                             self.settings.stream_retention)
+                                             self.settings.stream_retention, shipped(added))
             await self._stored_update(name, shard)
         for entry in added:
             if entry.id in new:

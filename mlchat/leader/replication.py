@@ -2,11 +2,14 @@
 
 Each region opens one `Replicate` stream to every peer and applies what arrives. On every
 (re)connection it first sends its state (pycrdt state vectors of its shards, and its version
-vector), so that the peer answers with everything missing however long the link was down; then the
-peer streams each later change of its state, with heartbeats when idle. Because a region streams
-what it applies from others too, a change reaches a region through any path that works (A to C
-through B while A-C is cut). A receiver that falls too far behind is cut off (its sender's buffer is
-bounded) and simply reconnects. Peers authenticate with a token signed by the cluster secret.
+vector) and its cursor of the peer's outbox (where the peer's stream last got to, kept in Redis), so
+that the peer answers with everything missing however long the link was down: from its outbox after
+the cursor if the outbox still reaches back that far, else by comparing states. Then the peer streams
+each later change of its state, with heartbeats when idle. Because a region streams what it applies
+from others too, a change reaches a region through any path that works (A to C through B while A-C is
+cut). A receiver that falls too far behind is cut off (its sender's buffer is bounded) and simply
+reconnects. Heartbeats tell each peer how far this region holds its outbox, and a region trims from its
+outbox what every member holds. Peers authenticate with a token signed by the cluster secret.
 """
 
 from __future__ import annotations
@@ -18,15 +21,13 @@ import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
 
 from mlchat.crdt import vector
-from mlchat.crdt.claims import Claim
 from mlchat.crdt.hlc import Hlc
-from mlchat.crdt.lww import MemberValue, StatusValue
 from mlchat.crdt.replica import Delta, ReplicaState, carries_changes, combine
 from mlchat.errors import ResourceExhausted
 from mlchat.geo.failover import Term
@@ -38,36 +39,12 @@ from mlchat.leader.limits import MAX_PEER_MESSAGE_BYTES
 from mlchat.leader.region import FEED, Region
 from mlchat.leader.servicer import PEER_PREFIX, Authenticator, streaming, unary
 from mlchat.leader.tokens import TokenSigner
+from mlchat.leader.wire import delta_from_pb, delta_pb
 from mlchat.v1 import cluster_pb2, replication_pb2_grpc
 from mlchat.v1 import replication_pb2 as rpb
 
 log = logging.getLogger(__name__)
 COMPRESS_ABOVE = 2048  # bytes: smaller deltas go out as they are
-
-
-def delta_pb(region: str, delta: Delta) -> rpb.Delta:
-    return rpb.Delta(
-        from_region=region,
-        shards=[rpb.ShardUpdate(shard=name, update=update) for name, update in delta.shard_updates.items()],
-        statuses=[rpb.StatusRecord(user_id=v.user_id, presence=v.presence, text=v.text, hlc=v.hlc, region=v.region)
-                  for v in delta.statuses],
-        claims=[rpb.ClaimRecord(name=c.name, user_id=c.user_id, hlc=c.hlc, region=c.region) for c in delta.claims],
-        channels=[rpb.ChannelRecord(channel=c.name, creator_user_id=c.user_id, hlc=c.hlc, region=c.region)
-                  for c in delta.channels],
-        channel_members=[rpb.MembershipRecord(channel=m.channel, user_id=m.user_id, member=m.member, hlc=m.hlc,
-                                              region=m.region) for m in delta.memberships],
-        vector=delta.vector, members=delta.members, departed=delta.departed)
-
-
-def delta_from_pb(message: rpb.Delta) -> Delta:
-    return Delta(
-        shard_updates={s.shard: s.update for s in message.shards},
-        statuses=tuple(StatusValue(v.user_id, v.presence, v.text, v.hlc, v.region) for v in message.statuses),
-        claims=tuple(Claim(c.hlc, c.region, c.user_id, c.name) for c in message.claims),
-        channels=tuple(Claim(c.hlc, c.region, c.creator_user_id, c.channel) for c in message.channels),
-        memberships=tuple(MemberValue(m.channel, m.user_id, m.member, m.hlc, m.region)
-                          for m in message.channel_members),
-        vector=dict(message.vector), members=dict(message.members), departed=tuple(message.departed))
 
 
 class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
@@ -77,7 +54,8 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
         self.replicator = replicator
         self.consensus = consensus
         self.sent: Counter[str] = Counter()  # per peer: deltas with changes sent on its streams
-        self.outboxes: dict[str, Subscription[Delta]] = {}  # per peer: what its latest stream has yet to send
+        self.catch_ups: Counter[tuple[str, str]] = Counter()  # per (peer, "outbox" or "states")
+        self.queues: dict[str, Subscription[Delta]] = {}  # per peer: what its latest stream has yet to send
 
     @unary
     async def Join(self, request, context):  # type: ignore[no-untyped-def]
@@ -102,7 +80,10 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
         self.auth.principal(context, peer=True)
         return await self.consensus.accept(request)
 
-    def _with_term(self, message: rpb.Delta) -> rpb.Delta:
+    def _message(self, delta: Delta) -> rpb.Delta:
+        message = delta_pb(self.region.name, delta)
+        if delta.cursor:
+            message.cursor = self.region.position(delta.cursor)
         term = self.replicator.term()
         if term is not None:
             message.epoch, message.primary, message.voted_epoch = term.epoch, term.primary, self.replicator.voted()
@@ -114,12 +95,15 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
         context.set_compression(grpc.Compression.Gzip)  # WAN links are paid by the byte
         peer = request.region
         with self.region.feed.subscribe(FEED) as changes:  # first: nothing changed from now is missed
-            self.outboxes[peer] = changes
+            self.queues[peer] = changes
             try:
                 state = ReplicaState({s.shard: s.state_vector for s in request.shards}, dict(request.vector))
-                async for part in self.region.delta_for(state):
+                cursor = await self.region.resumable(request.resume_cursor)
+                self.catch_ups[peer, "states" if cursor is None else "outbox"] += 1
+                async for part in (self.region.delta_for(state) if cursor is None
+                                   else self.region.delta_since(cursor, peer, state.vector)):
                     self.sent[peer] += carries_changes(part)
-                    yield self._with_term(delta_pb(self.region.name, part))
+                    yield self._message(part)
                 relays = RelayQueue(peer, self.region.settings.relay_delay_ms, changes.capacity)
                 while True:
                     batch = await changes.next_batch()  # heartbeats come at least every heartbeat_ms
@@ -132,15 +116,15 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
                     parts = relays.told(combine(relays.next(batch, self.replicator.peer_vector(peer),
                                                             self.replicator.now_ms())))
                     for i, delta in enumerate(parts):
-                        message = self._with_term(delta_pb(self.region.name, delta))
+                        message = self._message(delta)
                         message.backlog = changes.pending + relays.held + len(parts) - i - 1
                         if message.ByteSize() < COMPRESS_ABOVE:  # not worth the CPU
                             context.disable_next_message_compression()
                         self.sent[peer] += carries_changes(delta)
                         yield message
             finally:
-                if self.outboxes.get(peer) is changes:  # not a newer stream of the same peer's
-                    del self.outboxes[peer]
+                if self.queues.get(peer) is changes:  # not a newer stream of the same peer's
+                    del self.queues[peer]
 
 
 @dataclass
@@ -157,6 +141,8 @@ class PeerLink:
     vector: dict[str, str] = field(default_factory=dict)  # what the peer holds, as it last said
     term: Term | None = None  # single-leader mode: the primary the peer follows, as it last said
     voted: int = 0  # single-leader mode: the latest epoch the peer voted for, as it last said
+    cursor: str = ""  # how far this region holds the peer's outbox ("EPOCH:STAMP"), as its stream told it
+    acked: str = ""  # how far the peer holds this region's outbox (a stamp), as its heartbeats told it
 
     def state(self, now: float, timeout_s: float) -> PeerState:
         return peer_state(self.connected, now - self.last_heard, timeout_s)
@@ -179,6 +165,8 @@ class Replicator:
         self._catching_up = asyncio.Lock()
         self._heard = asyncio.Event()  # replaced by a fresh one whenever a peer's vector moves
         self._channels: dict[str, grpc.aio.Channel] = {}  # address -> channel, for calls to peers
+        self._saved_cursors: dict[str, str] = {}  # the links' cursors as Redis holds them
+        self.outbox_entries = 0  # in this region's outbox, at the latest trim
         # single-leader mode: the term this region follows and its latest vote, told to peers on every message
         self.term: Callable[[], Term | None] = lambda: None
         self.voted: Callable[[], int] = lambda: 0
@@ -187,6 +175,7 @@ class Replicator:
         if self._tasks:
             raise RuntimeError("replicator already started")
         settings = self.region.settings
+        self._saved_cursors = await self.region.store.load_cursors()
         if settings.join and not self.region.members:  # a newcomer: any member tells it the rest
             for name, address in (await self._join(settings.join)).items():
                 await self.region.add_member(name, address)
@@ -271,7 +260,7 @@ class Replicator:
 
     def _follow_region(self, region: str) -> None:
         if region not in self._followers:
-            self.links[region] = PeerLink(region, self._address(region))
+            self.links[region] = PeerLink(region, self._address(region), cursor=self._saved_cursors.get(region, ""))
             self._followers[region] = asyncio.create_task(self._follow(self.links[region]))
 
     def _address(self, region: str) -> str:
@@ -297,7 +286,24 @@ class Replicator:
     async def _heartbeats(self) -> None:
         while True:
             await asyncio.sleep(self.region.settings.heartbeat_ms / 1000)
-            self.region.feed.publish(FEED, await self.region.heartbeat())
+            beat = await self.region.heartbeat()
+            self.region.feed.publish(FEED, replace(beat, cursors={r: link.cursor for r, link in self.links.items()
+                                                                  if link.cursor}))
+            try:
+                await self._keep_outbox()
+            except Exception:  # storage down: the next heartbeat tries again
+                log.warning("storing outbox cursors or trimming the outbox failed", exc_info=True)
+
+    async def _keep_outbox(self) -> None:
+        """Store the links' cursors (late: a cursor behind only makes a peer resend), and trim from the outbox
+        what every member holds."""
+        cursors = {r: link.cursor for r, link in self.links.items() if link.cursor}
+        moved = {r: c for r, c in cursors.items() if self._saved_cursors.get(r) != c}
+        await self.region.store.save_cursors(moved)
+        self._saved_cursors.update(moved)
+        acked = [link.acked for link in self.links.values()]
+        held_by_all = min(acked) if acked and all(acked) else ""
+        self.outbox_entries = await self.region.store.trim_outbox(held_by_all, self.region.settings.outbox_retention)
 
     async def _follow(self, link: PeerLink) -> None:
         backoff = 0.05
@@ -316,8 +322,8 @@ class Replicator:
                         state = await self.region.state()
                         stream = stub.Replicate(rpb.ReplicateRequest(
                             region=self.region.name, vector=state.vector,
-                            shards=[rpb.ShardState(shard=k, state_vector=v) for k, v in state.shards.items()]),
-                            metadata=self.metadata())
+                            shards=[rpb.ShardState(shard=k, state_vector=v) for k, v in state.shards.items()],
+                            resume_cursor=link.cursor), metadata=self.metadata())
                         messages = _with_idle_timeout(stream, timeout_s)
                         while True:  # the catch-up: its last part carries the vector
                             part = await messages.__anext__()
@@ -342,6 +348,11 @@ class Replicator:
             link.term, link.voted = Term(message.epoch, message.primary), message.voted_epoch
         delta = delta_from_pb(message)
         await self.region.apply(delta, link.region)
+        if message.cursor:  # applied: this region holds the peer's outbox that far
+            link.cursor = later_position(link.cursor, message.cursor)
+        epoch, _, acked = delta.cursors.get(self.region.name, "").partition(":")
+        if epoch == self.region.epoch:
+            link.acked = max(link.acked, acked)
         await self._membership(delta)
         if delta.members:  # a heartbeat: the peer's own view
             await self.region.listed(link.region, delta.members)
@@ -360,6 +371,14 @@ class Replicator:
                                        state=int(link.state(now, timeout_s)), replication_lag_ms=link.lag_ms,
                                        replication_lag_entries=link.backlog)
                 for link in self.links.values()]
+
+
+def later_position(held: str, told: str) -> str:
+    """The cursor of a peer's outbox to keep, given the one held and one its stream told ("EPOCH:STAMP"): the
+    later of the two, or the told one if it names another outbox (the peer's Redis lost or restored its data)."""
+    if held.partition(":")[0] != told.partition(":")[0]:
+        return told
+    return max(held, told)
 
 
 async def _with_idle_timeout(stream: AsyncIterator[rpb.Delta], timeout_s: float) -> AsyncIterator[rpb.Delta]:

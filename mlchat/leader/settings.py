@@ -44,6 +44,9 @@ class LeaderSettings:
     peer_timeout_ms: int = 3000  # a peer silent this long is suspect, twice this long down
     metrics_port: int = 0  # Prometheus metrics over HTTP on the listen host at this port; 0: none
     feed_buffer: int = 10_000  # changes a peer may fall behind before its stream is cut (it reconnects)
+    # Outbox entries kept beyond what every member holds: a peer away longer than they last resumes by
+    # comparing states instead.
+    outbox_retention: int = 50_000
 
     def __post_init__(self) -> None:
         if self.peer_tls is not None and (self.peer_tls.ca is None or not self.peer_listen):

@@ -14,21 +14,27 @@ that scripts touch, marked *, have one copy per slot and the meta keys one tag: 
   cm:{ch}:USER HASH k (rank key), v (1 member, 0 not), h, r: the user's membership register of ch
   cmi:{ch}     SET of user ids with a membership register of ch
   shards*      HASH shard name -> pycrdt state vector: what a peer is told this region holds
+  outbox*      ZSET, score 0: member = stamp NUL OutboxEntry (`wire.outbox_entry`): every change, for peers
+  outbox:trimmed*  STRING the highest stamp trimmed from the outbox: cursors below it cannot resume
+  meta:epoch   STRING names this outbox: a cursor of another epoch (the data was lost or restored) is void
+  meta:cursors HASH region -> "EPOCH:STAMP": how far this region holds that peer's outbox
   channels*, users*  SETs, for counts; meta:hlc*  the largest hlc issued here (clock floor at start)
   meta:vector  HASH origin region -> hlc up to which all its writes are held here
   meta:members HASH region -> address of the other members; meta:departed  SET of regions that left;
   meta:listed-by  SET of members known to count this region as one of theirs
   meta:copies  (Redis Cluster only) SET of the tags that hold copies of the starred keys
 
-A write is one Lua script, so the state change and everything derived from it commit together or not
-at all, and it is acknowledged only after Redis has it. One exception on a cluster: a name's claims and
-the user a claim creates live in two slots, so a claim there is two scripts, the user's second; it is
-idempotent and runs again with every retry of the claim and every copy of it from a peer, so a crash
-between the two is healed by the next.
+A write is one Lua script, so the state change and everything derived from it (its outbox entry
+included) commit together or not at all, and it is acknowledged only after Redis has it. One exception
+on a cluster: a name's claims and the user a claim creates live in two slots, so a claim there is two
+scripts, the user's second; it is idempotent and runs again with every retry of the claim and every
+copy of it from a peer, so a crash between the two is healed by the next.
 """
 
 from __future__ import annotations
 
+import heapq
+import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -41,7 +47,19 @@ from mlchat.crdt.claims import Claim
 from mlchat.crdt.hlc import ENCODED_LENGTH as HLC_LEN
 from mlchat.crdt.lww import MemberValue, StatusValue
 from mlchat.crdt.msglog import ID_LENGTH, LogEntry, split_shard_name
-from mlchat.leader.keys import CHANNELS, COPIES, FLOOR, SHARDS, USERS, ClusterLayout, Layout, SingleLayout, slot_tags
+from mlchat.leader.keys import (
+    CHANNELS,
+    COPIES,
+    FLOOR,
+    OUTBOX,
+    SHARDS,
+    TRIMMED,
+    USERS,
+    ClusterLayout,
+    Layout,
+    SingleLayout,
+    slot_tags,
+)
 
 _LESS = """
 local function less(a, b)
@@ -54,15 +72,24 @@ local function less(a, b)
 end
 """
 
-# Shared by the scripts below. raise_floor: the clock floor only moves forward. lww_set: a
-# last-writer-wins register kept in a hash whose field 'k' is the rank key; sets the fields if `rank` is
-# larger, and returns 1 if the register changed. keep_earliest: a claim-like record per user in a hash
-# (user -> hlc NUL region), keeping each user's earliest; returns 1 if the hash changed.
-_REGISTERS = _LESS + """
+# raise_floor: the clock floor only moves forward. ship: a change's outbox entry, under a stamp that the
+# clock floor then covers (stamps after a restart are above every entry).
+_SHIP = _LESS + """
 local function raise_floor(key, hlc)
   local floor = redis.call('GET', key)
   if (not floor) or less(floor, hlc) then redis.call('SET', key, hlc) end
 end
+local function ship(outbox, floor, stamp, payload)
+  redis.call('ZADD', outbox, 0, stamp .. '\\0' .. payload)
+  raise_floor(floor, stamp)
+end
+"""
+
+# Shared by the scripts below. lww_set: a last-writer-wins register kept in a hash whose field 'k' is
+# the rank key; sets the fields if `rank` is larger, and returns 1 if the register changed. keep_earliest:
+# a claim-like record per user in a hash (user -> hlc NUL region), keeping each user's earliest; returns 1
+# if the hash changed. The scripts that change a register or record ship the change (ARGV: stamp, payload).
+_REGISTERS = _SHIP + """
 local function lww_set(reg, rank, fields)
   local cur = redis.call('HGET', reg, 'k')
   if cur and not less(cur, rank) then return 0 end
@@ -84,50 +111,51 @@ end
 
 # A batch of new local messages of one shard and the pycrdt update that adds them all.
 # KEYS: ids, zset, stream, shard update list, channels, meta:hlc, shards, the channel's private records,
-# then each message's poster's membership register. ARGV: stream cap, update, channel, last hlc, shard,
-# shard state vector, then (id, order key, member) for each message.
+# outbox, then each message's poster's membership register. ARGV: stream cap, update, channel, outbox
+# stamp, shard, shard state vector, outbox payload, then (id, order key, member) for each message.
 # Returns {1, stream ids}; or, storing nothing, {0, {id, stored order key, ...}} if any of the ids is
 # stored already (a retry), or {2, {id, ...}} for the messages whose poster may not post in the channel
 # (it is private, and they are not members): checked here so that a post costs one round trip.
-_POST = _LESS + """
+_POST = _SHIP + """
 local dups = {}
-for i = 7, #ARGV, 3 do
+for i = 8, #ARGV, 3 do
   local key = redis.call('HGET', KEYS[1], ARGV[i])
   if key then dups[#dups + 1] = ARGV[i]; dups[#dups + 1] = key end
 end
 if #dups > 0 then return {0, dups} end
 if redis.call('EXISTS', KEYS[8]) == 1 then
   local refused = {}
-  for i = 7, #ARGV, 3 do
-    if redis.call('HGET', KEYS[8 + (i - 4) / 3], 'v') ~= '1' then refused[#refused + 1] = ARGV[i] end
+  for i = 8, #ARGV, 3 do
+    if redis.call('HGET', KEYS[10 + (i - 8) / 3], 'v') ~= '1' then refused[#refused + 1] = ARGV[i] end
   end
   if #refused > 0 then return {2, refused} end
 end
 local sids = {}
-for i = 7, #ARGV, 3 do
+for i = 8, #ARGV, 3 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   redis.call('ZADD', KEYS[2], 0, ARGV[i + 2])
   sids[#sids + 1] = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[1], '*', 'i', ARGV[i])
 end
 redis.call('RPUSH', KEYS[4], ARGV[2])
 redis.call('SADD', KEYS[5], ARGV[3])
-local floor = redis.call('GET', KEYS[6])
-if (not floor) or less(floor, ARGV[4]) then redis.call('SET', KEYS[6], ARGV[4]) end
 redis.call('HSET', KEYS[7], ARGV[5], ARGV[6])
+ship(KEYS[9], KEYS[6], ARGV[4], ARGV[7])
 return {1, sids}
 """
 
 # Copies of messages that arrived from another region, with the pycrdt update that brought them.
-# KEYS: ids, zset, stream, shard update list, channels, shards. ARGV: stream cap, update, channel,
-# shard, shard state vector, then (id, order key, member) for each copy. A copy of a message not
+# KEYS: ids, zset, stream, shard update list, channels, shards, outbox, meta:hlc. ARGV: stream cap, update,
+# channel, shard, shard state vector, outbox stamp, outbox payload, then (id, order key, member) for each
+# copy. A copy of a message not
 # stored here is added; a copy of one stored here replaces it if its order key is smaller (readers
 # everywhere keep the earliest copy). Returns {id, stream id} for each message new here.
-_APPLY = _LESS + """
+_APPLY = _SHIP + """
 redis.call('RPUSH', KEYS[4], ARGV[2])
 redis.call('SADD', KEYS[5], ARGV[3])
 redis.call('HSET', KEYS[6], ARGV[4], ARGV[5])
+ship(KEYS[7], KEYS[8], ARGV[6], ARGV[7])
 local new = {}
-for i = 6, #ARGV, 3 do
+for i = 8, #ARGV, 3 do
   local prior = redis.call('HGET', KEYS[1], ARGV[i])
   if not prior then
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
@@ -155,9 +183,24 @@ end
 """
 
 # KEYS: meta:hlc. ARGV: hlc. The clock floor only moves forward.
-_RAISE_FLOOR = _LESS + """
-local floor = redis.call('GET', KEYS[1])
-if (not floor) or less(floor, ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
+_RAISE_FLOOR = _SHIP + """
+raise_floor(KEYS[1], ARGV[1])
+"""
+
+# KEYS: outbox, outbox:trimmed. ARGV: a stamp every peer holds the outbox up to ('' if not all are known),
+# the most entries to keep. Trims what all hold, then the oldest past the most, and raises the trimmed
+# floor to the highest stamp trimmed. Returns the entries left.
+_TRIM_OUTBOX = _SHIP + """
+if ARGV[1] ~= '' then
+  if redis.call('ZREMRANGEBYLEX', KEYS[1], '-', '(' .. ARGV[1] .. '\\1') > 0 then raise_floor(KEYS[2], ARGV[1]) end
+end
+local over = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[2])
+if over > 0 then
+  local last = redis.call('ZRANGE', KEYS[1], over - 1, over - 1)[1]
+  raise_floor(KEYS[2], string.sub(last, 1, string.find(last, '\\0', 1, true) - 1))
+  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, over - 1)
+end
+return redis.call('ZCARD', KEYS[1])
 """
 
 # KEYS: ids, zset. ARGV: message id. Returns the member of the copy readers see, or nil.
@@ -167,65 +210,70 @@ if not key then return false end
 return redis.call('ZRANGEBYLEX', KEYS[2], '[' .. key .. '\\0', '[' .. key .. '\\1', 'LIMIT', 0, 1)[1]
 """
 
-# KEYS: status hash, meta:hlc. ARGV: rank key, presence, text, hlc, region.
+# KEYS: status hash, meta:hlc, outbox. ARGV: rank key, presence, text, hlc, region, outbox stamp and payload.
 # Returns {1 if the register changed, the winner's fields}.
 _SET_STATUS = _REGISTERS + """
 local changed = lww_set(KEYS[1], ARGV[1], {'p', ARGV[2], 't', ARGV[3], 'h', ARGV[4], 'r', ARGV[5]})
 raise_floor(KEYS[2], ARGV[4])
+if changed == 1 then ship(KEYS[3], KEYS[2], ARGV[6], ARGV[7]) end
 return {changed, redis.call('HMGET', KEYS[1], 'p', 't', 'h', 'r')}
 """
 
-# KEYS: membership register, meta:hlc, the channel's member index. ARGV: rank key, member (1/0), hlc,
-# region, user id. Returns {1 if the register changed, the winner's fields}.
+# KEYS: membership register, meta:hlc, the channel's member index, outbox. ARGV: rank key, member (1/0),
+# hlc, region, user id, outbox stamp and payload. Returns {1 if the register changed, the winner's fields}.
 _SET_MEMBER = _REGISTERS + """
 local changed = lww_set(KEYS[1], ARGV[1], {'v', ARGV[2], 'h', ARGV[3], 'r', ARGV[4]})
 redis.call('SADD', KEYS[3], ARGV[5])
 raise_floor(KEYS[2], ARGV[3])
+if changed == 1 then ship(KEYS[4], KEYS[2], ARGV[6], ARGV[7]) end
 return {changed, redis.call('HMGET', KEYS[1], 'v', 'h', 'r')}
 """
 
 # A private channel created here: its record and the creator's membership, unless the channel is
 # private already (0) or holds public messages here (-1). KEYS: channel records, meta:hlc, the
-# channel's message ids, the creator's membership register, the channel's member index.
-# ARGV: user id, hlc, region, rank key of the membership. Returns 1 if created.
+# channel's message ids, the creator's membership register, the channel's member index, outbox.
+# ARGV: user id, hlc, region, rank key of the membership, outbox stamp and payload. Returns 1 if created.
 _CREATE_CHANNEL = _REGISTERS + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '\\0' .. ARGV[3])
 lww_set(KEYS[4], ARGV[4], {'v', '1', 'h', ARGV[2], 'r', ARGV[3]})
 redis.call('SADD', KEYS[5], ARGV[1])
-raise_floor(KEYS[2], ARGV[2])
+ship(KEYS[6], KEYS[2], ARGV[5], ARGV[6])
 return 1
 """
 
-# A private channel record from another region. KEYS: channel records, meta:hlc.
-# ARGV: user id, hlc, region. Returns 0 if the records did not change, else how many users created it.
+# A private channel record from another region. KEYS: channel records, meta:hlc, outbox.
+# ARGV: user id, hlc, region, outbox stamp and payload. Returns 0 if the records did not change, else how
+# many users created it.
 _ADD_CHANNEL = _REGISTERS + """
 raise_floor(KEYS[2], ARGV[2])
 if keep_earliest(KEYS[1], ARGV[1], ARGV[2] .. '\\0' .. ARGV[3]) == 0 then return 0 end
+ship(KEYS[3], KEYS[2], ARGV[4], ARGV[5])
 return redis.call('HLEN', KEYS[1])
 """
 
-# A claim from another region: kept (per user, the earliest) whatever else is on the name.
-# KEYS: claims on the name, meta:hlc, then (one Redis) the user hash and the set of users, the user
-# created if new. ARGV: user id, hlc, region, name.
+# A claim from another region (or decided by consensus): kept (per user, the earliest) whatever else is on
+# the name. KEYS: claims on the name, meta:hlc, outbox, then (one Redis) the user hash and the set of users,
+# the user created if new. ARGV: user id, hlc, region, name, outbox stamp and payload.
 # Returns 0 if the claims on the name did not change, else how many users claim it.
 _ADD_CLAIM = _REGISTERS + """
 raise_floor(KEYS[2], ARGV[2])
 if keep_earliest(KEYS[1], ARGV[1], ARGV[2] .. '\\0' .. ARGV[3]) == 0 then return 0 end
-if #KEYS == 4 then add_user(KEYS[3], KEYS[4], unpack(ARGV)) end
+ship(KEYS[3], KEYS[2], ARGV[5], ARGV[6])
+if #KEYS == 5 then add_user(KEYS[4], KEYS[5], ARGV[1], ARGV[2], ARGV[3], ARGV[4]) end
 return redis.call('HLEN', KEYS[1])
 """
 
-# KEYS: claims on the name, meta:hlc, then (one Redis) the user hash and the set of users.
-# ARGV: user id, hlc, region, name.
+# KEYS: claims on the name, meta:hlc, outbox, then (one Redis) the user hash and the set of users.
+# ARGV: user id, hlc, region, name, outbox stamp and payload.
 # Returns 1 if claimed now, 0 if this user already claimed it, -1 if another user holds a claim.
 _CLAIM = _REGISTERS + """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
 if redis.call('HLEN', KEYS[1]) > 0 then return -1 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '\\0' .. ARGV[3])
-raise_floor(KEYS[2], ARGV[2])
-if #KEYS == 4 then add_user(KEYS[3], KEYS[4], unpack(ARGV)) end
+ship(KEYS[3], KEYS[2], ARGV[5], ARGV[6])
+if #KEYS == 5 then add_user(KEYS[4], KEYS[5], ARGV[1], ARGV[2], ARGV[3], ARGV[4]) end
 return 1
 """
 
@@ -296,6 +344,14 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
+class Shipped:
+    """A change's entry in the outbox: the stamp it goes under, and the change as `wire.outbox_entry` encodes it."""
+
+    stamp: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class PostOutcome:
     stream_ids: list[str] = field(default_factory=list)  # of the stored messages, in order
     duplicates: dict[str, str] = field(default_factory=dict)  # id -> order key stored earlier
@@ -330,18 +386,19 @@ class Store:
         self._set_member = client.register_script(_SET_MEMBER)
         self._create_channel = client.register_script(_CREATE_CHANNEL)
         self._add_channel = client.register_script(_ADD_CHANNEL)
+        self._trim_outbox = client.register_script(_TRIM_OUTBOX)
 
     async def close(self) -> None:
         await self.redis.aclose()
 
-    async def _beside(self, key: str) -> tuple[str, str, str, str]:
-        """The copies of (meta:hlc, shards, channels, users) in the slot of `key`, listed in COPIES
+    async def _beside(self, key: str) -> tuple[str, str, str, str, str]:
+        """The copies of (meta:hlc, shards, channels, users, outbox) in the slot of `key`, listed in COPIES
         first so that readers find them."""
         tag = self.layout.tag(key)
         if tag is not None and tag not in self._listed:
             await self.redis.sadd(COPIES, tag)
             self._listed.add(tag)
-        return tuple(self.layout.copy(name, key) for name in (FLOOR, SHARDS, CHANNELS, USERS))  # type: ignore[return-value]
+        return tuple(self.layout.copy(name, key) for name in (FLOOR, SHARDS, CHANNELS, USERS, OUTBOX))  # type: ignore[return-value]
 
     async def _copies(self, name: str) -> list[str]:
         """Every copy of a region-wide key, to read and merge."""
@@ -351,18 +408,18 @@ class Store:
     # Messages -----------------------------------------------------------------------------------
 
     async def post(self, shard: str, entries: list[LogEntry], update: bytes, state_vector: bytes,
-                   stream_cap: int) -> PostOutcome:
-        """Store new messages of one shard with the pycrdt update that adds them, unless any of them
-        is stored already, or the channel is private and a poster not a member: then store nothing and say
-        which."""
+                   stream_cap: int, shipped: Shipped) -> PostOutcome:
+        """Store new messages of one shard with the pycrdt update that adds them, and their outbox entry
+        (under a stamp at least theirs), unless any of them is stored already, or the channel is private and
+        a poster not a member: then store nothing and say which."""
         updates_key, _ = _shard_keys(shard)
         ch = entries[0].channel
-        args: list[str | bytes | int] = [stream_cap, update, ch, entries[-1].hlc, shard, state_vector]
+        args: list[str | bytes | int] = [stream_cap, update, ch, shipped.stamp, shard, state_vector, shipped.payload]
         for e in entries:
             args += [e.id, e.order_key, _member(e)]
-        floor, shards, channels, _ = await self._beside(_ids(ch))
+        floor, shards, channels, _, outbox = await self._beside(_ids(ch))
         stored, values = await self._post(
-            keys=[_ids(ch), _zset(ch), _stream(ch), updates_key, channels, floor, shards, _records(ch),
+            keys=[_ids(ch), _zset(ch), _stream(ch), updates_key, channels, floor, shards, _records(ch), outbox,
                   *(_member_key(ch, e.user_id) for e in entries)], args=args)
         decoded = [v.decode() for v in values]
         if stored == 1:
@@ -372,17 +429,17 @@ class Store:
         return PostOutcome(duplicates=dict(zip(decoded[::2], decoded[1::2], strict=True)))
 
     async def apply(self, shard: str, entries: list[LogEntry], update: bytes, state_vector: bytes,
-                    stream_cap: int) -> dict[str, str]:
-        """Store copies of messages from another region with the update that brought them; return
-        {message id: stream id} of the messages that are new here."""
+                    stream_cap: int, shipped: Shipped) -> dict[str, str]:
+        """Store copies of messages from another region with the update that brought them, and its outbox
+        entry; return {message id: stream id} of the messages that are new here."""
         updates_key, _ = _shard_keys(shard)
         ch = split_shard_name(shard)[0]
-        args: list[str | bytes | int] = [stream_cap, update, ch, shard, state_vector]
+        args: list[str | bytes | int] = [stream_cap, update, ch, shard, state_vector, shipped.stamp, shipped.payload]
         for e in entries:
             args += [e.id, e.order_key, _member(e)]
-        _, shards, channels, _ = await self._beside(_ids(ch))
+        floor, shards, channels, _, outbox = await self._beside(_ids(ch))
         values = [v.decode() for v in await self._apply(
-            keys=[_ids(ch), _zset(ch), _stream(ch), updates_key, channels, shards], args=args)]
+            keys=[_ids(ch), _zset(ch), _stream(ch), updates_key, channels, shards, outbox, floor], args=args)]
         return dict(zip(values[::2], values[1::2], strict=True))
 
     async def find(self, channel: str, msg_id: str) -> LogEntry | None:
@@ -449,13 +506,15 @@ class Store:
 
     # Status -------------------------------------------------------------------------------------
 
-    async def set_status(self, value: StatusValue) -> tuple[StatusValue, bool]:
-        """Merge `value` into the user's register; return the winner and whether the register changed."""
+    async def set_status(self, value: StatusValue, shipped: Shipped) -> tuple[StatusValue, bool]:
+        """Merge `value` into the user's register, shipping it if it wins; return the winner and whether the
+        register changed."""
         key = f"s:{value.user_id}"
-        floor, *_ = await self._beside(key)
+        floor, *_, outbox = await self._beside(key)
         changed, (p, t, h, r) = await self._set_status(
-            keys=[key, floor],
-            args=[rank_key(value), value.presence, value.text, value.hlc, value.region])
+            keys=[key, floor, outbox],
+            args=[rank_key(value), value.presence, value.text, value.hlc, value.region, shipped.stamp,
+                  shipped.payload])
         return StatusValue(value.user_id, int(p), t.decode(), h.decode(), r.decode()), bool(changed)
 
     async def status(self, user_id: str) -> StatusValue | None:
@@ -464,31 +523,33 @@ class Store:
 
     # Users and claims ---------------------------------------------------------------------------
 
-    async def claim(self, claim: Claim) -> int:
-        """Record a claim; 1: claimed, 0: this user claimed the name before, -1: another user did."""
-        outcome = int(await self._claim(keys=await self._claim_keys(claim), args=_claim_args(claim)))
+    async def claim(self, claim: Claim, shipped: Shipped) -> int:
+        """Record a claim made here; 1: claimed, 0: this user claimed the name before, -1: another user did."""
+        outcome = int(await self._claim(keys=await self._claim_keys(claim),
+                                        args=[*_claim_args(claim), shipped.stamp, shipped.payload]))
         if outcome >= 0:
             await self._user_of(claim)
         return outcome
 
-    async def add_claim(self, claim: Claim) -> int:
-        """Record a claim from another region; 0 if the claims on its name did not change, else how
-        many users claim the name (more than one: a conflict)."""
-        outcome = int(await self._add_claim(keys=await self._claim_keys(claim), args=_claim_args(claim)))
+    async def add_claim(self, claim: Claim, shipped: Shipped) -> int:
+        """Record a claim from another region (or decided by consensus); 0 if the claims on its name did not
+        change, else how many users claim the name (more than one: a conflict)."""
+        outcome = int(await self._add_claim(keys=await self._claim_keys(claim),
+                                            args=[*_claim_args(claim), shipped.stamp, shipped.payload]))
         await self._user_of(claim)
         return outcome
 
     async def _claim_keys(self, claim: Claim) -> list[str]:
         key, user = f"n:{claim.name}", f"u:{claim.user_id}"
-        floor, *_ = await self._beside(key)
+        floor, *_, outbox = await self._beside(key)
         # On one Redis the claim script creates the user too; on a cluster the user is in another slot.
-        return [key, floor] if self.layout.cluster else [key, floor, user, self.layout.copy(USERS, user)]
+        return [key, floor, outbox] + ([] if self.layout.cluster else [user, self.layout.copy(USERS, user)])
 
     async def _user_of(self, claim: Claim) -> None:
         """Cluster only: the user a claim names, created if new (idempotent: heals a crash after the claim)."""
         if self.layout.cluster:
             user = f"u:{claim.user_id}"
-            floor, _, _, users = await self._beside(user)
+            floor, _, _, users, _ = await self._beside(user)
             await self._add_user(keys=[user, users, floor], args=_claim_args(claim))
 
     async def claims_on(self, name: str) -> list[Claim]:
@@ -500,34 +561,37 @@ class Store:
 
     # Private channels ---------------------------------------------------------------------------
 
-    async def create_channel(self, record: Claim) -> int:
+    async def create_channel(self, record: Claim, shipped: Shipped) -> int:
         """Record a private channel created here, its creator a member (stamped with the record's hlc);
         1: created, 0: the channel is private already, -1: it holds public messages here."""
         ch, user = record.name, record.user_id
         member = MemberValue(ch, user, True, record.hlc, record.region)
-        floor, *_ = await self._beside(_records(ch))
+        floor, *_, outbox = await self._beside(_records(ch))
         outcome = await self._create_channel(
-            keys=[_records(ch), floor, _ids(ch), _member_key(ch, user), _member_index(ch)],
-            args=[user, record.hlc, record.region, rank_key(member)])
+            keys=[_records(ch), floor, _ids(ch), _member_key(ch, user), _member_index(ch), outbox],
+            args=[user, record.hlc, record.region, rank_key(member), shipped.stamp, shipped.payload])
         return int(outcome)
 
-    async def add_channel(self, record: Claim) -> int:
+    async def add_channel(self, record: Claim, shipped: Shipped) -> int:
         """Record a private channel from another region; 0 if the channel's records did not change,
         else how many users created it (more than one: a conflict)."""
-        floor, *_ = await self._beside(_records(record.name))
-        return int(await self._add_channel(keys=[_records(record.name), floor],
-                                           args=[record.user_id, record.hlc, record.region]))
+        floor, *_, outbox = await self._beside(_records(record.name))
+        return int(await self._add_channel(keys=[_records(record.name), floor, outbox],
+                                           args=[record.user_id, record.hlc, record.region, shipped.stamp,
+                                                 shipped.payload]))
 
     async def channel_records(self, channel: str) -> list[Claim]:
         return _claims(channel, await self.redis.hgetall(_records(channel)))
 
-    async def set_member(self, value: MemberValue) -> tuple[MemberValue, bool]:
-        """Merge `value` into the membership register; return the winner and whether it changed."""
+    async def set_member(self, value: MemberValue, shipped: Shipped) -> tuple[MemberValue, bool]:
+        """Merge `value` into the membership register, shipping it if it wins; return the winner and whether
+        it changed."""
         ch, user = value.channel, value.user_id
-        floor, *_ = await self._beside(_member_index(ch))
+        floor, *_, outbox = await self._beside(_member_index(ch))
         changed, fields = await self._set_member(
-            keys=[_member_key(ch, user), floor, _member_index(ch)],
-            args=[rank_key(value), int(value.member), value.hlc, value.region, user])
+            keys=[_member_key(ch, user), floor, _member_index(ch), outbox],
+            args=[rank_key(value), int(value.member), value.hlc, value.region, user, shipped.stamp,
+                  shipped.payload])
         return _member_value(ch, user, fields), bool(changed)  # type: ignore[return-value]
 
     async def member(self, channel: str, user_id: str) -> MemberValue | None:
@@ -630,6 +694,51 @@ class Store:
             pipe.sadd(self.layout.meta("departed"), region)
             await pipe.execute()
 
+    # Outbox ------------------------------------------------------------------------------------
+
+    async def outbox_epoch(self) -> str:
+        """The name of this outbox, made at its first use: a Redis that lost its data, or got it from a
+        backup, starts a new one (`backup` leaves it out), and peers' cursors of the old one are void."""
+        key = self.layout.meta("epoch")
+        await self.redis.set(key, secrets.token_hex(8), nx=True)
+        return (await self.redis.get(key)).decode()
+
+    async def outbox_after(self, after: bytes, count: int) -> list[bytes]:
+        """Up to `count` outbox entries above `after` (an entry, or `past(stamp)`), oldest first; `split_entry`
+        reads them."""
+        rows = await self._read_all("zrangebylex", await self._copies(OUTBOX), b"(" + after, b"+", 0, count)
+        return heapq.nsmallest(count, (m for row in rows for m in row))
+
+    async def outbox_at(self, stamps: list[str]) -> list[tuple[str, bytes]]:
+        """The outbox entries stamped with any of `stamps`, as (stamp, payload)."""
+        keys = await self._copies(OUTBOX)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stamp in stamps:
+                for key in keys:
+                    pipe.zrangebylex(key, b"[" + stamp.encode() + b"\x00", b"(" + stamp.encode() + b"\x01")
+            rows = await pipe.execute()
+        return [split_entry(m) for row in rows for m in row]
+
+    async def outbox_trimmed(self) -> str:
+        """The highest stamp trimmed from the outbox ("" if none): a cursor below it cannot resume."""
+        return max((v.decode() for v in await self._read_all("get", await self._copies(TRIMMED)) if v), default="")
+
+    async def trim_outbox(self, held_by_all: str, keep: int) -> int:
+        """Trim the outbox entries stamped at or below `held_by_all` ("": none), then the oldest past `keep`
+        (in each copy on a cluster); return the entries left."""
+        left = 0
+        for copy in await self._copies(OUTBOX):
+            left += int(await self._trim_outbox(keys=[copy, self.layout.copy(TRIMMED, copy)], args=[held_by_all, keep]))
+        return left
+
+    async def load_cursors(self) -> dict[str, str]:
+        """region -> how far this region holds that peer's outbox ("EPOCH:STAMP")."""
+        return {k.decode(): v.decode() for k, v in (await self.redis.hgetall(self.layout.meta("cursors"))).items()}
+
+    async def save_cursors(self, cursors: dict[str, str]) -> None:
+        if cursors:
+            await self.redis.hset(self.layout.meta("cursors"), mapping=cursors)
+
     async def load_vector(self) -> dict[str, str]:
         return {k.decode(): v.decode() for k, v in (await self.redis.hgetall(self.layout.meta("vector"))).items()}
 
@@ -637,7 +746,7 @@ class Store:
         if vector:
             await self.redis.hset(self.layout.meta("vector"), mapping=vector)
 
-    async def _read_all(self, read: str, keys: list[Any], *fields: str) -> list[Any]:
+    async def _read_all(self, read: str, keys: list[Any], *fields: Any) -> list[Any]:
         """`read` of each key, in one pipeline (on a cluster, one round trip per node)."""
         if not keys:
             return []
@@ -703,6 +812,17 @@ def parse_stream_id(text: str) -> str:
     if not (sep and ms.isdigit() and seq.isdigit() and len(ms) <= 20 and len(seq) <= 20):
         raise ValueError(f"not a stream position: {text[:40]!r}")
     return f"{int(ms)}-{int(seq)}"
+
+
+def past(stamp: str) -> bytes:
+    """Below every outbox entry stamped after `stamp`, above every other one."""
+    return stamp.encode() + b"\x01"
+
+
+def split_entry(member: bytes) -> tuple[str, bytes]:
+    """An outbox entry as (stamp, payload)."""
+    stamp, _, payload = member.partition(b"\x00")
+    return stamp.decode(), payload
 
 
 def _claim_args(claim: Claim) -> list[str]:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmlchat/v1/replication.proto\x12\tmlchat.v1\"\'\n\x06\x42\x61llot\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0e\n\x06region\x18\x02 \x01(\t\"@\n\x0ePrepareRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x06\x62\x61llot\x18\x02 \x01(\x0b\x32\x11.mlchat.v1.Ballot\"\x89\x02\n\x0fPrepareResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12#\n\x08promised\x18\x02 \x01(\x0b\x32\x11.mlchat.v1.Ballot\x12*\n\x0f\x61\x63\x63\x65pted_ballot\x18\x03 \x01(\x0b\x32\x11.mlchat.v1.Ballot\x12\x1a\n\x12has_accepted_value\x18\x04 \x01(\x08\x12\x16\n\x0e\x61\x63\x63\x65pted_value\x18\x05 \x01(\t\x12\x36\n\x06vector\x18\x06 \x03(\x0b\x32&.mlchat.v1.PrepareResponse.VectorEntry\x1a-\n\x0bVectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\rAcceptRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x06\x62\x61llot\x18\x02 \x01(\x0b\x32\x11.mlchat.v1.Ballot\x12\r\n\x05value\x18\x03 \x01(\t\"A\n\x0e\x41\x63\x63\x65ptResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12#\n\x08promised\x18\x02 \x01(\x0b\x32\x11.mlchat.v1.Ballot\".\n\x0bJoinRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"u\n\x0cJoinResponse\x12\x35\n\x07members\x18\x01 \x03(\x0b\x32$.mlchat.v1.JoinResponse.MembersEntry\x1a.\n\x0cMembersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1e\n\x0cLeaveRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\"\x0f\n\rLeaveResponse\"1\n\nShardState\x12\r\n\x05shard\x18\x01 \x01(\t\x12\x14\n\x0cstate_vector\x18\x02 \x01(\x0c\"\xb1\x01\n\x10ReplicateRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\x12%\n\x06shards\x18\x02 \x03(\x0b\x32\x15.mlchat.v1.ShardState\x12\x37\n\x06vector\x18\x03 \x03(\x0b\x32\'.mlchat.v1.ReplicateRequest.VectorEntry\x1a-\n\x0bVectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\",\n\x0bShardUpdate\x12\r\n\x05shard\x18\x01 \x01(\t\x12\x0e\n\x06update\x18\x02 \x01(\x0c\"\\\n\x0cStatusRecord\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08presence\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0b\n\x03hlc\x18\x04 \x01(\t\x12\x0e\n\x06region\x18\x05 \x01(\t\"I\n\x0b\x43laimRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0b\n\x03hlc\x18\x03 \x01(\t\x12\x0e\n\x06region\x18\x04 \x01(\t\"V\n\rChannelRecord\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x17\n\x0f\x63reator_user_id\x18\x02 \x01(\t\x12\x0b\n\x03hlc\x18\x03 \x01(\t\x12\x0e\n\x06region\x18\x04 \x01(\t\"a\n\x10MembershipRecord\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0e\n\x06member\x18\x03 \x01(\x08\x12\x0b\n\x03hlc\x18\x04 \x01(\t\x12\x0e\n\x06region\x18\x05 \x01(\t\"\x8e\x04\n\x05\x44\x65lta\x12\x13\n\x0b\x66rom_region\x18\x01 \x01(\t\x12&\n\x06shards\x18\x02 \x03(\x0b\x32\x16.mlchat.v1.ShardUpdate\x12)\n\x08statuses\x18\x03 \x03(\x0b\x32\x17.mlchat.v1.StatusRecord\x12&\n\x06\x63laims\x18\x04 \x03(\x0b\x32\x16.mlchat.v1.ClaimRecord\x12,\n\x06vector\x18\x05 \x03(\x0b\x32\x1c.mlchat.v1.Delta.VectorEntry\x12\x0f\n\x07\x62\x61\x63klog\x18\x06 \x01(\x03\x12.\n\x07members\x18\x07 \x03(\x0b\x32\x1d.mlchat.v1.Delta.MembersEntry\x12\x10\n\x08\x64\x65parted\x18\x08 \x03(\t\x12\r\n\x05\x65poch\x18\t \x01(\x03\x12\x0f\n\x07primary\x18\n \x01(\t\x12\x13\n\x0bvoted_epoch\x18\x0b \x01(\x03\x12*\n\x08\x63hannels\x18\x0c \x03(\x0b\x32\x18.mlchat.v1.ChannelRecord\x12\x34\n\x0f\x63hannel_members\x18\r \x03(\x0b\x32\x1b.mlchat.v1.MembershipRecord\x1a-\n\x0bVectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cMembersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xc8\x02\n\x12ReplicationService\x12<\n\tReplicate\x12\x1b.mlchat.v1.ReplicateRequest\x1a\x10.mlchat.v1.Delta0\x01\x12\x37\n\x04Join\x12\x16.mlchat.v1.JoinRequest\x1a\x17.mlchat.v1.JoinResponse\x12:\n\x05Leave\x12\x17.mlchat.v1.LeaveRequest\x1a\x18.mlchat.v1.LeaveResponse\x12@\n\x07Prepare\x12\x19.mlchat.v1.PrepareRequest\x1a\x1a.mlchat.v1.PrepareResponse\x12=\n\x06\x41\x63\x63\x65pt\x12\x18.mlchat.v1.AcceptRequest\x1a\x19.mlchat.v1.AcceptResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmlchat/v1/replication.proto\x12\tmlchat.v1\"\'\n\x06\x42\x61llot\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0e\n\x06region\x18\x02 \x01(\t\"@\n\x0ePrepareRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x06\x62\x61llot\x18\x02 \x01(\x0b\x32\x11.mlchat.v1.Ballot\"\x89\x02\n\x0fPrepareResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12#\n\x08promised\x18\x02 \x01(\x0b\x32\x11.mlchat.v1.Ballot\x12*\n\x0f\x61\x63\x63\x65pted_ballot\x18\x03 \x01(\x0b\x32\x11.mlchat.v1.Ballot\x12\x1a\n\x12has_accepted_value\x18\x04 \x01(\x08\x12\x16\n\x0e\x61\x63\x63\x65pted_value\x18\x05 \x01(\t\x12\x36\n\x06vector\x18\x06 \x03(\x0b\x32&.mlchat.v1.PrepareResponse.VectorEntry\x1a-\n\x0bVectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\rAcceptRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x06\x62\x61llot\x18\x02 \x01(\x0b\x32\x11.mlchat.v1.Ballot\x12\r\n\x05value\x18\x03 \x01(\t\"A\n\x0e\x41\x63\x63\x65ptResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12#\n\x08promised\x18\x02 \x01(\x0b\x32\x11.mlchat.v1.Ballot\".\n\x0bJoinRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"u\n\x0cJoinResponse\x12\x35\n\x07members\x18\x01 \x03(\x0b\x32$.mlchat.v1.JoinResponse.MembersEntry\x1a.\n\x0cMembersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1e\n\x0cLeaveRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\"\x0f\n\rLeaveResponse\"1\n\nShardState\x12\r\n\x05shard\x18\x01 \x01(\t\x12\x14\n\x0cstate_vector\x18\x02 \x01(\x0c\"\xc8\x01\n\x10ReplicateRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\x12%\n\x06shards\x18\x02 \x03(\x0b\x32\x15.mlchat.v1.ShardState\x12\x37\n\x06vector\x18\x03 \x03(\x0b\x32\'.mlchat.v1.ReplicateRequest.VectorEntry\x12\x15\n\rresume_cursor\x18\x04 \x01(\t\x1a-\n\x0bVectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\",\n\x0bShardUpdate\x12\r\n\x05shard\x18\x01 \x01(\t\x12\x0e\n\x06update\x18\x02 \x01(\x0c\"\\\n\x0cStatusRecord\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08presence\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0b\n\x03hlc\x18\x04 \x01(\t\x12\x0e\n\x06region\x18\x05 \x01(\t\"I\n\x0b\x43laimRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0b\n\x03hlc\x18\x03 \x01(\t\x12\x0e\n\x06region\x18\x04 \x01(\t\"V\n\rChannelRecord\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x17\n\x0f\x63reator_user_id\x18\x02 \x01(\t\x12\x0b\n\x03hlc\x18\x03 \x01(\t\x12\x0e\n\x06region\x18\x04 \x01(\t\"a\n\x10MembershipRecord\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0e\n\x06member\x18\x03 \x01(\x08\x12\x0b\n\x03hlc\x18\x04 \x01(\t\x12\x0e\n\x06region\x18\x05 \x01(\t\"\xfe\x04\n\x05\x44\x65lta\x12\x13\n\x0b\x66rom_region\x18\x01 \x01(\t\x12&\n\x06shards\x18\x02 \x03(\x0b\x32\x16.mlchat.v1.ShardUpdate\x12)\n\x08statuses\x18\x03 \x03(\x0b\x32\x17.mlchat.v1.StatusRecord\x12&\n\x06\x63laims\x18\x04 \x03(\x0b\x32\x16.mlchat.v1.ClaimRecord\x12,\n\x06vector\x18\x05 \x03(\x0b\x32\x1c.mlchat.v1.Delta.VectorEntry\x12\x0f\n\x07\x62\x61\x63klog\x18\x06 \x01(\x03\x12.\n\x07members\x18\x07 \x03(\x0b\x32\x1d.mlchat.v1.Delta.MembersEntry\x12\x10\n\x08\x64\x65parted\x18\x08 \x03(\t\x12\r\n\x05\x65poch\x18\t \x01(\x03\x12\x0f\n\x07primary\x18\n \x01(\t\x12\x13\n\x0bvoted_epoch\x18\x0b \x01(\x03\x12*\n\x08\x63hannels\x18\x0c \x03(\x0b\x32\x18.mlchat.v1.ChannelRecord\x12\x34\n\x0f\x63hannel_members\x18\r \x03(\x0b\x32\x1b.mlchat.v1.MembershipRecord\x12\x0e\n\x06\x63ursor\x18\x0e \x01(\t\x12.\n\x07\x63ursors\x18\x0f \x03(\x0b\x32\x1d.mlchat.v1.Delta.CursorsEntry\x1a-\n\x0bVectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cMembersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0c\x43ursorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbe\x01\n\x0bOutboxEntry\x12 \n\x06\x63hange\x18\x01 \x01(\x0b\x32\x10.mlchat.v1.Delta\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x34\n\x07origins\x18\x03 \x03(\x0b\x32#.mlchat.v1.OutboxEntry.OriginsEntry\x12\x17\n\x0forigins_unknown\x18\x04 \x01(\x08\x1a.\n\x0cOriginsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xc8\x02\n\x12ReplicationService\x12<\n\tReplicate\x12\x1b.mlchat.v1.ReplicateRequest\x1a\x10.mlchat.v1.Delta0\x01\x12\x37\n\x04Join\x12\x16.mlchat.v1.JoinRequest\x1a\x17.mlchat.v1.JoinResponse\x12:\n\x05Leave\x12\x17.mlchat.v1.LeaveRequest\x1a\x18.mlchat.v1.LeaveResponse\x12@\n\x07Prepare\x12\x19.mlchat.v1.PrepareRequest\x1a\x1a.mlchat.v1.PrepareResponse\x12=\n\x06\x41\x63\x63\x65pt\x12\x18.mlchat.v1.AcceptRequest\x1a\x19.mlchat.v1.AcceptResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,6 +41,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELTA_VECTORENTRY']._serialized_options = b'8\001'
   _globals['_DELTA_MEMBERSENTRY']._loaded_options = None
   _globals['_DELTA_MEMBERSENTRY']._serialized_options = b'8\001'
+  _globals['_DELTA_CURSORSENTRY']._loaded_options = None
+  _globals['_DELTA_CURSORSENTRY']._serialized_options = b'8\001'
+  _globals['_OUTBOXENTRY_ORIGINSENTRY']._loaded_options = None
+  _globals['_OUTBOXENTRY_ORIGINSENTRY']._serialized_options = b'8\001'
   _globals['_BALLOT']._serialized_start=42
   _globals['_BALLOT']._serialized_end=81
   _globals['_PREPAREREQUEST']._serialized_start=83
@@ -66,25 +70,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SHARDSTATE']._serialized_start=780
   _globals['_SHARDSTATE']._serialized_end=829
   _globals['_REPLICATEREQUEST']._serialized_start=832
-  _globals['_REPLICATEREQUEST']._serialized_end=1009
+  _globals['_REPLICATEREQUEST']._serialized_end=1032
   _globals['_REPLICATEREQUEST_VECTORENTRY']._serialized_start=370
   _globals['_REPLICATEREQUEST_VECTORENTRY']._serialized_end=415
-  _globals['_SHARDUPDATE']._serialized_start=1011
-  _globals['_SHARDUPDATE']._serialized_end=1055
-  _globals['_STATUSRECORD']._serialized_start=1057
-  _globals['_STATUSRECORD']._serialized_end=1149
-  _globals['_CLAIMRECORD']._serialized_start=1151
-  _globals['_CLAIMRECORD']._serialized_end=1224
-  _globals['_CHANNELRECORD']._serialized_start=1226
-  _globals['_CHANNELRECORD']._serialized_end=1312
-  _globals['_MEMBERSHIPRECORD']._serialized_start=1314
-  _globals['_MEMBERSHIPRECORD']._serialized_end=1411
-  _globals['_DELTA']._serialized_start=1414
-  _globals['_DELTA']._serialized_end=1940
+  _globals['_SHARDUPDATE']._serialized_start=1034
+  _globals['_SHARDUPDATE']._serialized_end=1078
+  _globals['_STATUSRECORD']._serialized_start=1080
+  _globals['_STATUSRECORD']._serialized_end=1172
+  _globals['_CLAIMRECORD']._serialized_start=1174
+  _globals['_CLAIMRECORD']._serialized_end=1247
+  _globals['_CHANNELRECORD']._serialized_start=1249
+  _globals['_CHANNELRECORD']._serialized_end=1335
+  _globals['_MEMBERSHIPRECORD']._serialized_start=1337
+  _globals['_MEMBERSHIPRECORD']._serialized_end=1434
+  _globals['_DELTA']._serialized_start=1437
+  _globals['_DELTA']._serialized_end=2075
   _globals['_DELTA_VECTORENTRY']._serialized_start=370
   _globals['_DELTA_VECTORENTRY']._serialized_end=415
   _globals['_DELTA_MEMBERSENTRY']._serialized_start=683
   _globals['_DELTA_MEMBERSENTRY']._serialized_end=729
-  _globals['_REPLICATIONSERVICE']._serialized_start=1943
-  _globals['_REPLICATIONSERVICE']._serialized_end=2271
+  _globals['_DELTA_CURSORSENTRY']._serialized_start=2029
+  _globals['_DELTA_CURSORSENTRY']._serialized_end=2075
+  _globals['_OUTBOXENTRY']._serialized_start=2078
+  _globals['_OUTBOXENTRY']._serialized_end=2268
+  _globals['_OUTBOXENTRY_ORIGINSENTRY']._serialized_start=2222
+  _globals['_OUTBOXENTRY_ORIGINSENTRY']._serialized_end=2268
+  _globals['_REPLICATIONSERVICE']._serialized_start=2271
+  _globals['_REPLICATIONSERVICE']._serialized_end=2599
 # @@protoc_insertion_point(module_scope)

@@ -322,8 +322,14 @@ class ReplicateRequest(_message.Message):
     REGION_FIELD_NUMBER: _builtins.int
     SHARDS_FIELD_NUMBER: _builtins.int
     VECTOR_FIELD_NUMBER: _builtins.int
+    RESUME_CURSOR_FIELD_NUMBER: _builtins.int
     region: _builtins.str
     """The receiving region and what it holds."""
+    resume_cursor: _builtins.str
+    """Where the receiver's copy of the peer's outbox stopped, as the peer's stream last told it
+    (Delta.cursor); empty if it has none. If the peer's outbox still holds everything after it, the peer
+    answers from there; else it compares states.
+    """
     @_builtins.property
     def shards(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShardState]: ...
     @_builtins.property
@@ -336,10 +342,11 @@ class ReplicateRequest(_message.Message):
         region: _builtins.str = ...,
         shards: _abc.Iterable[Global___ShardState] | None = ...,
         vector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        resume_cursor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["region", b"region", "shards", b"shards", "vector", b"vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["region", b"region", "resume_cursor", b"resume_cursor", "shards", b"shards", "vector", b"vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -531,6 +538,26 @@ class Delta(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class CursorsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     FROM_REGION_FIELD_NUMBER: _builtins.int
     SHARDS_FIELD_NUMBER: _builtins.int
     STATUSES_FIELD_NUMBER: _builtins.int
@@ -544,6 +571,8 @@ class Delta(_message.Message):
     VOTED_EPOCH_FIELD_NUMBER: _builtins.int
     CHANNELS_FIELD_NUMBER: _builtins.int
     CHANNEL_MEMBERS_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    CURSORS_FIELD_NUMBER: _builtins.int
     from_region: _builtins.str
     backlog: _builtins.int
     """Changes the sender still has queued for this receiver after this one: how far behind it is."""
@@ -553,6 +582,10 @@ class Delta(_message.Message):
     """
     primary: _builtins.str
     voted_epoch: _builtins.int
+    cursor: _builtins.str
+    """"EPOCH:STAMP": the receiver holds every entry of the sender's outbox (its epoch, while its Redis
+    keeps its data) stamped at or below STAMP. Empty when it did not move.
+    """
     @_builtins.property
     def shards(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShardUpdate]: ...
     @_builtins.property
@@ -575,6 +608,12 @@ class Delta(_message.Message):
     def channels(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChannelRecord]: ...
     @_builtins.property
     def channel_members(self) -> _containers.RepeatedCompositeFieldContainer[Global___MembershipRecord]: ...
+    @_builtins.property
+    def cursors(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """On heartbeats: region -> the cursor of that region's outbox that the sender holds. A region
+        trims from its outbox what every member holds.
+        """
+
     def __init__(
         self,
         *,
@@ -591,11 +630,68 @@ class Delta(_message.Message):
         voted_epoch: _builtins.int = ...,
         channels: _abc.Iterable[Global___ChannelRecord] | None = ...,
         channel_members: _abc.Iterable[Global___MembershipRecord] | None = ...,
+        cursor: _builtins.str = ...,
+        cursors: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "channel_members", b"channel_members", "channels", b"channels", "claims", b"claims", "departed", b"departed", "epoch", b"epoch", "from_region", b"from_region", "members", b"members", "primary", b"primary", "shards", b"shards", "statuses", b"statuses", "vector", b"vector", "voted_epoch", b"voted_epoch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "channel_members", b"channel_members", "channels", b"channels", "claims", b"claims", "cursor", b"cursor", "cursors", b"cursors", "departed", b"departed", "epoch", b"epoch", "from_region", b"from_region", "members", b"members", "primary", b"primary", "shards", b"shards", "statuses", b"statuses", "vector", b"vector", "voted_epoch", b"voted_epoch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Delta: _TypeAlias = Delta  # noqa: Y015
+
+@_typing.final
+class OutboxEntry(_message.Message):
+    """A change as a region keeps it in its outbox, for peers that resume from a cursor."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class OriginsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CHANGE_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    ORIGINS_FIELD_NUMBER: _builtins.int
+    ORIGINS_UNKNOWN_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """The peer it was applied from; empty for this region's own writes."""
+    origins_unknown: _builtins.bool
+    @_builtins.property
+    def change(self) -> Global___Delta: ...
+    @_builtins.property
+    def origins(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Origin region -> the highest stamp of what it carries; with origins_unknown, not all of them."""
+
+    def __init__(
+        self,
+        *,
+        change: Global___Delta | None = ...,
+        source: _builtins.str = ...,
+        origins: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        origins_unknown: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "origins", b"origins", "origins_unknown", b"origins_unknown", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutboxEntry: _TypeAlias = OutboxEntry  # noqa: Y015

@@ -4,6 +4,7 @@ primaries (real servers, the bundled binary). The same tests, the same results."
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -17,7 +18,7 @@ from mlchat.crdt.lww import MemberValue, StatusValue
 from mlchat.crdt.msglog import LogEntry, message_id
 from mlchat.leader.process import free_port
 from mlchat.leader.server import redis_client
-from mlchat.leader.store import Store
+from mlchat.leader.store import Shipped, Store, past, split_entry
 from mlchat.leader.valkey import EmbeddedValkey, EmbeddedValkeyCluster
 
 T = TypeVar("T")
@@ -48,8 +49,12 @@ def shard(channel: str) -> str:
     return f"{channel}/0"
 
 
+def ship(stamp: str) -> Shipped:
+    return Shipped(stamp, b"change " + stamp.encode())
+
+
 async def post(store: Store, channel: str, entries: list[LogEntry]):
-    return await store.post(shard(channel), entries, b"update", b"sv-" + channel.encode(), CAP)
+    return await store.post(shard(channel), entries, b"update", b"sv-" + channel.encode(), CAP, ship(entries[-1].hlc))
 
 
 def test_post_dedup_find_and_stream(any_redis_url, unique):
@@ -77,7 +82,8 @@ def test_a_copy_from_another_region_replaces_a_later_one(any_redis_url, unique):
 
     async def body(store: Store):
         await post(store, ch, [local])
-        new = await store.apply(shard(ch), [earlier, entry(ch, 2, 6_000, "eu-west")], b"u2", b"sv", CAP)
+        new = await store.apply(shard(ch), [earlier, entry(ch, 2, 6_000, "eu-west")], b"u2", b"sv", CAP,
+                                ship(hlc(6_001)))
         return new, await store.find(ch, local.id), (await store.page(ch, "", 10, False)).entries
 
     new, found, page = run(any_redis_url, body)
@@ -109,8 +115,8 @@ def test_status_is_last_writer_wins(any_redis_url, unique):
     user = f"u{unique}"
 
     async def body(store: Store):
-        later = await store.set_status(StatusValue(user, 1, "later", hlc(2_000), "us-east"))
-        earlier = await store.set_status(StatusValue(user, 2, "earlier", hlc(1_000), "eu-west"))
+        later = await store.set_status(StatusValue(user, 1, "later", hlc(2_000), "us-east"), ship(hlc(2_000)))
+        earlier = await store.set_status(StatusValue(user, 2, "earlier", hlc(1_000), "eu-west"), ship(hlc(2_001)))
         listed = [s async for s in store.statuses() if s.user_id == user]
         return later, earlier, await store.status(user), listed
 
@@ -124,11 +130,11 @@ def test_claims_users_and_conflicts(any_redis_url, unique):
 
     async def body(store: Store):
         before = (await store.counts())[0]
-        outcomes = [await store.claim(Claim(hlc(3_000), "us-east", "ua" + unique, name)),
-                    await store.claim(Claim(hlc(3_001), "us-east", "ua" + unique, name)),
-                    await store.claim(Claim(hlc(3_002), "us-east", "ub" + unique, name))]
-        remote = await store.add_claim(Claim(hlc(2_000), "eu-west", "uc" + unique, name))
-        again = await store.add_claim(Claim(hlc(2_000), "eu-west", "uc" + unique, name))
+        outcomes = [await store.claim(Claim(hlc(3_000), "us-east", "ua" + unique, name), ship(hlc(3_000))),
+                    await store.claim(Claim(hlc(3_001), "us-east", "ua" + unique, name), ship(hlc(3_001))),
+                    await store.claim(Claim(hlc(3_002), "us-east", "ub" + unique, name), ship(hlc(3_002)))]
+        remote = await store.add_claim(Claim(hlc(2_000), "eu-west", "uc" + unique, name), ship(hlc(3_003)))
+        again = await store.add_claim(Claim(hlc(2_000), "eu-west", "uc" + unique, name), ship(hlc(3_004)))
         users = (await store.counts())[0] - before
         listed = sorted(c.user_id for c in [c async for c in store.claims()] if c.name == name)
         return (outcomes, remote, again, users, await store.user_name("uc" + unique),
@@ -144,11 +150,11 @@ def test_private_channels_and_memberships(any_redis_url, unique):
     ch, creator, other = f"p{unique}", f"ua{unique}", f"ub{unique}"
 
     async def body(store: Store):
-        created = await store.create_channel(Claim(hlc(1_000), "us-east", creator, ch))
-        again = await store.create_channel(Claim(hlc(1_001), "us-east", other, ch))
+        created = await store.create_channel(Claim(hlc(1_000), "us-east", creator, ch), ship(hlc(1_000)))
+        again = await store.create_channel(Claim(hlc(1_001), "us-east", other, ch), ship(hlc(1_001)))
         await post(store, f"pub{unique}", [entry(f"pub{unique}", 1, 1_000)])
-        public = await store.create_channel(Claim(hlc(1_002), "us-east", creator, f"pub{unique}"))
-        joined = await store.set_member(MemberValue(ch, other, True, hlc(1_100), "us-east"))
+        public = await store.create_channel(Claim(hlc(1_002), "us-east", creator, f"pub{unique}"), ship(hlc(1_002)))
+        joined = await store.set_member(MemberValue(ch, other, True, hlc(1_100), "us-east"), ship(hlc(1_100)))
         access = await store.access(ch, other), await store.access(ch, "nobody")
         members = await store.members(ch)
         everywhere = [m async for m in store.memberships() if m.channel == ch]
@@ -160,6 +166,72 @@ def test_private_channels_and_memberships(any_redis_url, unique):
     assert access == ((True, True), (True, False))
     assert sorted(m.user_id for m in members) == sorted(m.user_id for m in everywhere) == sorted([creator, other])
     assert [r.user_id for r in records] == [creator]
+
+
+def test_a_change_and_its_outbox_entry_are_stored_together(any_redis_url, unique):
+    """Every write ships its change in the same script, and only a write that changed something does; the
+    clock floor covers every stamp shipped (a restarted region stamps above its outbox)."""
+    ch, user = f"o{unique}", f"uo{unique}"
+    base = int(time.time() * 1000) + 10**12  # above every stamp the other tests ship
+    stamps = [hlc(base, n) for n in range(16)]
+
+    async def body(store: Store):
+        changed = {
+            stamps[0]: (await post(store, ch, [entry(ch, 0, base)])).stream_ids != [],
+            stamps[1]: bool(await store.apply(shard(ch), [entry(ch, 2, base, "eu-west")], b"u", b"sv", CAP,
+                                              ship(stamps[1]))),
+            stamps[2]: (await store.set_status(StatusValue(user, 1, "a", stamps[2], "us-east"), ship(stamps[2])))[1],
+            stamps[3]: (await store.set_status(StatusValue(user, 1, "b", hlc(base - 1), "eu-west"),
+                                               ship(stamps[3])))[1],
+            stamps[4]: await store.claim(Claim(stamps[4], "us-east", user, f"n{unique}"), ship(stamps[4])) == 1,
+            stamps[5]: await store.claim(Claim(stamps[5], "us-east", "x" + user, f"n{unique}"), ship(stamps[5])) == 1,
+            stamps[6]: await store.add_claim(Claim(hlc(base - 2), "eu-west", "y" + user, f"n{unique}"),
+                                             ship(stamps[6])) > 0,
+            stamps[7]: await store.add_claim(Claim(hlc(base - 2), "eu-west", "y" + user, f"n{unique}"),
+                                             ship(stamps[7])) > 0,
+            stamps[8]: await store.create_channel(Claim(stamps[8], "us-east", user, f"p{unique}"),
+                                                  ship(stamps[8])) == 1,
+            stamps[9]: await store.create_channel(Claim(stamps[9], "us-east", user, f"p{unique}"),
+                                                  ship(stamps[9])) == 1,
+            stamps[10]: await store.add_channel(Claim(hlc(base - 3), "eu-west", "y" + user, f"p{unique}"),
+                                                ship(stamps[10])) > 0,
+            stamps[11]: (await store.set_member(MemberValue(f"p{unique}", "y" + user, True, stamps[11], "us-east"),
+                                                ship(stamps[11])))[1],
+            stamps[12]: (await store.set_member(MemberValue(f"p{unique}", "y" + user, True, hlc(base - 4), "eu-west"),
+                                                ship(stamps[12])))[1],
+        }
+        return changed, await store.outbox_at(stamps), await store.clock_floor()
+
+    changed, shipped, floor = run(any_redis_url, body)
+    assert changed == {s: s not in (stamps[3], stamps[5], stamps[7], stamps[9], stamps[12]) for s in changed}
+    assert shipped == [(s, ship(s).payload) for s in stamps if changed.get(s)]
+    assert floor >= stamps[11]
+
+
+def test_outbox_reads_after_a_cursor_and_trims_what_all_hold(any_redis_url, unique):
+    ch = f"t{unique}"
+    base = int(time.time() * 1000) + 2 * 10**12  # above every other test's stamps
+    entries = [entry(ch, n, base + n) for n in range(6)]
+
+    async def body(store: Store):
+        for e in entries:
+            await post(store, ch, [e])
+        after_second = [split_entry(m)[0] for m in await store.outbox_after(past(entries[1].hlc), 100)]
+        paged, after = [], past(entries[0].hlc)
+        while page := await store.outbox_after(after, 2):
+            paged += [split_entry(m)[0] for m in page]
+            after = page[-1]
+        left = await store.trim_outbox(entries[1].hlc, 1_000_000)  # every peer holds up to the second
+        trimmed_by_peers = await store.outbox_trimmed()
+        await store.trim_outbox("", 2)  # and no more than two are kept
+        kept = [split_entry(m)[0] for m in await store.outbox_after(b"", 100)]
+        return after_second, paged, left, trimmed_by_peers, kept, await store.outbox_trimmed()
+
+    after_second, paged, left, trimmed_by_peers, kept, trimmed = run(any_redis_url, body)
+    stamps = [e.hlc for e in entries]
+    assert after_second == stamps[2:] and paged == stamps[1:]
+    assert left == 4 and trimmed_by_peers == stamps[1]
+    assert kept == stamps[4:] and trimmed == stamps[3]
 
 
 def test_region_wide_state_merges_every_slot(any_redis_url, unique):
@@ -221,8 +293,8 @@ def test_everything_acknowledged_survives_a_restart_of_the_servers(kind, tmp_pat
     async def write(store: Store):
         for i, ch in enumerate(channels):
             await post(store, ch, [entry(ch, 1, 50_000 + i)])
-        await store.claim(Claim(hlc(60_000), "us-east", "ud", "durable"))
-        await store.set_status(StatusValue("ud", 1, "here", hlc(60_001), "us-east"))
+        await store.claim(Claim(hlc(60_000), "us-east", "ud", "durable"), ship(hlc(60_000)))
+        await store.set_status(StatusValue("ud", 1, "here", hlc(60_001), "us-east"), ship(hlc(60_001)))
 
     async def read(store: Store):
         return ([e async for e in store.messages()], await store.user_name("ud"), await store.status("ud"),
