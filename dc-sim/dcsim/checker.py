@@ -302,9 +302,15 @@ def write_latencies(history: Iterable[Op], region: str | None = None) -> list[fl
             if op.ok and op.kind in WRITE_KINDS and (region is None or op.region == region)]
 
 
+def writes_within(history: Iterable[Op], regions: Collection[str], start_ms: float, end_ms: float) -> list[Op]:
+    """The writes sent to `regions` at or after `start_ms` and answered by `end_ms`. A write answered after
+    the window tells nothing of it: in sync modes, one sent as a region was cut off may wait out the cut and
+    be acknowledged once every region holds it, after the heal."""
+    return [op for op in history
+            if op.kind in WRITE_KINDS and op.region in regions and start_ms <= op.start_ms and op.end_ms <= end_ms]
+
+
 def availability(history: Iterable[Op], regions: Collection[str], start_ms: float, end_ms: float) -> float:
-    """The fraction of writes sent to `regions` that started in [start_ms, end_ms) and were acknowledged;
-    nan if there were none."""
-    writes = [op.ok for op in history
-              if op.kind in WRITE_KINDS and op.region in regions and start_ms <= op.start_ms < end_ms]
-    return sum(writes) / len(writes) if writes else math.nan
+    """The fraction of `writes_within` the window that were acknowledged; nan if there were none."""
+    writes = writes_within(history, regions, start_ms, end_ms)
+    return sum(op.ok for op in writes) / len(writes) if writes else math.nan

@@ -9,7 +9,7 @@ single-leader mode) is killed and restarted. Then traffic stops, the regions con
 checker reads the whole client history against what every region holds.
 
 Per mode it reports write latency per region, write availability on each side of the partition and
-while a region is down, the time every region took after the heal to hold every message
+while a region is down (`AVAILABILITY`), the time every region took after the heal to hold every message
 acknowledged before it, and the anomalies the checker counts. It prints the table, and writes a
 Markdown report and PNG plots.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dcsim import sessions
-from dcsim.checker import WRITE_KINDS, Op, Report, availability, check, percentile, write_latencies
+from dcsim.checker import WRITE_KINDS, Op, Report, availability, check, percentile, write_latencies, writes_within
 from dcsim.sessions import REGIONS, Run, Session, now_ms
 from mlchat.geo.modes import Mode, SyncAcks
 from mlchat.v1 import chat_pb2 as pb
@@ -34,6 +35,10 @@ from mlchat.v1 import chat_pb2 as pb
 CUT_OFF = "ap-northeast"  # the region the partition isolates
 KILLED = "us-east"  # the region killed (the first primary in single-leader mode)
 PRESENCES = (pb.PRESENCE_ONLINE, pb.PRESENCE_AWAY, pb.PRESENCE_BUSY)
+AVAILABILITY = ("Writes ok: the share acknowledged of the writes sent and answered while the fault lasted. A write "
+                "answered after it ended is left out: in sync and single-leader modes, one sent before the cut was "
+                "noticed waits for the regions it needs (up to the write timeout), and may be acknowledged once "
+                "they hold it, after the heal.")
 
 
 @dataclass(frozen=True)
@@ -60,12 +65,11 @@ class Outcome:
         return percentile(write_latencies(self.history, region), q)
 
     def availability(self, phase: str, regions: Sequence[str]) -> str:
-        """The share of writes acknowledged in a phase, on some regions, and how many writes that is."""
+        """The share acknowledged of the writes sent and answered in a phase, on some regions, and how many
+        writes that is."""
         start, end = self.phases[phase]
         share = availability(self.history, regions, start, end)
-        writes = sum(1 for op in self.history if op.kind in WRITE_KINDS and op.region in regions
-                     and start <= op.start_ms < end)
-        return f"{_pct(share)} of {writes}"
+        return f"{_pct(share)} of {len(writes_within(self.history, regions, start, end))}"
 
 
 class Workload:
@@ -323,7 +327,7 @@ def plot(outcomes: Sequence[Outcome], out_dir: Path) -> list[Path]:
         ax.set_ylabel(f"{o.mode}\nms", fontsize=8)
     axes[0, 0].legend(fontsize=7, loc="upper right", markerscale=3)
     axes[0, 0].set_title("Every write over time (dots acknowledged, crosses failed)")
-    axes[-1, 0].set_xlabel("seconds since start")
+    axes[-1, 0].set_xlabel("seconds since start, when the write was sent")
     fig.tight_layout()
     paths.append(out_dir / "writes-over-time.png")
     fig.savefig(paths[-1], dpi=110)
@@ -341,6 +345,7 @@ def write_report(outcomes: Sequence[Outcome], plan: Plan, out_dir: Path) -> Path
         f"two users racing for a new username every {plan.race_every_s:g} s; phases of {plan.phase_s:g} s: "
         f"steady, {CUT_OFF} cut off, healed, {KILLED} killed, restarted. Seed {plan.seed}.", "",
         render_table(outcomes, markdown=True), "",
+        AVAILABILITY, "",
         "Safety violations (lost, duplicated, two owners of a name) must be 0 in every mode. Claims acknowledged "
         "and then lost are async's documented anomaly; read-your-writes and monotonic-read violations without "
         "the causal token are what a client sees when it moves region without it.", "",
@@ -362,6 +367,7 @@ def compare(plan: Plan, modes: Sequence[tuple[Mode, SyncAcks]], out_dir: Path) -
     report = write_report(outcomes, plan, out_dir)
     print()
     print(render_table(outcomes))
+    print(textwrap.fill(AVAILABILITY, 110))
     print(f"\nreport: {report} (plots beside it)")
     return outcomes
 

@@ -235,6 +235,36 @@ def test_sync_a_write_that_times_out_waiting_stays_and_a_retry_confirms_it(sync_
     assert [m.body for m in author.list("doubt").messages] == ["in doubt"]
 
 
+def test_sync_all_a_write_waiting_as_a_cut_heals_is_acknowledged_after_it_once_every_region_holds_it(sync_all):
+    author = client(sync_all, "us-east", "sync_waiter")  # its 10 s deadline lets the write wait 5 s
+    home = client(sync_all, "us-east", "sync_waiter_home")
+    far = client(sync_all, "ap-northeast", "sync_waiter_far")
+    answer: list[pb.PostMessageResponse | grpc.RpcError] = []
+
+    def post() -> None:
+        try:
+            answer.append(author.post("waiting", "sent as the cut began", "w1"))
+        except grpc.RpcError as e:
+            answer.append(e)
+
+    for other in ("us-east", "eu-west"):
+        control(sync_all, "partition", a="ap-northeast", b=other)
+    # Sent before us-east notices ap-northeast gone (a peer timeout), the write is admitted and stored.
+    writer = threading.Thread(target=post)
+    writer.start()
+    try:
+        home.causal = {}
+        wait_until(lambda: [m.body for m in home.list("waiting").messages] == ["sent as the cut began"], 3,
+                   "the write stored in us-east")
+        assert answer == [], "acknowledged while ap-northeast could not hold it"
+    finally:
+        heal(sync_all)
+        writer.join()
+    assert isinstance(answer[0], pb.PostMessageResponse), answer[0]
+    far.causal = {}  # no token, no waiting: acknowledged means ap-northeast holds it
+    assert answer[0].message.id in [m.id for m in far.list("waiting").messages]
+
+
 # single-leader ------------------------------------------------------------------------------------
 
 

@@ -10,7 +10,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dcsim.checker import FinalState, Op, Report, availability, check, percentile, write_latencies
+from dcsim.checker import (
+    FinalState,
+    Op,
+    Report,
+    availability,
+    check,
+    percentile,
+    write_latencies,
+    writes_within,
+)
 
 REGIONS = ("us-east", "eu-west", "ap-northeast")
 
@@ -234,6 +243,17 @@ def test_latencies_and_availability_count_writes_only():
     assert availability(history, {"us-east"}, 0, 40) == 1.0  # the refused claim starts at 40, outside
     assert availability(history, REGIONS, 0, 100) == 2 / 4
     assert math.isnan(availability(history, {"ap-northeast"}, 0, 100))
+
+
+def test_availability_leaves_out_writes_answered_after_the_window():
+    # A partition from 1000 to 6000 ms: the posts sent in it were refused; a claim sent in it waited out the
+    # cut and was acknowledged after the heal (as a sync claim admitted before the cut was noticed is).
+    refused = [post("c1", "general", "", start, start + 2, ok=False) for start in (2000, 3000, 4000)]
+    waited = claim("racer", "contested", "PROVISIONAL", 1500, 6200)
+    history = [*refused, waited, post("c2", "general", "m1", 5990, 6001)]
+    assert writes_within(history, {"us-east"}, 1000, 6000) == refused
+    assert availability(history, {"us-east"}, 1000, 6000) == 0.0
+    assert availability(history, {"us-east"}, 1000, 6300) == 2 / 5  # answered within a longer window
 
 
 # A single linearizable store: every op takes effect at one instant inside [start, end], so whatever a client
