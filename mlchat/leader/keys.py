@@ -22,6 +22,8 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 COPIES = "meta:copies"  # cluster only: SET of the tags that hold copies of the region-wide keys
 FLOOR, SHARDS, CHANNELS, USERS = "meta:hlc", "shards", "channels", "users"
+PER_SLOT = (FLOOR, SHARDS, CHANNELS, USERS)  # the region-wide keys with a copy per slot on a cluster
+_META = "meta:{meta}:"  # a cluster's meta keys (`ClusterLayout.meta`)
 
 
 @functools.cache
@@ -44,6 +46,15 @@ def tag_beside(key: str) -> str:
     return slot_tags()[key_slot(key.encode())]
 
 
+def single_name(key: str) -> str:
+    """The name on one Redis of `key`, a key of either layout: the copy `shards:{3f2}` is `shards`, the
+    meta key `meta:{meta}:vector` is `meta:vector`; every other key has the same name in both."""
+    if key.startswith(_META):
+        return "meta:" + key.removeprefix(_META)
+    name, brace, tag = key.rpartition(":{")
+    return name if brace and name in PER_SLOT and tag.endswith("}") else key
+
+
 class SingleLayout:
     """One Redis: one copy of each region-wide key, under its own name."""
 
@@ -64,6 +75,10 @@ class SingleLayout:
     def meta(self, name: str) -> str:
         return f"meta:{name}"
 
+    def every(self, name: str, tags: set[str]) -> list[str]:
+        """Every key that region-wide key `name` (its `single_name`) is kept in, given the tags in `COPIES`."""
+        return [name]
+
 
 class ClusterLayout:
     """Redis Cluster: a copy of each region-wide key per slot written to, and the meta keys under one tag."""
@@ -80,7 +95,13 @@ class ClusterLayout:
         return [f"{name}:{{{tag}}}" for tag in sorted(tags)]
 
     def meta(self, name: str) -> str:
-        return f"meta:{{meta}}:{name}"
+        return f"{_META}{name}"
+
+    def every(self, name: str, tags: set[str]) -> list[str]:
+        if name in PER_SLOT:
+            return self.copies(name, tags)
+        # COPIES is read and written alone, so it keeps its name.
+        return [self.meta(name.removeprefix("meta:"))] if name.startswith("meta:") and name != COPIES else [name]
 
 
 Layout = SingleLayout | ClusterLayout
