@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
 
         try:
             _backup_or_restore(args)
-        except (MlchatError, FileNotFoundError, redis.RedisError) as e:  # the URL is not shown: it holds a password
+        except (MlchatError, FileNotFoundError, redis.RedisError, redis.exceptions.RedisClusterException) as e:
+            # the URL is not shown: it holds a password
             raise SystemExit(f"mlchat {args.command}: {e}") from None
 
 
@@ -223,21 +224,15 @@ def _backup_or_restore(args: argparse.Namespace) -> None:
     import redis
 
     from mlchat.leader import backup
-    from mlchat.leader.server import CLUSTER_SCHEME
     from mlchat.leader.valkey import EmbeddedValkey, running_url
 
-    if args.redis and args.redis.startswith(CLUSTER_SCHEME):
-        raise backup.BackupError(f"{args.command} of a region on Redis Cluster is not supported: its keys are on "
-                                 "several primaries, which one MULTI cannot read together; back up each primary "
-                                 "with its own tools (BGSAVE or its AOF), all at once, with the leader stopped")
     if args.command == "backup":
-        url = args.redis or running_url(args.data_dir)
-        with redis.Redis.from_url(url) as client:
+        with backup.connect(args.redis or running_url(args.data_dir)) as client:
             count = backup.take(client, args.out)
         print(f"backed up {count} keys to {args.out}")
         return
     if args.redis:
-        with redis.Redis.from_url(args.redis) as client:
+        with backup.connect(args.redis) as client:
             count = backup.restore(client, args.src)
     else:
         # An embedded region: load its Valkey (AOF on) now; the leader started later finds it there.

@@ -77,6 +77,17 @@ def own_valkey(tmp_path: Path) -> Iterator[EmbeddedValkey]:
         server.stop()
 
 
+@pytest.fixture
+def own_cluster(tmp_path: Path) -> Iterator[EmbeddedValkeyCluster]:
+    """A three-primary cluster of the test's own, which it may kill and restart."""
+    cluster = EmbeddedValkeyCluster(tmp_path / "cluster", cluster_ports())
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 @pytest.fixture(scope="module")
 def leader_redis_url(redis_url: str) -> str:
     """The Redis of the module's `leader`: the session's single one, unless a module overrides this."""

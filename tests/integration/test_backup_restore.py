@@ -1,24 +1,32 @@
-"""Backup and restore end to end: a backup taken while a region takes posts, restored into a fresh
-Valkey, whose leader then catches up from its peer with what was written after the backup."""
+"""Backup and restore end to end: a backup taken while a region takes posts, restored into fresh
+storage (one Valkey, or a Redis Cluster of three Valkey primaries), whose leader then catches up from
+its peer with what was written after the backup."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import redis
-from support import wait_until
+from support import cluster_ports, wait_until
 
 from mlchat.geo.client import ChatClient
+from mlchat.leader.backup import connect
 from mlchat.leader.process import LeaderProcess, free_port
-from mlchat.leader.valkey import EmbeddedValkey
+from mlchat.leader.server import redis_client
+from mlchat.leader.store import Store
+from mlchat.leader.valkey import EmbeddedValkey, EmbeddedValkeyCluster
 from mlchat.v1 import chat_pb2 as pb
 
 FAST = ("--user-rate", "0", "--heartbeat-ms", "100", "--peer-timeout-ms", "600")
-CHANNELS = ("lobby", "ops", "random")
+CHANNELS = ("lobby", "news", "ops")  # one on each primary of a three-primary cluster
 
 
 def mlchat(*args: str) -> subprocess.CompletedProcess[str]:
@@ -31,9 +39,11 @@ def signed_in(address: str, user: str) -> ChatClient:
     return c
 
 
-def digest(address: str) -> str:
-    with signed_in(address, "digest_reader") as c:
-        return c.cluster_status(with_digest=True).state_digest
+def state(address: str) -> tuple[str, int, int, int]:
+    """The region's state digest (messages, statuses, claims, channels), and its users, channels and messages."""
+    with signed_in(address, "state_reader") as c:
+        status = c.cluster_status(with_digest=True)
+        return status.state_digest, status.users, status.channels, status.messages
 
 
 def bodies(address: str) -> list[str]:
@@ -63,13 +73,52 @@ class Poster(threading.Thread):
         return self.posted
 
 
-def test_a_region_restored_from_a_backup_taken_while_it_served_catches_up(tmp_path: Path, own_valkey: EmbeddedValkey):
+@dataclass
+class Storage:
+    """Where us-east keeps its state (None: an embedded Valkey in its --data-dir, which the backup
+    finds), and the empty storage its backup is restored into, with that storage's primaries."""
+
+    source: str | None
+    target: str
+    target_nodes: list[str]
+
+    def backup_args(self, leader: LeaderProcess) -> tuple[str, ...]:
+        return ("--redis", self.source) if self.source else ("--data-dir", str(leader.data_dir))
+
+
+@pytest.fixture(params=["valkey", "cluster"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
+    if request.param == "valkey":
+        target = request.getfixturevalue("own_valkey")
+        yield Storage(None, target.url, [target.url])
+        return
+    source = request.getfixturevalue("own_cluster")
+    fresh = EmbeddedValkeyCluster(tmp_path / "restored-cluster", cluster_ports())
+    fresh.start()
+    try:
+        yield Storage(source.url, fresh.url, fresh.node_urls())
+    finally:
+        fresh.stop()
+
+
+def counts(url: str) -> tuple[int, int, int]:
+    """(users, channels, messages) as a leader on `url` counts them: through the region-wide keys."""
+    async def read() -> tuple[int, int, int]:
+        store = Store(redis_client(url))
+        try:
+            return await store.counts()
+        finally:
+            await store.close()
+    return asyncio.run(read())
+
+
+def test_a_region_restored_from_a_backup_taken_while_it_served_catches_up(tmp_path: Path, storage: Storage):
     secret = tmp_path / "secret"
     secret.write_text(secrets.token_hex(32))
     common = (*FAST, "--secret-file", str(secret))
     east_port = free_port()
-    # us-east on an embedded Valkey: the backup finds it through its --data-dir.
-    east = LeaderProcess("us-east", tmp_path / "east", port=east_port, extra_args=common).start()
+    east = LeaderProcess("us-east", tmp_path / "east", redis_url=storage.source, port=east_port,
+                         extra_args=common).start()
     west = LeaderProcess("eu-west", tmp_path / "west", extra_args=(*common, "--join", east.address))
     try:
         west.start()
@@ -79,29 +128,36 @@ def test_a_region_restored_from_a_backup_taken_while_it_served_catches_up(tmp_pa
         with signed_in(east.address, "status_before") as c:
             c.set_status(pb.PRESENCE_BUSY, "in the backup")
         backup = tmp_path / "us-east.backup"
-        taken = mlchat("backup", "--data-dir", str(east.data_dir), "--out", str(backup))
+        taken = mlchat("backup", *storage.backup_args(east), "--out", str(backup))
         assert taken.returncode == 0, taken.stderr
         in_backup = len(poster.posted)  # at least this many were acknowledged before the backup ended
         wait_until(lambda: len(poster.posted) >= in_backup + 100, 30, "posts after the backup")
         posted = poster.stop()
         with signed_in(east.address, "status_after") as c:  # written after the backup: must come back too
             c.set_status(pb.PRESENCE_AWAY, "after the backup")
-        wait_until(lambda: digest(east.address) == digest(west.address), 30, "eu-west holding all of us-east")
-        before = digest(east.address)
+        wait_until(lambda: state(east.address) == state(west.address), 30, "eu-west holding all of us-east")
+        before = state(east.address)
         east.stop()  # us-east's storage is lost
 
-        restored = mlchat("restore", "--in", str(backup), "--redis", own_valkey.url)
+        restored = mlchat("restore", "--in", str(backup), "--redis", storage.target)
         assert restored.returncode == 0, restored.stderr
-        again = mlchat("restore", "--in", str(backup), "--redis", own_valkey.url)
+        again = mlchat("restore", "--in", str(backup), "--redis", storage.target)
         assert again.returncode != 0 and "restore only into an empty one" in again.stderr, again.stderr
-        store = redis.Redis.from_url(own_valkey.url)
-        held = sum(store.zcard(f"c:{{{ch}}}:z") for ch in CHANNELS)
-        assert 150 <= held < len(posted), (held, len(posted))  # the backup's, the rest comes by replication
-        assert store.exists("s:" + signed_in(west.address, "status_before").user.user_id)
+        with connect(storage.target) as store:
+            held = sum(store.zcard(f"c:{{{ch}}}:z") for ch in CHANNELS)
+            assert 150 <= held < len(posted), (held, len(posted))  # the backup's, the rest comes by replication
+            before_user = signed_in(west.address, "status_before").user
+            assert store.exists("s:" + before_user.user_id, "n:status_before", "u:" + before_user.user_id) == 3
+        # Read as a leader reads them (every copy, on a cluster): the users claimed before the backup
+        # (poster, status_before), every channel, and every message the data holds.
+        assert counts(storage.target) == (2, len(CHANNELS), held)
+        for url in storage.target_nodes:  # every primary got its slots' keys
+            with redis.Redis.from_url(url) as node:
+                assert any(node.scan_iter(match="c:{*", count=1000)), url
 
-        east = LeaderProcess("us-east", tmp_path / "east-restored", redis_url=own_valkey.url, port=east_port,
+        east = LeaderProcess("us-east", tmp_path / "east-restored", redis_url=storage.target, port=east_port,
                              extra_args=(*common, "--join", west.address)).start()
-        wait_until(lambda: digest(east.address) == digest(west.address) == before, 30, "us-east caught up")
+        wait_until(lambda: state(east.address) == state(west.address) == before, 30, "us-east caught up")
         seen = bodies(east.address)
         assert sorted(seen) == sorted(posted) and len(set(seen)) == len(seen)
         with signed_in(east.address, "status_reader") as c:
@@ -136,3 +192,27 @@ def test_restore_refuses_a_region_that_holds_data_and_a_truncated_backup(tmp_pat
         assert redis.Redis.from_url(server.url).get("meta:hlc") == b"x"
     finally:
         server.stop()
+
+
+def test_a_backup_is_restored_only_into_the_kind_of_redis_it_was_taken_from(tmp_path: Path, own_valkey: EmbeddedValkey,
+                                                                          own_cluster: EmbeddedValkeyCluster):
+    single, cluster = tmp_path / "single.backup", tmp_path / "cluster.backup"
+    redis.Redis.from_url(own_valkey.url).set("meta:hlc", "x")
+    with connect(own_cluster.url) as client:
+        client.set("meta:hlc:{0}", "x")
+    assert mlchat("backup", "--redis", own_valkey.url, "--out", str(single)).returncode == 0
+    assert mlchat("backup", "--redis", own_cluster.url, "--out", str(cluster)).returncode == 0
+    redis.Redis.from_url(own_valkey.url).flushall()
+    with connect(own_cluster.url) as client:
+        client.flushall(target_nodes=client.PRIMARIES)
+
+    onto_cluster = mlchat("restore", "--in", str(single), "--redis", own_cluster.url)
+    assert onto_cluster.returncode != 0, onto_cluster.stderr
+    assert "taken from a region on one Redis and the target is a Redis Cluster" in onto_cluster.stderr
+    assert own_cluster.password not in onto_cluster.stderr
+    onto_single = mlchat("restore", "--in", str(cluster), "--redis", own_valkey.url)
+    assert onto_single.returncode != 0, onto_single.stderr
+    assert "taken from a region on a Redis Cluster and the target is one Redis" in onto_single.stderr
+    with connect(own_cluster.url) as client:  # nothing half restored
+        assert client.dbsize(target_nodes=client.PRIMARIES) == 0
+    assert redis.Redis.from_url(own_valkey.url).dbsize() == 0

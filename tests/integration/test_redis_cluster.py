@@ -3,16 +3,11 @@ started with `--redis redis+cluster://...`, gRPC over sockets."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from collections.abc import Iterator
-from pathlib import Path
-
 import grpc
 import pytest
 import redis
 from redis.crc import key_slot
-from support import all_bodies, cluster_ports, wait_until
+from support import all_bodies, wait_until
 
 from dcsim.sessions import claimed
 from mlchat.geo.client import ChatClient
@@ -22,17 +17,6 @@ from mlchat.leader.valkey import EmbeddedValkey, EmbeddedValkeyCluster
 from mlchat.v1 import chat_pb2 as pb
 
 FAST = ("--user-rate", "0", "--heartbeat-ms", "100", "--peer-timeout-ms", "600")
-
-
-@pytest.fixture
-def own_cluster(tmp_path: Path) -> Iterator[EmbeddedValkeyCluster]:
-    """A three-primary cluster of the test's own, which it may kill and restart."""
-    cluster = EmbeddedValkeyCluster(tmp_path / "cluster", cluster_ports())
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def _node_keys(cluster: EmbeddedValkeyCluster) -> list[set[bytes]]:
@@ -190,13 +174,6 @@ def test_a_region_on_a_cluster_and_one_on_a_single_valkey_converge(own_cluster, 
         west.stop()
         east.stop()
         single.stop()
-
-
-def test_backup_refuses_a_cluster_and_says_why(own_cluster, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "mlchat", "backup", "--redis", own_cluster.url,
-                          "--out", str(tmp_path / "b.gz")], capture_output=True, text=True, timeout=60)
-    assert out.returncode != 0 and "Redis Cluster" in out.stderr
-    assert own_cluster.password not in out.stderr and not (tmp_path / "b.gz").exists()
 
 
 @pytest.mark.parametrize("mode", ["strong-names", "single-leader"])

@@ -6,7 +6,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.crc import key_slot
 
-from mlchat.leader.keys import CHANNELS, FLOOR, SHARDS, USERS, ClusterLayout, SingleLayout, slot_tags
+from mlchat.leader.keys import (
+    CHANNELS,
+    COPIES,
+    FLOOR,
+    SHARDS,
+    USERS,
+    ClusterLayout,
+    SingleLayout,
+    single_name,
+    slot_tags,
+)
 
 
 def test_every_slot_has_a_short_tag_that_hashes_to_it():
@@ -38,3 +48,15 @@ def test_on_a_cluster_the_meta_keys_share_one_slot():
     cluster = ClusterLayout()
     names = ("vector", "members", "departed", "listed-by", "term")
     assert len({key_slot(cluster.meta(m).encode()) for m in names}) == 1
+
+
+def test_every_key_of_either_layout_maps_back_to_its_name_on_one_redis():
+    single, cluster, tags = SingleLayout(), ClusterLayout(), {"3f2", "a"}
+    for name in (FLOOR, SHARDS, CHANNELS, USERS, "meta:vector", "meta:members", "meta:term", COPIES):
+        assert single.every(name, tags) == [name]
+        on_cluster = cluster.every(name, tags)
+        assert on_cluster and {single_name(key) for key in on_cluster} == {name}
+    assert cluster.every(SHARDS, tags) == ["shards:{3f2}", "shards:{a}"] and cluster.every(COPIES, tags) == [COPIES]
+    assert cluster.every("meta:vector", tags) == ["meta:{meta}:vector"]
+    for key in ("c:{3f2}:z", "y:{users}:1:u", "n:ann", "u:abc", "s:{x}", "px:name:shards"):
+        assert single_name(key) == key
