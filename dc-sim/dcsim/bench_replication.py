@@ -9,6 +9,11 @@ against the message's raw payload.
 
 Catch-up: one region cut off while another posts a backlog; after the heal, the time until the cut
 region holds it all, and the bytes sent to it per message against the raw message payload.
+
+Resume: two regions share a history (messages in many channels, users with a status); one is killed
+while the other posts a few more messages, then restarted. The time from its restart until it holds
+them all, and the bytes sent to it: resuming from its cursor of the peer's outbox, against the same
+run with `--outbox-retention 0` (the outbox never reaches back, so the two compare states).
 """
 
 from __future__ import annotations
@@ -217,12 +222,82 @@ def catch_up(status: dict, run_dir: Path, backlog: int) -> tuple[float, float]:
     return elapsed, sent / backlog
 
 
+def post_many(address: str, token: str, count: int, start: int, channels: int) -> None:
+    """`count` messages (numbered from `start`) spread over `channels` channels, 64 at a time."""
+    async def fill() -> None:
+        metadata = (("authorization", f"Bearer {token}"),)
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = chat_pb2_grpc.ChatServiceStub(channel)
+            numbers = iter(range(start, start + count))
+
+            async def worker() -> None:
+                for i in numbers:
+                    await stub.PostMessage(pb.PostMessageRequest(channel=f"history{i % channels}", body=body(i),
+                                                                 client_msg_id=f"h{i}"), metadata=metadata)
+
+            await asyncio.gather(*(worker() for _ in range(64)))
+
+    asyncio.run(fill())
+
+
+def resume(workdir: Path, retention: int | None, history: int, outage: int) -> tuple[float, float]:
+    """(seconds from the restart of a region killed for `outage` messages to holding them all, bytes sent to
+    it per message), with the leaders' default outbox or `--outbox-retention retention`."""
+    run_dir = workdir / f"resume-{retention}"
+    extra = () if retention is None else (f"--outbox-retention={retention}",)
+    status = dcsim.up(run_dir, ("us-east", "eu-west"), None, None, leader_args=("--user-rate=0", *extra))
+    try:
+        east = ChatClient(status["regions"]["us-east"]["endpoints"]["us-east"], timeout_s=30)
+        east.claim("history_writer", "history-writer-key-0001")
+        for i in range(history // 40):  # users with a status: registers a comparison of states scans
+            user = ChatClient(east.address, timeout_s=30)
+            user.claim(f"member{i}", f"member-key-{i:012d}")
+            user.set_status(pb.PRESENCE_ONLINE, f"status {i}")
+            user.close()
+        post_many(east.address, east.token, history, 0, 200)
+        west = ChatClient(status["regions"]["eu-west"]["endpoints"]["eu-west"], timeout_s=30)
+        west.claim("history_reader", "history-reader-key-0001")
+        while west.cluster_status().messages < history:
+            time.sleep(0.05)
+        west.close()
+        dcsim.control(run_dir, {"command": "kill", "region": "eu-west"})
+        post_many(east.address, east.token, outage, history, 200)
+        paths = dcsim.control(run_dir, {"command": "status"})["paths"]
+        sent_before = paths["us-east->eu-west"]["bytes"]
+        started = time.monotonic()
+        dcsim.control(run_dir, {"command": "restart", "region": "eu-west"})
+        west = ChatClient(status["regions"]["eu-west"]["endpoints"]["eu-west"], timeout_s=30)
+        west.claim("history_reader", "history-reader-key-0001")
+        while west.cluster_status().messages < history + outage:
+            time.sleep(0.01)
+        elapsed = time.monotonic() - started
+        sent = dcsim.control(run_dir, {"command": "status"})["paths"]["us-east->eu-west"]["bytes"] - sent_before
+        east.close()
+        west.close()
+    finally:
+        dcsim.down(run_dir)
+    return elapsed, sent / outage
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=200, help="messages per second per region")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--backlog", type=int, default=100_000)
+    parser.add_argument("--history", type=int, default=20_000, help="resume: messages both regions hold")
+    parser.add_argument("--outage", type=int, default=500, help="resume: messages posted while one is down")
+    parser.add_argument("--only-resume", action="store_true", help="measure resume only")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="mlchat-bench-") as tmp:
+        print(f"resume after {args.outage} messages missed, on a {args.history}-message history", flush=True)
+        outbox = resume(Path(tmp), None, args.history, args.outage)
+        states = resume(Path(tmp), 0, args.history, args.outage)
+    resumed = (f"| restart after missing {args.outage} messages, on a {args.history}-message history | from the "
+               f"outbox: {outbox[0]:.2f} s, {outbox[1]:.0f} B sent per message | comparing states (--outbox-retention "
+               f"0): {states[0]:.2f} s, {states[1]:.0f} B | {outbox[0] / states[0]:.2f}x the time |")
+    if args.only_resume:
+        print(resumed)
+        return
     with tempfile.TemporaryDirectory(prefix="mlchat-bench-") as tmp:
         run_dir = Path(tmp) / "run"
         status = dcsim.up(run_dir, REGIONS, None, None, leader_args=("--user-rate=0",))  # writers at full speed
@@ -246,6 +321,7 @@ def main() -> None:
           f"{per_delivery:.0f} B | raw payload {PAYLOAD} B | {per_delivery / PAYLOAD:.2f}x |")
     print(f"| catch-up of {args.backlog} messages after a partition | {elapsed:.1f} s, {per_message:.0f} B sent "
           f"per message | raw payload {PAYLOAD} B per message | {per_message / PAYLOAD:.2f}x (target <= 1.5x) |")
+    print(resumed)
 
 
 if __name__ == "__main__":

@@ -287,22 +287,28 @@ class Replicator:
         while True:
             await asyncio.sleep(self.region.settings.heartbeat_ms / 1000)
             beat = await self.region.heartbeat()
-            self.region.feed.publish(FEED, replace(beat, cursors={r: link.cursor for r, link in self.links.items()
-                                                                  if link.cursor}))
             try:
-                await self._keep_outbox()
+                await self._save_cursors()
             except Exception:  # storage down: the next heartbeat tries again
-                log.warning("storing outbox cursors or trimming the outbox failed", exc_info=True)
+                log.warning("storing the cursors of peers' outboxes failed", exc_info=True)
+            # Peers trim their outboxes by these: only cursors stored here, which a restart resumes from.
+            self.region.feed.publish(FEED, replace(beat, cursors=dict(self._saved_cursors)))
+            try:
+                await self._trim_outbox()
+            except Exception:
+                log.warning("trimming the outbox failed", exc_info=True)
 
-    async def _keep_outbox(self) -> None:
-        """Store the links' cursors (late: a cursor behind only makes a peer resend), and trim from the outbox
-        what every member holds."""
-        cursors = {r: link.cursor for r, link in self.links.items() if link.cursor}
-        moved = {r: c for r, c in cursors.items() if self._saved_cursors.get(r) != c}
+    async def _save_cursors(self) -> None:
+        """Store the links' cursors (late: a cursor behind only makes a peer resend)."""
+        moved = {r: link.cursor for r, link in self.links.items() if link.cursor != self._saved_cursors.get(r, "")}
         await self.region.store.save_cursors(moved)
         self._saved_cursors.update(moved)
+
+    async def _trim_outbox(self) -> None:
+        """Trim from the outbox what every member holds. With no members, nothing would ever resume from it:
+        a region that joins compares states."""
         acked = [link.acked for link in self.links.values()]
-        held_by_all = min(acked) if acked and all(acked) else ""
+        held_by_all = min(acked, default=self.region.cursor()) if all(acked) else ""
         self.outbox_entries = await self.region.store.trim_outbox(held_by_all, self.region.settings.outbox_retention)
 
     async def _follow(self, link: PeerLink) -> None:

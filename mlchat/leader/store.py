@@ -88,8 +88,13 @@ end
 # Shared by the scripts below. lww_set: a last-writer-wins register kept in a hash whose field 'k' is
 # the rank key; sets the fields if `rank` is larger, and returns 1 if the register changed. keep_earliest:
 # a claim-like record per user in a hash (user -> hlc NUL region), keeping each user's earliest; returns 1
-# if the hash changed. The scripts that change a register or record ship the change (ARGV: stamp, payload).
+# if the hash changed. The scripts that change a register or record ship the change (ARGV: stamp, payload);
+# one that finds its change shipped already ran before (the client retried it, its reply lost), and
+# answers as it did then, so that the change is published.
 _REGISTERS = _SHIP + """
+local function shipped_before(outbox, stamp, payload)
+  return redis.call('ZSCORE', outbox, stamp .. '\\0' .. payload) ~= false
+end
 local function lww_set(reg, rank, fields)
   local cur = redis.call('HGET', reg, 'k')
   if cur and not less(cur, rank) then return 0 end
@@ -213,19 +218,25 @@ return redis.call('ZRANGEBYLEX', KEYS[2], '[' .. key .. '\\0', '[' .. key .. '\\
 # KEYS: status hash, meta:hlc, outbox. ARGV: rank key, presence, text, hlc, region, outbox stamp and payload.
 # Returns {1 if the register changed, the winner's fields}.
 _SET_STATUS = _REGISTERS + """
-local changed = lww_set(KEYS[1], ARGV[1], {'p', ARGV[2], 't', ARGV[3], 'h', ARGV[4], 'r', ARGV[5]})
-raise_floor(KEYS[2], ARGV[4])
-if changed == 1 then ship(KEYS[3], KEYS[2], ARGV[6], ARGV[7]) end
+local changed = 1
+if not shipped_before(KEYS[3], ARGV[6], ARGV[7]) then
+  changed = lww_set(KEYS[1], ARGV[1], {'p', ARGV[2], 't', ARGV[3], 'h', ARGV[4], 'r', ARGV[5]})
+  raise_floor(KEYS[2], ARGV[4])
+  if changed == 1 then ship(KEYS[3], KEYS[2], ARGV[6], ARGV[7]) end
+end
 return {changed, redis.call('HMGET', KEYS[1], 'p', 't', 'h', 'r')}
 """
 
 # KEYS: membership register, meta:hlc, the channel's member index, outbox. ARGV: rank key, member (1/0),
 # hlc, region, user id, outbox stamp and payload. Returns {1 if the register changed, the winner's fields}.
 _SET_MEMBER = _REGISTERS + """
-local changed = lww_set(KEYS[1], ARGV[1], {'v', ARGV[2], 'h', ARGV[3], 'r', ARGV[4]})
-redis.call('SADD', KEYS[3], ARGV[5])
-raise_floor(KEYS[2], ARGV[3])
-if changed == 1 then ship(KEYS[4], KEYS[2], ARGV[6], ARGV[7]) end
+local changed = 1
+if not shipped_before(KEYS[4], ARGV[6], ARGV[7]) then
+  changed = lww_set(KEYS[1], ARGV[1], {'v', ARGV[2], 'h', ARGV[3], 'r', ARGV[4]})
+  redis.call('SADD', KEYS[3], ARGV[5])
+  raise_floor(KEYS[2], ARGV[3])
+  if changed == 1 then ship(KEYS[4], KEYS[2], ARGV[6], ARGV[7]) end
+end
 return {changed, redis.call('HMGET', KEYS[1], 'v', 'h', 'r')}
 """
 
@@ -234,6 +245,7 @@ return {changed, redis.call('HMGET', KEYS[1], 'v', 'h', 'r')}
 # channel's message ids, the creator's membership register, the channel's member index, outbox.
 # ARGV: user id, hlc, region, rank key of the membership, outbox stamp and payload. Returns 1 if created.
 _CREATE_CHANNEL = _REGISTERS + """
+if shipped_before(KEYS[6], ARGV[5], ARGV[6]) then return 1 end
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '\\0' .. ARGV[3])
@@ -247,6 +259,7 @@ return 1
 # ARGV: user id, hlc, region, outbox stamp and payload. Returns 0 if the records did not change, else how
 # many users created it.
 _ADD_CHANNEL = _REGISTERS + """
+if shipped_before(KEYS[3], ARGV[4], ARGV[5]) then return redis.call('HLEN', KEYS[1]) end
 raise_floor(KEYS[2], ARGV[2])
 if keep_earliest(KEYS[1], ARGV[1], ARGV[2] .. '\\0' .. ARGV[3]) == 0 then return 0 end
 ship(KEYS[3], KEYS[2], ARGV[4], ARGV[5])
@@ -258,6 +271,7 @@ return redis.call('HLEN', KEYS[1])
 # the user created if new. ARGV: user id, hlc, region, name, outbox stamp and payload.
 # Returns 0 if the claims on the name did not change, else how many users claim it.
 _ADD_CLAIM = _REGISTERS + """
+if shipped_before(KEYS[3], ARGV[5], ARGV[6]) then return redis.call('HLEN', KEYS[1]) end
 raise_floor(KEYS[2], ARGV[2])
 if keep_earliest(KEYS[1], ARGV[1], ARGV[2] .. '\\0' .. ARGV[3]) == 0 then return 0 end
 ship(KEYS[3], KEYS[2], ARGV[5], ARGV[6])
@@ -269,6 +283,7 @@ return redis.call('HLEN', KEYS[1])
 # ARGV: user id, hlc, region, name, outbox stamp and payload.
 # Returns 1 if claimed now, 0 if this user already claimed it, -1 if another user holds a claim.
 _CLAIM = _REGISTERS + """
+if shipped_before(KEYS[3], ARGV[5], ARGV[6]) then return 1 end
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
 if redis.call('HLEN', KEYS[1]) > 0 then return -1 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '\\0' .. ARGV[3])

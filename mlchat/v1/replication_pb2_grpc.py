@@ -65,11 +65,12 @@ class ReplicationServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Replicate(self, request, context):
-        """The receiving region opens this stream to a peer and sends its state first. The peer answers
-        with a delta of everything the receiver lacks, then streams every later change to its state
-        (its own writes and what it applies from others, so changes relay across regions), with a
-        heartbeat when there is nothing to send. A receiver that falls too far behind is cut off and
-        reconnects, exchanging states again.
+        """The receiving region opens this stream to a peer and sends its state and its cursor of the
+        peer's outbox first. The peer answers with everything the receiver lacks (from its outbox after
+        the cursor when it still holds all of that, else by comparing states), then streams every later
+        change to its state (its own writes and what it applies from others, so changes relay across
+        regions), with a heartbeat when there is nothing to send. A receiver that falls too far behind is
+        cut off and reconnects, resuming from its cursor.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -32,11 +32,12 @@ class ReplicationServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ReplicationServiceAsyncStub: ...
     Replicate: _grpc.UnaryStreamMultiCallable[_replication_pb2.ReplicateRequest, _replication_pb2.Delta]
-    """The receiving region opens this stream to a peer and sends its state first. The peer answers
-    with a delta of everything the receiver lacks, then streams every later change to its state
-    (its own writes and what it applies from others, so changes relay across regions), with a
-    heartbeat when there is nothing to send. A receiver that falls too far behind is cut off and
-    reconnects, exchanging states again.
+    """The receiving region opens this stream to a peer and sends its state and its cursor of the
+    peer's outbox first. The peer answers with everything the receiver lacks (from its outbox after
+    the cursor when it still holds all of that, else by comparing states), then streams every later
+    change to its state (its own writes and what it applies from others, so changes relay across
+    regions), with a heartbeat when there is nothing to send. A receiver that falls too far behind is
+    cut off and reconnects, resuming from its cursor.
     """
     Join: _grpc.UnaryUnaryMultiCallable[_replication_pb2.JoinRequest, _replication_pb2.JoinResponse]
     """A new region asks any member to let it in; the answer lists every member it should follow. The
@@ -57,11 +58,12 @@ class ReplicationServiceStub:
 class ReplicationServiceAsyncStub(ReplicationServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Replicate: _aio.UnaryStreamMultiCallable[_replication_pb2.ReplicateRequest, _replication_pb2.Delta]  # type: ignore[assignment]
-    """The receiving region opens this stream to a peer and sends its state first. The peer answers
-    with a delta of everything the receiver lacks, then streams every later change to its state
-    (its own writes and what it applies from others, so changes relay across regions), with a
-    heartbeat when there is nothing to send. A receiver that falls too far behind is cut off and
-    reconnects, exchanging states again.
+    """The receiving region opens this stream to a peer and sends its state and its cursor of the
+    peer's outbox first. The peer answers with everything the receiver lacks (from its outbox after
+    the cursor when it still holds all of that, else by comparing states), then streams every later
+    change to its state (its own writes and what it applies from others, so changes relay across
+    regions), with a heartbeat when there is nothing to send. A receiver that falls too far behind is
+    cut off and reconnects, resuming from its cursor.
     """
     Join: _aio.UnaryUnaryMultiCallable[_replication_pb2.JoinRequest, _replication_pb2.JoinResponse]  # type: ignore[assignment]
     """A new region asks any member to let it in; the answer lists every member it should follow. The
@@ -85,11 +87,12 @@ class ReplicationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _replication_pb2.ReplicateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_replication_pb2.Delta], _abc.AsyncIterator[_replication_pb2.Delta]]:
-        """The receiving region opens this stream to a peer and sends its state first. The peer answers
-        with a delta of everything the receiver lacks, then streams every later change to its state
-        (its own writes and what it applies from others, so changes relay across regions), with a
-        heartbeat when there is nothing to send. A receiver that falls too far behind is cut off and
-        reconnects, exchanging states again.
+        """The receiving region opens this stream to a peer and sends its state and its cursor of the
+        peer's outbox first. The peer answers with everything the receiver lacks (from its outbox after
+        the cursor when it still holds all of that, else by comparing states), then streams every later
+        change to its state (its own writes and what it applies from others, so changes relay across
+        regions), with a heartbeat when there is nothing to send. A receiver that falls too far behind is
+        cut off and reconnects, resuming from its cursor.
         """
 
     @_abc_1.abstractmethod

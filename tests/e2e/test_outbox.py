@@ -92,3 +92,4 @@ def test_a_sender_killed_while_shipping_is_resumed_from_after_its_restart(cluste
     ids = [m.id for m in west.list("sender", limit=100).messages]
     assert sorted(ids) == sorted(acked)
     assert catch_ups(cluster, EAST, WEST, "outbox") >= 1 and catch_ups(cluster, EAST, WEST, "states") == 0
+

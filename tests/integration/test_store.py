@@ -208,9 +208,31 @@ def test_a_change_and_its_outbox_entry_are_stored_together(any_redis_url, unique
     assert floor >= stamps[11]
 
 
+def test_a_write_run_again_answers_as_it_did_the_first_time(any_redis_url, unique):
+    """A client retry after a lost reply runs a script twice: the second run must still say the change was
+    made, or the region would never publish it to its peers."""
+    user, name, ch = f"ur{unique}", f"nr{unique}", f"pr{unique}"
+    base = int(time.time() * 1000) + 3 * 10**12
+    writes = [
+        lambda store: store.set_status(StatusValue(user, 1, "x", hlc(base, 1), "us-east"), ship(hlc(base, 1))),
+        lambda store: store.claim(Claim(hlc(base, 2), "us-east", user, name), ship(hlc(base, 2))),
+        lambda store: store.add_claim(Claim(hlc(base - 1), "eu-west", "o" + user, name), ship(hlc(base, 3))),
+        lambda store: store.create_channel(Claim(hlc(base, 4), "us-east", user, ch), ship(hlc(base, 4))),
+        lambda store: store.add_channel(Claim(hlc(base - 2), "eu-west", "o" + user, ch), ship(hlc(base, 5))),
+        lambda store: store.set_member(MemberValue(ch, "o" + user, True, hlc(base, 6), "us-east"),
+                                       ship(hlc(base, 6))),
+    ]
+
+    async def body(store: Store):
+        return [(await write(store), await write(store)) for write in writes]
+
+    for first, again in run(any_redis_url, body):
+        assert again == first
+
+
 def test_outbox_reads_after_a_cursor_and_trims_what_all_hold(any_redis_url, unique):
     ch = f"t{unique}"
-    base = int(time.time() * 1000) + 2 * 10**12  # above every other test's stamps
+    base = int(time.time() * 1000) + 5 * 10**12  # above every other test's stamps
     entries = [entry(ch, n, base + n) for n in range(6)]
 
     async def body(store: Store):

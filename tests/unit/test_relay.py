@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from mlchat.crdt.hlc import Hlc
 from mlchat.crdt.lww import StatusValue
 from mlchat.crdt.replica import Delta, Relayed, combine
 from mlchat.geo.relay import RelayQueue
@@ -111,3 +114,27 @@ def test_a_relay_pushed_out_past_capacity_is_never_covered_by_a_message_before_i
 def test_combined_messages_keep_every_entry_their_deltas_told():
     (message,) = combine([own("06", {"a": "03", "b": "06"}), Delta(vector={"a": "04"})])
     assert message.vector == {"a": "04", "b": "06"}
+
+
+def stamp(ms: int) -> str:
+    return Hlc(ms, 0).encode()
+
+
+def test_the_outbox_cursor_told_the_peer_stays_below_every_held_relay():
+    queue = RelayQueue("c", DELAY, 100)
+    held = replace(relayed("a", {"a": "07"}, {"a": "03"}, {"a": "07"}), cursor=stamp(19))
+    held = replace(held, relayed=replace(held.relayed, stamp=stamp(20)))  # its outbox entry here
+    assert queue.next([held], {}, now_ms=0) == []
+    told = queue.next([replace(own("06", {"b": "06"}), cursor=stamp(30))], {}, now_ms=10)
+    assert told[0].cursor == Hlc(20, 0).previous().encode()  # a restarted peer resumes before the relay
+    # The peer got it by the direct path: the relay is dropped, and the cursor passes it.
+    later = queue.next([replace(heartbeat({"b": "06"}), cursor=stamp(31))], {"a": "07"}, now_ms=20)
+    assert [d.cursor for d in later] == [stamp(31)]
+
+
+def test_an_acknowledgement_carries_the_cursor_and_a_cursor_is_told_once():
+    queue = RelayQueue("a", DELAY, 100)
+    back = replace(relayed("a", {"c": "02"}, {}, {"a": "03", "c": "02"}), cursor=stamp(40))
+    sent = queue.told(queue.next([back, replace(heartbeat({"c": "02"}), cursor=stamp(40))], {}, now_ms=0))
+    assert [d.cursor for d in sent] == [stamp(40), ""]
+    assert queue.told([replace(heartbeat({}), cursor=stamp(39))])[0].cursor == ""  # never backwards

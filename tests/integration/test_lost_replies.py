@@ -1,0 +1,159 @@
+"""Writes whose reply from Redis is lost: Redis ran the script, and the leader never heard. The leader
+reaches Valkey through the WAN proxy, which holds Valkey's replies and cuts the connections; a peer's
+replication stream must still get every change Redis stored, whether the leader's retry of the call
+answered or failed too."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import grpc
+import pytest
+import redis
+from support import wait_until
+
+from dcsim.proxy import Link
+from mlchat.geo.client import ChatClient
+from mlchat.leader.process import LeaderProcess
+from mlchat.leader.servicer import PEER_PREFIX
+from mlchat.leader.tokens import TokenSigner
+from mlchat.leader.valkey import EmbeddedValkey
+from mlchat.v1 import chat_pb2 as pb
+from mlchat.v1 import replication_pb2 as rpb
+from mlchat.v1 import replication_pb2_grpc
+
+
+class Proxy:
+    """A `Link` in front of Valkey, run by a loop of its own."""
+
+    def __init__(self, valkey: EmbeddedValkey) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.link = Link("redis", ("127.0.0.1", valkey.port or 0))
+        asyncio.run_coroutine_threadsafe(self.link.start(), self.loop).result()
+        self.url = f"redis://:{valkey.password}@127.0.0.1:{self.link.listen_port}"
+
+    def do(self, action) -> None:  # type: ignore[no-untyped-def]
+        """Run `action()` in the proxy's loop, and wait for it."""
+        async def run() -> None:
+            action()
+        asyncio.run_coroutine_threadsafe(run(), self.loop).result()
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.link.stop(), self.loop).result()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
+
+
+@pytest.fixture
+def proxied(own_valkey: EmbeddedValkey, tmp_path) -> Iterator[tuple[Proxy, LeaderProcess]]:
+    proxy = Proxy(own_valkey)
+    try:
+        with LeaderProcess("us-east", tmp_path / "leader", redis_url=proxy.url) as leader:
+            yield proxy, leader
+    finally:
+        proxy.close()
+
+
+class PeerStream:
+    """A replication stream opened as region eu-west: the status texts it receives, by user."""
+
+    def __init__(self, leader: LeaderProcess) -> None:
+        secret = (leader.data_dir / "cluster-secret").read_bytes().strip()
+        token, _ = TokenSigner(secret).issue(PEER_PREFIX + "eu-west", "eu-west", int(time.time() * 1000))
+        self.channel = grpc.insecure_channel(leader.address)
+        self.stream = replication_pb2_grpc.ReplicationServiceStub(self.channel).Replicate(
+            rpb.ReplicateRequest(region="eu-west"), metadata=(("authorization", f"Bearer {token}"),))
+        self.statuses: dict[str, set[str]] = {}
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        try:
+            for message in self.stream:
+                for status in message.statuses:
+                    self.statuses.setdefault(status.user_id, set()).add(status.text)
+        except grpc.RpcError:
+            pass  # cancelled at the end of the test
+
+    def close(self) -> None:
+        self.stream.cancel()
+        self.channel.close()
+
+
+def script_waiting(direct: redis.Redis) -> bool:
+    """Whether a script call with a change's arguments waits in the paused Valkey (a heartbeat's script,
+    which only raises the clock floor, has a tenth of their bytes)."""
+    listing = direct.execute_command("CLIENT", "LIST").decode()
+    clients = [dict(f.split("=", 1) for f in line.split()) for line in listing.splitlines()]
+    return any("b" in c["flags"] and c["cmd"] == "evalsha" and int(c["argv-mem"]) > 200 for c in clients)
+
+
+def held_write(proxy: Proxy, valkey: EmbeddedValkey, client: ChatClient, pool: ThreadPoolExecutor,
+               text: str) -> Future:
+    """Start a status write and return once Valkey has run it and holds its reply back (the proxy does)."""
+    with redis.Redis(host="127.0.0.1", port=valkey.port, password=valkey.password) as direct:
+        # Paused, Valkey takes reads (and health checks) but holds the script until the reply can be held.
+        direct.execute_command("CLIENT", "PAUSE", 20_000, "WRITE")
+        try:
+            call = pool.submit(client.set_status, pb.PRESENCE_BUSY, text)
+            wait_until(lambda: script_waiting(direct), 10, "the status script waiting in Valkey")
+            proxy.do(lambda: proxy.link.set("down", blackhole=True))
+        finally:
+            direct.execute_command("CLIENT", "UNPAUSE")
+    wait_until(lambda: stored(valkey, client.user.user_id, text), 10, "the status stored")
+    return call
+
+
+def stored(valkey: EmbeddedValkey, user_id: str, text: str) -> bool:
+    with redis.Redis(host="127.0.0.1", port=valkey.port, password=valkey.password) as direct:
+        return direct.hget(f"s:{user_id}", "t") == text.encode()
+
+
+def test_a_write_whose_retry_answers_is_shipped(proxied, own_valkey):
+    proxy, leader = proxied
+    client = ChatClient(leader.address, timeout_s=20)
+    client.claim("retried_ann", "retried-ann-key-000001")
+    client.set_status(pb.PRESENCE_ONLINE, "first")  # Valkey knows the script now: one call, one reply
+    peer = PeerStream(leader)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            call = held_write(proxy, own_valkey, client, pool, "ran twice")
+
+            def release_and_cut() -> None:  # the leader retries on a new connection, which answers
+                proxy.link.set("down", blackhole=False)
+                proxy.link.reset()
+            proxy.do(release_and_cut)
+            assert call.result(timeout=20).status.text == "ran twice"
+        wait_until(lambda: "ran twice" in peer.statuses.get(client.user.user_id, ()), 10, "the status shipped")
+    finally:
+        peer.close()
+        client.close()
+
+
+def test_a_write_whose_retry_fails_too_is_shipped_once_the_outbox_is_read(proxied, own_valkey):
+    proxy, leader = proxied
+    client = ChatClient(leader.address, timeout_s=20)
+    client.claim("doubted_bo", "doubted-bo-key-0000001")
+    client.set_status(pb.PRESENCE_ONLINE, "first")  # Valkey knows the script now: one call, one reply
+    peer = PeerStream(leader)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            call = held_write(proxy, own_valkey, client, pool, "in doubt")
+            while not call.done():  # every attempt's connection is cut: the call fails
+                proxy.do(proxy.link.reset)
+                time.sleep(0.05)
+            proxy.do(lambda: proxy.link.set("down", blackhole=False))
+            with pytest.raises(grpc.RpcError) as failed:
+                call.result()
+            assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
+        wait_until(lambda: "in doubt" in peer.statuses.get(client.user.user_id, ()), 10, "the status shipped")
+    finally:
+        peer.close()
+        client.close()
