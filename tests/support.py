@@ -50,18 +50,6 @@ def descendants(pid: int) -> set[int]:
     return out
 
 
-def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Every sample a Prometheus endpoint serves: (name, labels) -> value."""
-    from urllib.request import urlopen
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urlopen(url, timeout=5) as response:
-        text = response.read().decode()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
 def sample(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
     """One sample's value, 0 if it is absent (a counter not yet touched)."""
     return samples.get((name, frozenset(labels.items())), 0.0)

@@ -10,10 +10,11 @@ against the message's raw payload.
 Catch-up: one region cut off while another posts a backlog; after the heal, the time until the cut
 region holds it all, and the bytes sent to it per message against the raw message payload.
 
-Resume: two regions share a history (messages in many channels, users with a status); one is killed
-while the other posts a few more messages, then restarted. The time from its restart until it holds
-them all, and the bytes sent to it: resuming from its cursor of the peer's outbox, against the same
-run with `--outbox-retention 0` (the outbox never reaches back, so the two compare states).
+Resume: two regions share a history (messages in 200 channels, a user with a status for every four
+messages); one is killed while the other posts a few more messages, then restarted. The time the other
+took to send it the catch-up (its `mlchat_catch_up_seconds_total`), and the bytes sent: resuming from
+its cursor of the peer's outbox, against the same run with `--outbox-retention 0` (the outbox never
+reaches back, so the two compare states).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import grpc
 import redis
 
 from dcsim import cli as dcsim
+from dcsim.prometheus import scrape
 from dcsim.proxy import Link
 from mlchat.crdt.hlc import Hlc
 from mlchat.geo.client import ChatClient
@@ -241,19 +243,17 @@ def post_many(address: str, token: str, count: int, start: int, channels: int) -
 
 
 def resume(workdir: Path, retention: int | None, history: int, outage: int) -> tuple[float, float]:
-    """(seconds from the restart of a region killed for `outage` messages to holding them all, bytes sent to
-    it per message), with the leaders' default outbox or `--outbox-retention retention`."""
+    """(seconds the peer took to send the catch-up to a region killed for `outage` messages, once it is back,
+    bytes sent to it per message), with the leaders' default outbox or `--outbox-retention retention`."""
     run_dir = workdir / f"resume-{retention}"
     extra = () if retention is None else (f"--outbox-retention={retention}",)
     status = dcsim.up(run_dir, ("us-east", "eu-west"), None, None, leader_args=("--user-rate=0", *extra))
     try:
         east = ChatClient(status["regions"]["us-east"]["endpoints"]["us-east"], timeout_s=30)
+        for i in range(history // 4):  # users with a status: registers that a comparison of states scans
+            east.claim(f"member{i}", f"member-key-{i:012d}")
+            east.set_status(pb.PRESENCE_ONLINE, f"status {i}")
         east.claim("history_writer", "history-writer-key-0001")
-        for i in range(history // 40):  # users with a status: registers a comparison of states scans
-            user = ChatClient(east.address, timeout_s=30)
-            user.claim(f"member{i}", f"member-key-{i:012d}")
-            user.set_status(pb.PRESENCE_ONLINE, f"status {i}")
-            user.close()
         post_many(east.address, east.token, history, 0, 200)
         west = ChatClient(status["regions"]["eu-west"]["endpoints"]["eu-west"], timeout_s=30)
         west.claim("history_reader", "history-reader-key-0001")
@@ -264,13 +264,16 @@ def resume(workdir: Path, retention: int | None, history: int, outage: int) -> t
         post_many(east.address, east.token, outage, history, 200)
         paths = dcsim.control(run_dir, {"command": "status"})["paths"]
         sent_before = paths["us-east->eu-west"]["bytes"]
-        started = time.monotonic()
+        seconds = "mlchat_catch_up_seconds_total"
+        before = sum(v for (name, _), v in scrape(status["regions"]["us-east"]["metrics"]).items() if name == seconds)
         dcsim.control(run_dir, {"command": "restart", "region": "eu-west"})
         west = ChatClient(status["regions"]["eu-west"]["endpoints"]["eu-west"], timeout_s=30)
         west.claim("history_reader", "history-reader-key-0001")
         while west.cluster_status().messages < history + outage:
             time.sleep(0.01)
-        elapsed = time.monotonic() - started
+        while (elapsed := sum(v for (name, _), v in scrape(status["regions"]["us-east"]["metrics"]).items()
+                              if name == seconds) - before) == 0:  # counted once its last part is sent
+            time.sleep(0.01)
         sent = dcsim.control(run_dir, {"command": "status"})["paths"]["us-east->eu-west"]["bytes"] - sent_before
         east.close()
         west.close()

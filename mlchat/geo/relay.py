@@ -16,8 +16,8 @@ Every message carries the sender's vector, which the receiver adopts as a promis
 vector covers; it merges what it is told, in order, so a message need only carry the entries that moved
 since the last one on its stream (`told`). While relays are held, the vector told the peer is capped, per
 origin, at what this region held of that origin before the oldest held change arrived, so it never covers a
-change the peer was not sent. The same goes for the sender's outbox cursor (`Delta.cursor`), which the
-peer resumes from after a restart: it stays below every held relay's outbox stamp.
+change the peer was not sent. The same goes for the sender's outbox cursor (`Delta.cursor`, told on
+heartbeats), which the peer resumes from after a restart: it stays below every held relay's outbox stamp.
 
 Pure: the caller passes `now_ms` and the peer's vector, and sends what comes back, in order.
 """
@@ -71,14 +71,14 @@ class RelayQueue:
         return out
 
     def told(self, deltas: list[Delta]) -> list[Delta]:
-        """`deltas`, about to be sent in order, each with only the vector entries and cursor the stream has not
-        told yet."""
+        """`deltas`, about to be sent in order, each with only the vector entries the stream has not told yet,
+        and the cursor on heartbeats only (where it moved): the peer stores it once a heartbeat anyway."""
         out = []
         for delta in deltas:
             moved = {r: h for r, h in delta.vector.items() if self._told.get(r) != h}
             self._told.update(moved)
-            cursor = delta.cursor if delta.cursor > self._told_cursor else ""
-            self._told_cursor = max(self._told_cursor, delta.cursor)
+            cursor = delta.cursor if delta.members and delta.cursor > self._told_cursor else ""
+            self._told_cursor = max(self._told_cursor, cursor)
             out.append(delta if len(moved) == len(delta.vector) and cursor == delta.cursor
                        else replace(delta, vector=moved, cursor=cursor))
         return out

@@ -129,13 +129,18 @@ class LeaderCollector(Collector):
                                         labels=["peer", "kind"])
         for (peer, kind), count in sorted(self.replication.catch_ups.items()):
             catch_ups.add_metric([peer, kind], count)
+        catch_up_seconds = CounterMetricFamily("mlchat_catch_up_seconds", "Time those streams took from the "
+                                               "peer's request to the last part of its catch-up sent",
+                                               labels=["peer", "kind"])
+        for (peer, kind), seconds in sorted(self.replication.catch_up_seconds.items()):
+            catch_up_seconds.add_metric([peer, kind], seconds)
         outbox = GaugeMetricFamily("mlchat_outbox_entries", "Changes kept in this region's outbox for peers "
                                    "that resume, at its latest trim", value=self.replicator.outbox_entries)
         sent = CounterMetricFamily("mlchat_deltas_sent", "Deltas with changes sent to the peer on its stream "
                                    "(by this process)", labels=["peer"])
         for peer, count in sorted(self.replication.sent.items()):
             sent.add_metric([peer], count)
-        yield from (up, lag, applied, backlog, sent, catch_ups, outbox)
+        yield from (up, lag, applied, backlog, sent, catch_ups, catch_up_seconds, outbox)
 
         conflicts = CounterMetricFamily("mlchat_conflicts", "Values from peers that met a different one held "
                                         "here: a status or membership that lost, a claim or private channel "

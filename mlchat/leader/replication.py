@@ -55,6 +55,7 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
         self.consensus = consensus
         self.sent: Counter[str] = Counter()  # per peer: deltas with changes sent on its streams
         self.catch_ups: Counter[tuple[str, str]] = Counter()  # per (peer, "outbox" or "states")
+        self.catch_up_seconds: Counter[tuple[str, str]] = Counter()  # the same: time from request to last part
         self.queues: dict[str, Subscription[Delta]] = {}  # per peer: what its latest stream has yet to send
 
     @unary
@@ -98,12 +99,15 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
             self.queues[peer] = changes
             try:
                 state = ReplicaState({s.shard: s.state_vector for s in request.shards}, dict(request.vector))
+                started = time.monotonic()
                 cursor = await self.region.resumable(request.resume_cursor)
-                self.catch_ups[peer, "states" if cursor is None else "outbox"] += 1
+                kind = "states" if cursor is None else "outbox"
+                self.catch_ups[peer, kind] += 1
                 async for part in (self.region.delta_for(state) if cursor is None
                                    else self.region.delta_since(cursor, peer, state.vector)):
                     self.sent[peer] += carries_changes(part)
                     yield self._message(part)
+                self.catch_up_seconds[peer, kind] += time.monotonic() - started
                 relays = RelayQueue(peer, self.region.settings.relay_delay_ms, changes.capacity)
                 while True:
                     batch = await changes.next_batch()  # heartbeats come at least every heartbeat_ms

@@ -583,8 +583,9 @@ class Delta(_message.Message):
     primary: _builtins.str
     voted_epoch: _builtins.int
     cursor: _builtins.str
-    """"EPOCH:STAMP": the receiver holds every entry of the sender's outbox (its epoch, while its Redis
-    keeps its data) stamped at or below STAMP. Empty when it did not move.
+    """On heartbeats and a catch-up's last part, "EPOCH:STAMP": the receiver holds every entry of the
+    sender's outbox (its epoch, while its Redis keeps its data) stamped at or below STAMP. Empty when
+    it did not move.
     """
     @_builtins.property
     def shards(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShardUpdate]: ...

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from support import sample, scrape, wait_until
+from support import sample, wait_until
 
 from dcsim import cli as dcsim
+from dcsim.prometheus import scrape
 from mlchat.geo.client import ChatClient
 from mlchat.v1 import chat_pb2 as pb
 

@@ -9,8 +9,9 @@ from urllib.request import urlopen
 import grpc
 import pytest
 import redis
-from support import sample, scrape, wait_until
+from support import sample, wait_until
 
+from dcsim.prometheus import scrape
 from mlchat.geo.client import ChatClient
 from mlchat.leader.process import LeaderProcess, free_port
 

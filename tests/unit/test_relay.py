@@ -132,9 +132,10 @@ def test_the_outbox_cursor_told_the_peer_stays_below_every_held_relay():
     assert [d.cursor for d in later] == [stamp(31)]
 
 
-def test_an_acknowledgement_carries_the_cursor_and_a_cursor_is_told_once():
+def test_the_cursor_goes_on_heartbeats_once_each_time_it_moves():
     queue = RelayQueue("a", DELAY, 100)
     back = replace(relayed("a", {"c": "02"}, {}, {"a": "03", "c": "02"}), cursor=stamp(40))
-    sent = queue.told(queue.next([back, replace(heartbeat({"c": "02"}), cursor=stamp(40))], {}, now_ms=0))
-    assert [d.cursor for d in sent] == [stamp(40), ""]
+    beat = replace(heartbeat({"c": "02"}), cursor=stamp(40))
+    sent = queue.told(queue.next([back, beat, beat], {}, now_ms=0))
+    assert [d.cursor for d in sent] == ["", stamp(40), ""]
     assert queue.told([replace(heartbeat({}), cursor=stamp(39))])[0].cursor == ""  # never backwards
