@@ -130,7 +130,8 @@ class Region:
         # queued, so that non-members cannot make the hot shard be dropped and reloaded at every post.
         self._refusing: OrderedDict[str, None] = OrderedDict()
         self._shard_locks: dict[str, asyncio.Lock] = {}
-        # Per apply in flight, by the stamp of its outbox entries: the vector told when it started.
+        # Per apply in flight (or failed, in doubt), by the stamp of its outbox entries: the vector told when
+        # it started.
         self._applying: dict[str, dict[str, str]] = {}
         # Stamps of changes whose storing failed: they may be in the outbox all the same (Redis ran the script
         # and the reply was lost), and hold the cursor back until the outbox is read (`_resolve_doubts`).
@@ -209,8 +210,8 @@ class Region:
         self.feed.publish(FEED, replace(change, vector=self.told_vector(), cursor=self.cursor()))
 
     def cursor(self) -> str:
-        """The outbox cursor: every entry stamped at or below it is published on the feed (or held by no one:
-        a failed write). Own writes are published as they settle, so the vector's own entry bounds them;
+        """The outbox cursor: every entry stamped at or below it is published on the feed (a write given up on
+        is fenced, and stores none). Own writes are published as they settle, so the vector's own entry bounds them;
         entries of applies in flight and of failures not yet resolved hold it back."""
         own = self.clocks.vector[self.name]
         held = [*self._applying, *self._in_doubt]
@@ -219,10 +220,16 @@ class Region:
     async def _resolve_doubts(self) -> None:
         """Publish whatever the outbox holds under the stamps in doubt (it was stored after all), and settle them."""
         doubts = sorted(self._in_doubt)
-        found = await self.store.outbox_at(doubts)
+        found = await self.store.resolve(doubts)
         for stamp, payload in found:
             change = from_outbox(stamp, payload)
-            self._publish(change if change.relayed and change.relayed.source else replace(change, relayed=None))
+            relayed = change.relayed
+            if relayed and relayed.source:  # a failed apply's: held where it started, as it would have been
+                self._publish(replace(change, relayed=replace(relayed, before=self._applying.get(stamp, {}))))
+            else:
+                self._publish(replace(change, relayed=None))
+        for stamp in doubts:
+            self._applying.pop(stamp, None)
         self._in_doubt.difference_update(doubts)
         if found:
             self.clocks.floor_saved(max(stamp for stamp, _ in found))  # their scripts raised the clock floor
@@ -689,6 +696,8 @@ class Region:
             after = page[-1]
             lacking = []
             for stamp, payload in map(split_entry, page):
+                if not payload:  # a fence: a write given up on
+                    continue
                 change = from_outbox(stamp, payload)
                 relayed = change.relayed
                 if relayed.source != peer and not (relayed.origins and vector.covers(peer_vector, relayed.origins)):  # type: ignore[union-attr]
@@ -712,9 +721,8 @@ class Region:
         try:
             await self._apply(delta, source, stamp, before)
         finally:
-            if self._applying.pop(stamp, None) is not None:  # it failed: what it stored counts as held now
-                self._in_doubt.add(stamp)  # and is published once the outbox says what that is
-                self._vector_moved()
+            if stamp in self._applying:  # it failed: it stays in flight until the outbox says what it stored
+                self._in_doubt.add(stamp)
 
     def told_vector(self) -> dict[str, str]:
         """What peers and readers may count on: `vector`, with each other region's entry held where every apply

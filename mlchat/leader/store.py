@@ -73,7 +73,8 @@ end
 """
 
 # raise_floor: the clock floor only moves forward. ship: a change's outbox entry, under a stamp that the
-# clock floor then covers (stamps after a restart are above every entry).
+# clock floor then covers (stamps after a restart are above every entry). A write whose stamp was given up
+# on (`_RESOLVE`: the region found nothing under it) is fenced: a tombstone, the stamp with no payload.
 _SHIP = _LESS + """
 local function raise_floor(key, hlc)
   local floor = redis.call('GET', key)
@@ -82,6 +83,11 @@ end
 local function ship(outbox, floor, stamp, payload)
   redis.call('ZADD', outbox, 0, stamp .. '\\0' .. payload)
   raise_floor(floor, stamp)
+end
+local function fence(outbox, stamp)
+  if redis.call('ZSCORE', outbox, stamp .. '\\0') then
+    return redis.error_reply('FENCED write ' .. stamp .. ' was given up on: it stores nothing')
+  end
 end
 """
 
@@ -122,6 +128,8 @@ end
 # stored already (a retry), or {2, {id, ...}} for the messages whose poster may not post in the channel
 # (it is private, and they are not members): checked here so that a post costs one round trip.
 _POST = _SHIP + """
+local fenced = fence(KEYS[9], ARGV[4])
+if fenced then return fenced end
 local dups = {}
 for i = 8, #ARGV, 3 do
   local key = redis.call('HGET', KEYS[1], ARGV[i])
@@ -155,6 +163,8 @@ return {1, sids}
 # stored here is added; a copy of one stored here replaces it if its order key is smaller (readers
 # everywhere keep the earliest copy). Returns {id, stream id} for each message new here.
 _APPLY = _SHIP + """
+local fenced = fence(KEYS[7], ARGV[6])
+if fenced then return fenced end
 redis.call('RPUSH', KEYS[4], ARGV[2])
 redis.call('SADD', KEYS[5], ARGV[3])
 redis.call('HSET', KEYS[6], ARGV[4], ARGV[5])
@@ -192,6 +202,21 @@ _RAISE_FLOOR = _SHIP + """
 raise_floor(KEYS[1], ARGV[1])
 """
 
+# KEYS: an outbox copy. ARGV: 1 to fence, then stamps of writes whose outcome is in doubt. Returns the
+# entries under them; with ARGV[1] 1, a stamp with none is fenced in the same step (see `fence`), so that
+# its script, if it still waits to run, stores nothing.
+_RESOLVE = """
+local found = {}
+for i = 2, #ARGV do
+  local entries = redis.call('ZRANGEBYLEX', KEYS[1], '[' .. ARGV[i] .. '\\0', '(' .. ARGV[i] .. '\\1')
+  if #entries == 0 and ARGV[1] == '1' then redis.call('ZADD', KEYS[1], 0, ARGV[i] .. '\\0') end
+  for _, entry in ipairs(entries) do
+    if #entry > #ARGV[i] + 1 then found[#found + 1] = entry end
+  end
+end
+return found
+"""
+
 # KEYS: outbox, outbox:trimmed. ARGV: a stamp every peer holds the outbox up to ('' if not all are known),
 # the most entries to keep. Trims what all hold, then the oldest past the most, and raises the trimmed
 # floor to the highest stamp trimmed. Returns the entries left.
@@ -218,6 +243,8 @@ return redis.call('ZRANGEBYLEX', KEYS[2], '[' .. key .. '\\0', '[' .. key .. '\\
 # KEYS: status hash, meta:hlc, outbox. ARGV: rank key, presence, text, hlc, region, outbox stamp and payload.
 # Returns {1 if the register changed, the winner's fields}.
 _SET_STATUS = _REGISTERS + """
+local fenced = fence(KEYS[3], ARGV[6])
+if fenced then return fenced end
 local changed = 1
 if not shipped_before(KEYS[3], ARGV[6], ARGV[7]) then
   changed = lww_set(KEYS[1], ARGV[1], {'p', ARGV[2], 't', ARGV[3], 'h', ARGV[4], 'r', ARGV[5]})
@@ -230,6 +257,8 @@ return {changed, redis.call('HMGET', KEYS[1], 'p', 't', 'h', 'r')}
 # KEYS: membership register, meta:hlc, the channel's member index, outbox. ARGV: rank key, member (1/0),
 # hlc, region, user id, outbox stamp and payload. Returns {1 if the register changed, the winner's fields}.
 _SET_MEMBER = _REGISTERS + """
+local fenced = fence(KEYS[4], ARGV[6])
+if fenced then return fenced end
 local changed = 1
 if not shipped_before(KEYS[4], ARGV[6], ARGV[7]) then
   changed = lww_set(KEYS[1], ARGV[1], {'v', ARGV[2], 'h', ARGV[3], 'r', ARGV[4]})
@@ -245,7 +274,10 @@ return {changed, redis.call('HMGET', KEYS[1], 'v', 'h', 'r')}
 # channel's message ids, the creator's membership register, the channel's member index, outbox.
 # ARGV: user id, hlc, region, rank key of the membership, outbox stamp and payload. Returns 1 if created.
 _CREATE_CHANNEL = _REGISTERS + """
+local fenced = fence(KEYS[6], ARGV[5])
+if fenced then return fenced end
 if shipped_before(KEYS[6], ARGV[5], ARGV[6]) then return 1 end
+raise_floor(KEYS[2], ARGV[2])  -- whatever the outcome: the region settles the stamp as stored
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '\\0' .. ARGV[3])
@@ -259,6 +291,8 @@ return 1
 # ARGV: user id, hlc, region, outbox stamp and payload. Returns 0 if the records did not change, else how
 # many users created it.
 _ADD_CHANNEL = _REGISTERS + """
+local fenced = fence(KEYS[3], ARGV[4])
+if fenced then return fenced end
 if shipped_before(KEYS[3], ARGV[4], ARGV[5]) then return redis.call('HLEN', KEYS[1]) end
 raise_floor(KEYS[2], ARGV[2])
 if keep_earliest(KEYS[1], ARGV[1], ARGV[2] .. '\\0' .. ARGV[3]) == 0 then return 0 end
@@ -271,6 +305,8 @@ return redis.call('HLEN', KEYS[1])
 # the user created if new. ARGV: user id, hlc, region, name, outbox stamp and payload.
 # Returns 0 if the claims on the name did not change, else how many users claim it.
 _ADD_CLAIM = _REGISTERS + """
+local fenced = fence(KEYS[3], ARGV[5])
+if fenced then return fenced end
 if shipped_before(KEYS[3], ARGV[5], ARGV[6]) then return redis.call('HLEN', KEYS[1]) end
 raise_floor(KEYS[2], ARGV[2])
 if keep_earliest(KEYS[1], ARGV[1], ARGV[2] .. '\\0' .. ARGV[3]) == 0 then return 0 end
@@ -283,7 +319,10 @@ return redis.call('HLEN', KEYS[1])
 # ARGV: user id, hlc, region, name, outbox stamp and payload.
 # Returns 1 if claimed now, 0 if this user already claimed it, -1 if another user holds a claim.
 _CLAIM = _REGISTERS + """
+local fenced = fence(KEYS[3], ARGV[5])
+if fenced then return fenced end
 if shipped_before(KEYS[3], ARGV[5], ARGV[6]) then return 1 end
+raise_floor(KEYS[2], ARGV[2])  -- whatever the outcome: the region settles the stamp as stored
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
 if redis.call('HLEN', KEYS[1]) > 0 then return -1 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '\\0' .. ARGV[3])
@@ -402,6 +441,7 @@ class Store:
         self._create_channel = client.register_script(_CREATE_CHANNEL)
         self._add_channel = client.register_script(_ADD_CHANNEL)
         self._trim_outbox = client.register_script(_TRIM_OUTBOX)
+        self._resolve = client.register_script(_RESOLVE)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -720,19 +760,22 @@ class Store:
 
     async def outbox_after(self, after: bytes, count: int) -> list[bytes]:
         """Up to `count` outbox entries above `after` (an entry, or `past(stamp)`), oldest first; `split_entry`
-        reads them."""
+        reads them (a fence's payload is empty)."""
         rows = await self._read_all("zrangebylex", await self._copies(OUTBOX), b"(" + after, b"+", 0, count)
         return heapq.nsmallest(count, (m for row in rows for m in row))
 
-    async def outbox_at(self, stamps: list[str]) -> list[tuple[str, bytes]]:
-        """The outbox entries stamped with any of `stamps`, as (stamp, payload)."""
-        keys = await self._copies(OUTBOX)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stamp in stamps:
-                for key in keys:
-                    pipe.zrangebylex(key, b"[" + stamp.encode() + b"\x00", b"(" + stamp.encode() + b"\x01")
-            rows = await pipe.execute()
-        return [split_entry(m) for row in rows for m in row]
+    async def resolve(self, stamps: list[str]) -> list[tuple[str, bytes]]:
+        """The outbox entries stamped with any of `stamps` (writes whose outcome is in doubt), as (stamp,
+        payload); a stamp with none is fenced first, in every copy, so that its write never stores anything."""
+        copies = await self._copies(OUTBOX)  # a write's entries are all in one copy, the one beside its keys
+        found: list[tuple[str, bytes]] = []
+        if len(copies) > 1:  # find first, so that copies without a write's entries are not fenced for it
+            for copy in copies:
+                found += [split_entry(m) for m in await self._resolve(keys=[copy], args=[0, *stamps])]
+        missing = sorted(set(stamps) - {stamp for stamp, _ in found})
+        for copy in copies if missing else ():
+            found += [split_entry(m) for m in await self._resolve(keys=[copy], args=[1, *missing])]
+        return sorted(found)
 
     async def outbox_trimmed(self) -> str:
         """The highest stamp trimmed from the outbox ("" if none): a cursor below it cannot resume."""

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+import redis
 from support import cluster_ports
 
 from mlchat.crdt.claims import Claim
@@ -200,7 +201,7 @@ def test_a_change_and_its_outbox_entry_are_stored_together(any_redis_url, unique
             stamps[12]: (await store.set_member(MemberValue(f"p{unique}", "y" + user, True, hlc(base - 4), "eu-west"),
                                                 ship(stamps[12])))[1],
         }
-        return changed, await store.outbox_at(stamps), await store.clock_floor()
+        return changed, await store.resolve(stamps), await store.clock_floor()
 
     changed, shipped, floor = run(any_redis_url, body)
     assert changed == {s: s not in (stamps[3], stamps[5], stamps[7], stamps[9], stamps[12]) for s in changed}
@@ -228,6 +229,28 @@ def test_a_write_run_again_answers_as_it_did_the_first_time(any_redis_url, uniqu
 
     for first, again in run(any_redis_url, body):
         assert again == first
+
+
+def test_a_write_given_up_on_is_fenced_and_stores_nothing(any_redis_url, unique):
+    """Resolving a stamp in doubt that has no entry fences it: the write, if its script still waits to run
+    (Redis paused, the reply lost), stores nothing. One that has an entry is found, and runs again as before."""
+    user = f"uf{unique}"
+    base = int(time.time() * 1000) + 4 * 10**12
+    given_up, stored = hlc(base, 1), hlc(base, 2)
+
+    async def body(store: Store):
+        await store.set_status(StatusValue(user, 1, "stored", stored, "us-east"), ship(stored))
+        found = await store.resolve([given_up, stored])
+        with pytest.raises(redis.exceptions.ResponseError, match="FENCED"):
+            await store.set_status(StatusValue(user, 2, "late", given_up, "us-east"), ship(given_up))
+        again = await store.set_status(StatusValue(user, 1, "stored", stored, "us-east"), ship(stored))
+        return found, again, await store.status(user), await store.outbox_after(past(given_up), 100)
+
+    found, again, status, after = run(any_redis_url, body)
+    assert found == [(stored, ship(stored).payload)] and again[1] is True
+    assert status.text == "stored"
+    # Readers see the fence as an entry with no payload (on a cluster, one in every copy of the outbox).
+    assert [stamp for stamp, payload in map(split_entry, after) if stamp <= stored and payload] == [stored]
 
 
 def test_outbox_reads_after_a_cursor_and_trims_what_all_hold(any_redis_url, unique):
