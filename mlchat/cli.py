@@ -90,8 +90,9 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     leader.add_argument("--peer-timeout-ms", type=int, default=3000,
                         help="a peer silent this long is suspect; twice this long, down")
     leader.add_argument("--outbox-retention", type=int, default=50_000, metavar="N",
-                        help="changes kept in the outbox beyond what every peer holds: a peer away for longer "
-                             "catches up by comparing states (default: 50000)")
+                        help="changes kept in the outbox beyond what every peer holds (on Redis Cluster, per copy "
+                             "of the outbox): a peer away for longer catches up by comparing states "
+                             "(default: 50000)")
     leader.add_argument("--mode", default=Mode.ASYNC, type=Mode, choices=list(Mode),
                         help="replication mode, the same for every region of a cluster (default: async)")
     leader.add_argument("--sync", default=SyncAcks.QUORUM, type=SyncAcks, choices=list(SyncAcks), dest="sync_acks",

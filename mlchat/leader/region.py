@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 CAUSAL_WAIT_MAX_S = 30.0
 FEED = "*"  # the one topic of the replication feed
 OUTBOX_PAGE = 500  # outbox entries read at a time to answer a peer that resumes
+NAMED_ABOVE = 16 * 1024  # bytes: a larger shard update applied from a peer is kept in the outbox by name
 RECENT_IDS = 10_000
 REFUSING_CHANNELS = 1_000
 T = TypeVar("T")
@@ -223,6 +224,10 @@ class Region:
         found = await self.store.resolve(doubts)
         for stamp, payload in found:
             change = from_outbox(stamp, payload)
+            updates = dict(change.shard_updates)
+            for name in [n for n, update in updates.items() if not update]:  # kept by name only: send it whole
+                updates.update((await self._shard_delta(name, ReplicaState({}, {}))).shard_updates)
+            change = replace(change, shard_updates=updates)
             relayed = change.relayed
             if relayed and relayed.source:  # a failed apply's: held where it started, as it would have been
                 self._publish(replace(change, relayed=replace(relayed, before=self._applying.get(stamp, {}))))
@@ -661,13 +666,7 @@ class Region:
         current, upto = self.told_vector(), self.cursor()  # first: what follows covers at least these
         for name, state_vector in (await self.store.shard_states()).items():
             if peer.shards.get(name) != state_vector:
-                async with self._locked_shard(name) as shard:
-                    try:
-                        update = shard.delta_since(peer.shards[name]) if name in peer.shards else shard.snapshot()
-                    except ValueError:
-                        raise InvalidArgument(f"the state vector given for shard {name!r} cannot be decoded: send "
-                                              "the pycrdt state vector of the shard as it is") from None
-                yield Delta(shard_updates={name: update})
+                yield await self._shard_delta(name, peer)
         statuses = tuple([v async for v in self.store.statuses() if wanted(v.hlc, v.region, peer.vector)])
         claims = tuple([c async for c in self.store.claims() if wanted(c.hlc, c.region, peer.vector)])
         channels = tuple([c async for c in self.store.channels() if wanted(c.hlc, c.region, peer.vector)])
@@ -686,12 +685,23 @@ class Region:
             return None
         return cursor if cursor >= await self.store.outbox_trimmed() else None
 
-    async def delta_since(self, cursor: str, peer: str, peer_vector: dict[str, str]) -> AsyncIterator[Delta]:
-        """What a peer that holds the outbox up to `cursor` lacks, from the outbox, in parts: every later
-        entry that the peer did not send here and its vector does not cover; the last part carries the
-        vector and cursor that the whole covers. OutOfRange if the outbox was trimmed past `cursor` meanwhile."""
+    async def _shard_delta(self, name: str, peer: ReplicaState) -> Delta:
+        """What a peer in state `peer` lacks of one shard."""
+        async with self._locked_shard(name) as shard:
+            try:
+                update = shard.delta_since(peer.shards[name]) if name in peer.shards else shard.snapshot()
+            except ValueError:
+                raise InvalidArgument(f"the state vector given for shard {name!r} cannot be decoded: send "
+                                      "the pycrdt state vector of the shard as it is") from None
+        return Delta(shard_updates={name: update})
+
+    async def delta_since(self, cursor: str, peer: str, state: ReplicaState) -> AsyncIterator[Delta]:
+        """What the peer `peer`, in state `state`, that holds the outbox up to `cursor` lacks, from the outbox,
+        in parts: every later entry that the peer did not send here and its vector does not cover (a shard
+        kept by name only, what the peer lacks of it); the last part carries the vector and cursor that the
+        whole covers. OutOfRange if the outbox was trimmed past `cursor` meanwhile."""
         current, upto = self.told_vector(), self.cursor()  # first: what follows covers at least these
-        after = past(cursor)
+        after, named = past(cursor), set()
         while page := await self.store.outbox_after(after, OUTBOX_PAGE):
             after = page[-1]
             lacking = []
@@ -700,10 +710,14 @@ class Region:
                     continue
                 change = from_outbox(stamp, payload)
                 relayed = change.relayed
-                if relayed.source != peer and not (relayed.origins and vector.covers(peer_vector, relayed.origins)):  # type: ignore[union-attr]
-                    lacking.append(change)
-            for part in combine(lacking):
+                if relayed.source == peer or (relayed.origins and vector.covers(state.vector, relayed.origins)):  # type: ignore[union-attr]
+                    continue
+                named |= {n for n, update in change.shard_updates.items() if not update}
+                lacking.append(replace(change, shard_updates={n: u for n, u in change.shard_updates.items() if u}))
+            for part in combine([c for c in lacking if carries_changes(c)]):
                 yield part
+        for name in sorted(named):
+            yield await self._shard_delta(name, state)
         if cursor < await self.store.outbox_trimmed():
             raise OutOfRange(f"the outbox of region {self.name} was trimmed past cursor {cursor} while it was "
                              "read: reconnect to compare states")
@@ -736,7 +750,11 @@ class Region:
 
     async def _apply(self, delta: Delta, source: str, stamp: str, before: dict[str, str]) -> None:
         def shipped(change: Delta, stamped: Sequence[LogEntry | StatusValue | Claim | MemberValue]) -> Shipped:
-            """The outbox entry of what was new here: relayed from `source` (see `Relayed` for its origins)."""
+            """The outbox entry of what was new here: relayed from `source` (see `Relayed` for its origins). A
+            large shard update (a catch-up's) is kept by the shard's name only: a peer resuming gets what it
+            lacks of the shard then."""
+            if any(len(update) > NAMED_ABOVE for update in change.shard_updates.values()):
+                change = Delta(shard_updates=dict.fromkeys(change.shard_updates, b""))
             return Shipped(stamp, outbox_entry(change, source, origins(stamped) if stamped else None))
 
         new_updates = {}

@@ -104,7 +104,7 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
                 kind = "states" if cursor is None else "outbox"
                 self.catch_ups[peer, kind] += 1
                 async for part in (self.region.delta_for(state) if cursor is None
-                                   else self.region.delta_since(cursor, peer, state.vector)):
+                                   else self.region.delta_since(cursor, peer, state)):
                     self.sent[peer] += carries_changes(part)
                     yield self._message(part)
                 self.catch_up_seconds[peer, kind] += time.monotonic() - started
@@ -170,6 +170,7 @@ class Replicator:
         self._heard = asyncio.Event()  # replaced by a fresh one whenever a peer's vector moves
         self._channels: dict[str, grpc.aio.Channel] = {}  # address -> channel, for calls to peers
         self._saved_cursors: dict[str, str] = {}  # the links' cursors as Redis holds them
+        self._trimming: asyncio.Task[None] | None = None
         self.outbox_entries = 0  # in this region's outbox, at the latest trim
         # single-leader mode: the term this region follows and its latest vote, told to peers on every message
         self.term: Callable[[], Term | None] = lambda: None
@@ -188,7 +189,7 @@ class Replicator:
         self._tasks = [asyncio.create_task(self._heartbeats())]
 
     async def stop(self) -> None:
-        tasks = [*self._tasks, *self._followers.values()]
+        tasks = [*self._tasks, *self._followers.values(), *([self._trimming] if self._trimming else [])]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -297,10 +298,8 @@ class Replicator:
                 log.warning("storing the cursors of peers' outboxes failed", exc_info=True)
             # Peers trim their outboxes by these: only cursors stored here, which a restart resumes from.
             self.region.feed.publish(FEED, replace(beat, cursors=dict(self._saved_cursors)))
-            try:
-                await self._trim_outbox()
-            except Exception:
-                log.warning("trimming the outbox failed", exc_info=True)
+            if self._trimming is None or self._trimming.done():  # on a cluster it may take more than a heartbeat
+                self._trimming = asyncio.create_task(self._trim_outbox())
 
     async def _save_cursors(self) -> None:
         """Store the links' cursors (late: a cursor behind only makes a peer resend)."""
@@ -313,7 +312,11 @@ class Replicator:
         a region that joins compares states."""
         acked = [link.acked for link in self.links.values()]
         held_by_all = min(acked, default=self.region.cursor()) if all(acked) else ""
-        self.outbox_entries = await self.region.store.trim_outbox(held_by_all, self.region.settings.outbox_retention)
+        try:
+            self.outbox_entries = await self.region.store.trim_outbox(held_by_all,
+                                                                      self.region.settings.outbox_retention)
+        except Exception:  # storage down: the next heartbeat tries again
+            log.warning("trimming the outbox failed", exc_info=True)
 
     async def _follow(self, link: PeerLink) -> None:
         backoff = 0.05

@@ -33,6 +33,7 @@ copy of it from a peer, so a crash between the two is healed by the next.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import secrets
 from collections.abc import AsyncIterator, Callable
@@ -783,10 +784,14 @@ class Store:
 
     async def trim_outbox(self, held_by_all: str, keep: int) -> int:
         """Trim the outbox entries stamped at or below `held_by_all` ("": none), then the oldest past `keep`
-        (in each copy on a cluster); return the entries left."""
+        (in each copy on a cluster, those with entries, a few at a time); return the entries left."""
+        copies = await self._copies(OUTBOX)
+        held = [copy for copy, size in zip(copies, await self._read_all("zcard", copies), strict=True) if size]
         left = 0
-        for copy in await self._copies(OUTBOX):
-            left += int(await self._trim_outbox(keys=[copy, self.layout.copy(TRIMMED, copy)], args=[held_by_all, keep]))
+        for start in range(0, len(held), 32):
+            left += sum(await asyncio.gather(*(
+                self._trim_outbox(keys=[copy, self.layout.copy(TRIMMED, copy)], args=[held_by_all, keep])
+                for copy in held[start:start + 32])))
         return left
 
     async def load_cursors(self) -> dict[str, str]:

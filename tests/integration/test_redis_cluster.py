@@ -177,8 +177,10 @@ def test_a_region_on_a_cluster_and_one_on_a_single_valkey_converge(own_cluster, 
 
 
 @pytest.mark.parametrize("mode", ["strong-names", "single-leader"])
-def test_consensus_modes_keep_acceptor_state_and_term_on_the_cluster(valkey_cluster, tmp_path, mode, unique):
-    """Paxos acceptor state (WATCH/MULTI on one key, WAITAOF on its primary) and the term, on a cluster."""
+def test_consensus_modes_keep_acceptor_state_and_term_on_the_cluster(own_cluster, tmp_path, mode, unique):
+    """Paxos acceptor state (WATCH/MULTI on one key, WAITAOF on its primary) and the term, on a cluster (its
+    own: a region's members and term from other tests would make it wait for regions that do not run)."""
+    valkey_cluster = own_cluster
     extra = ("--mode", mode, *(("--primary", "us-east") if mode == "single-leader" else ()))
     leader = LeaderProcess("us-east", tmp_path / "leader", redis_url=valkey_cluster.url, extra_args=extra).start()
     try:
