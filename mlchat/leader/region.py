@@ -60,7 +60,7 @@ from mlchat.leader.wire import from_outbox, outbox_entry
 log = logging.getLogger(__name__)
 CAUSAL_WAIT_MAX_S = 30.0
 FEED = "*"  # the one topic of the replication feed
-OUTBOX_PAGE = 500  # outbox entries read at a time to answer a peer that resumes
+OUTBOX_PAGE = 500  # outbox entries sent at a time (merged) to a peer that resumes
 NAMED_ABOVE = 16 * 1024  # bytes: a larger shard update applied from a peer is kept in the outbox by name
 RECENT_IDS = 10_000
 REFUSING_CHANNELS = 1_000
@@ -701,21 +701,24 @@ class Region:
         kept by name only, what the peer lacks of it); the last part carries the vector and cursor that the
         whole covers. OutOfRange if the outbox was trimmed past `cursor` meanwhile."""
         current, upto = self.told_vector(), self.cursor()  # first: what follows covers at least these
-        after, named = past(cursor), set()
-        while page := await self.store.outbox_after(after, OUTBOX_PAGE):
-            after = page[-1]
-            lacking = []
-            for stamp, payload in map(split_entry, page):
-                if not payload:  # a fence: a write given up on
-                    continue
-                change = from_outbox(stamp, payload)
-                relayed = change.relayed
-                if relayed.source == peer or (relayed.origins and vector.covers(state.vector, relayed.origins)):  # type: ignore[union-attr]
-                    continue
-                named |= {n for n, update in change.shard_updates.items() if not update}
-                lacking.append(replace(change, shard_updates={n: u for n, u in change.shard_updates.items() if u}))
-            for part in combine([c for c in lacking if carries_changes(c)]):
-                yield part
+        named: set[str] = set()
+        lacking: list[Delta] = []
+        async for entry in self.store.outbox_since(past(cursor)):
+            stamp, payload = split_entry(entry)
+            if not payload:  # a fence: a write given up on
+                continue
+            change = from_outbox(stamp, payload)
+            relayed = change.relayed
+            if relayed.source == peer or (relayed.origins and vector.covers(state.vector, relayed.origins)):  # type: ignore[union-attr]
+                continue
+            named |= {n for n, update in change.shard_updates.items() if not update}
+            lacking.append(replace(change, shard_updates={n: u for n, u in change.shard_updates.items() if u}))
+            if len(lacking) == OUTBOX_PAGE:
+                for part in combine([c for c in lacking if carries_changes(c)]):
+                    yield part
+                lacking = []
+        for part in combine([c for c in lacking if carries_changes(c)]):
+            yield part
         for name in sorted(named):
             yield await self._shard_delta(name, state)
         if cursor < await self.store.outbox_trimmed():

@@ -759,11 +759,25 @@ class Store:
         await self.redis.set(key, secrets.token_hex(8), nx=True)
         return (await self.redis.get(key)).decode()
 
-    async def outbox_after(self, after: bytes, count: int) -> list[bytes]:
-        """Up to `count` outbox entries above `after` (an entry, or `past(stamp)`), oldest first; `split_entry`
-        reads them (a fence's payload is empty)."""
-        rows = await self._read_all("zrangebylex", await self._copies(OUTBOX), b"(" + after, b"+", 0, count)
-        return heapq.nsmallest(count, (m for row in rows for m in row))
+    async def outbox_since(self, after: bytes, chunk: int = 500) -> AsyncIterator[bytes]:
+        """Every outbox entry above `after` (an entry, or `past(stamp)`), oldest first; `split_entry` reads them
+        (a fence's payload is empty). On a cluster the copies are merged, each read a chunk at a time as the
+        merge reaches its end, so that a page costs about one chunk however many copies there are."""
+        copies = await self._copies(OUTBOX)
+        first = max(1, chunk // len(copies))  # then `chunk` from each copy the merge reaches the end of
+        chunks = await self._read_all("zrangebylex", copies, b"(" + after, b"+", 0, first)
+        asked = [first] * len(copies)
+        heads = [(row[0], i, 0) for i, row in enumerate(chunks) if row]
+        heapq.heapify(heads)
+        while heads:
+            entry, i, at = heapq.heappop(heads)
+            yield entry
+            at += 1
+            if at == len(chunks[i]) == asked[i]:  # that copy may hold more
+                asked[i] = chunk
+                chunks[i], at = await self.redis.zrangebylex(copies[i], b"(" + entry, b"+", 0, chunk), 0
+            if at < len(chunks[i]):
+                heapq.heappush(heads, (chunks[i][at], i, at))
 
     async def resolve(self, stamps: list[str]) -> list[tuple[str, bytes]]:
         """The outbox entries stamped with any of `stamps` (writes whose outcome is in doubt), as (stamp,

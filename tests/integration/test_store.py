@@ -244,7 +244,7 @@ def test_a_write_given_up_on_is_fenced_and_stores_nothing(any_redis_url, unique)
         with pytest.raises(redis.exceptions.ResponseError, match="FENCED"):
             await store.set_status(StatusValue(user, 2, "late", given_up, "us-east"), ship(given_up))
         again = await store.set_status(StatusValue(user, 1, "stored", stored, "us-east"), ship(stored))
-        return found, again, await store.status(user), await store.outbox_after(past(given_up), 100)
+        return found, again, await store.status(user), [e async for e in store.outbox_since(past(given_up))]
 
     found, again, status, after = run(any_redis_url, body)
     assert found == [(stored, ship(stored).payload)] and again[1] is True
@@ -261,15 +261,12 @@ def test_outbox_reads_after_a_cursor_and_trims_what_all_hold(any_redis_url, uniq
     async def body(store: Store):
         for e in entries:
             await post(store, ch, [e])
-        after_second = [split_entry(m)[0] for m in await store.outbox_after(past(entries[1].hlc), 100)]
-        paged, after = [], past(entries[0].hlc)
-        while page := await store.outbox_after(after, 2):
-            paged += [split_entry(m)[0] for m in page]
-            after = page[-1]
+        after_second = [split_entry(m)[0] async for m in store.outbox_since(past(entries[1].hlc))]
+        paged = [split_entry(m)[0] async for m in store.outbox_since(past(entries[0].hlc), chunk=2)]
         left = await store.trim_outbox(entries[1].hlc, 1_000_000)  # every peer holds up to the second
         trimmed_by_peers = await store.outbox_trimmed()
         await store.trim_outbox("", 2)  # and no more than two are kept
-        kept = [split_entry(m)[0] for m in await store.outbox_after(b"", 100)]
+        kept = [split_entry(m)[0] async for m in store.outbox_since(b"")]
         return after_second, paged, left, trimmed_by_peers, kept, await store.outbox_trimmed()
 
     after_second, paged, left, trimmed_by_peers, kept, trimmed = run(any_redis_url, body)
