@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 import pytest
@@ -49,16 +50,6 @@ class Proxy:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join()
         self.loop.close()
-
-
-@pytest.fixture
-def proxied(own_valkey: EmbeddedValkey, tmp_path) -> Iterator[tuple[Proxy, LeaderProcess]]:
-    proxy = Proxy(own_valkey)
-    try:
-        with LeaderProcess("us-east", tmp_path / "leader", redis_url=proxy.url) as leader:
-            yield proxy, leader
-    finally:
-        proxy.close()
 
 
 class PeerStream:
@@ -116,44 +107,56 @@ def stored(valkey: EmbeddedValkey, user_id: str, text: str) -> bool:
         return direct.hget(f"s:{user_id}", "t") == text.encode()
 
 
-def test_a_write_whose_retry_answers_is_shipped(proxied, own_valkey):
-    proxy, leader = proxied
-    client = ChatClient(leader.address, timeout_s=20)
-    client.claim("retried_ann", "retried-ann-key-000001")
-    client.set_status(pb.PRESENCE_ONLINE, "first")  # Valkey knows the script now: one call, one reply
-    peer = PeerStream(leader)
+@dataclass
+class Region:
+    """A leader reaching Valkey through `proxy`, a client of it, and a peer's stream from it."""
+
+    proxy: Proxy
+    client: ChatClient
+    peer: PeerStream
+
+    def shipped(self, text: str) -> bool:
+        return text in self.peer.statuses.get(self.client.user.user_id, ())
+
+
+@pytest.fixture
+def region(own_valkey: EmbeddedValkey, tmp_path, unique) -> Iterator[Region]:
+    proxy = Proxy(own_valkey)
     try:
-        with ThreadPoolExecutor(1) as pool:
-            call = held_write(proxy, own_valkey, client, pool, "ran twice")
-
-            def release_and_cut() -> None:  # the leader retries on a new connection, which answers
-                proxy.link.set("down", blackhole=False)
-                proxy.link.reset()
-            proxy.do(release_and_cut)
-            assert call.result(timeout=20).status.text == "ran twice"
-        wait_until(lambda: "ran twice" in peer.statuses.get(client.user.user_id, ()), 10, "the status shipped")
+        with LeaderProcess("us-east", tmp_path / "leader", redis_url=proxy.url) as leader:
+            client = ChatClient(leader.address, timeout_s=20)
+            client.claim(f"writer_{unique}", "writer-claim-key-000001")
+            client.set_status(pb.PRESENCE_ONLINE, "first")  # Valkey knows the script now: one call, one reply
+            peer = PeerStream(leader)
+            try:
+                yield Region(proxy, client, peer)
+            finally:
+                peer.close()
+                client.close()
     finally:
-        peer.close()
-        client.close()
+        proxy.close()
 
 
-def test_a_write_whose_retry_fails_too_is_shipped_once_the_outbox_is_read(proxied, own_valkey):
-    proxy, leader = proxied
-    client = ChatClient(leader.address, timeout_s=20)
-    client.claim("doubted_bo", "doubted-bo-key-0000001")
-    client.set_status(pb.PRESENCE_ONLINE, "first")  # Valkey knows the script now: one call, one reply
-    peer = PeerStream(leader)
-    try:
-        with ThreadPoolExecutor(1) as pool:
-            call = held_write(proxy, own_valkey, client, pool, "in doubt")
-            while not call.done():  # every attempt's connection is cut: the call fails
-                proxy.do(proxy.link.reset)
-                time.sleep(0.05)
-            proxy.do(lambda: proxy.link.set("down", blackhole=False))
-            with pytest.raises(grpc.RpcError) as failed:
-                call.result()
-            assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
-        wait_until(lambda: "in doubt" in peer.statuses.get(client.user.user_id, ()), 10, "the status shipped")
-    finally:
-        peer.close()
-        client.close()
+def test_a_write_whose_retry_answers_is_shipped(region, own_valkey):
+    with ThreadPoolExecutor(1) as pool:
+        call = held_write(region.proxy, own_valkey, region.client, pool, "ran twice")
+
+        def release_and_cut() -> None:  # the leader retries on a new connection, which answers
+            region.proxy.link.set("down", blackhole=False)
+            region.proxy.link.reset()
+        region.proxy.do(release_and_cut)
+        assert call.result(timeout=20).status.text == "ran twice"
+    wait_until(lambda: region.shipped("ran twice"), 10, "the status shipped")
+
+
+def test_a_write_whose_retry_fails_too_is_shipped_once_the_outbox_is_read(region, own_valkey):
+    with ThreadPoolExecutor(1) as pool:
+        call = held_write(region.proxy, own_valkey, region.client, pool, "in doubt")
+        while not call.done():  # every attempt's connection is cut: the call fails
+            region.proxy.do(region.proxy.link.reset)
+            time.sleep(0.05)
+        region.proxy.do(lambda: region.proxy.link.set("down", blackhole=False))
+        with pytest.raises(grpc.RpcError) as failed:
+            call.result()
+        assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
+    wait_until(lambda: region.shipped("in doubt"), 10, "the status shipped")
