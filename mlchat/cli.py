@@ -89,6 +89,10 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     leader.add_argument("--heartbeat-ms", type=int, default=500)
     leader.add_argument("--peer-timeout-ms", type=int, default=3000,
                         help="a peer silent this long is suspect; twice this long, down")
+    leader.add_argument("--compare-states-every", type=float, default=3600.0, metavar="SECONDS",
+                        help="anti-entropy: also compare states with each peer this often, beside the live "
+                             "stream, so that whatever a stream missed arrives all the same (0: never; default: "
+                             "3600)")
     leader.add_argument("--outbox-retention", type=int, default=50_000, metavar="N",
                         help="changes kept in the outbox beyond what every peer holds (on Redis Cluster, per copy "
                              "of the outbox): a peer away for longer catches up by comparing states "
@@ -177,7 +181,7 @@ def leader_settings(args: argparse.Namespace) -> LeaderSettings:
         data_dir=args.data_dir or Path("data") / args.region, secret_file=args.secret_file,
         token_ttl_ms=int(args.token_ttl * 1000), subscriber_buffer=args.subscriber_buffer,
         peers=dict(args.peer), heartbeat_ms=args.heartbeat_ms, peer_timeout_ms=args.peer_timeout_ms,
-        outbox_retention=args.outbox_retention,
+        outbox_retention=args.outbox_retention, compare_states_every_s=args.compare_states_every,
         join=args.join, advertise=args.advertise, routes_file=args.routes, mode=args.mode,
         sync_acks=args.sync_acks, write_timeout_ms=args.write_timeout_ms, primary=args.primary or "",
         user_rate=args.user_rate, user_burst=args.user_burst, peer_listen=args.peer_listen,

@@ -123,7 +123,7 @@ class LeaderCollector(Collector):
         backlog = GaugeMetricFamily("mlchat_replication_backlog", "Changes queued here for the peer, not yet "
                                     "sent on its stream", labels=["peer"])
         for peer in sorted({*links, *queues}):
-            backlog.add_metric([peer], queues[peer].pending if peer in queues else 0)
+            backlog.add_metric([peer], max((q.pending for q in queues.get(peer, ())), default=0))
         catch_ups = CounterMetricFamily("mlchat_catch_ups", "Streams the peer opened here, by how they caught up: "
                                         "from the outbox after the peer's cursor, or by comparing states",
                                         labels=["peer", "kind"])

@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -56,7 +56,9 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
         self.sent: Counter[str] = Counter()  # per peer: deltas with changes sent on its streams
         self.catch_ups: Counter[tuple[str, str]] = Counter()  # per (peer, "outbox" or "states")
         self.catch_up_seconds: Counter[tuple[str, str]] = Counter()  # the same: time from request to last part
-        self.queues: dict[str, Subscription[Delta]] = {}  # per peer: what its latest stream has yet to send
+        # Per peer, what each of its open streams has yet to send (a reconnect, or a comparison of states,
+        # may overlap the stream before it).
+        self.queues: dict[str, list[Subscription[Delta]]] = {}
 
     @unary
     async def Join(self, request, context):  # type: ignore[no-untyped-def]
@@ -96,7 +98,7 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
         context.set_compression(grpc.Compression.Gzip)  # WAN links are paid by the byte
         peer = request.region
         with self.region.feed.subscribe(FEED) as changes:  # first: nothing changed from now is missed
-            self.queues[peer] = changes
+            self.queues.setdefault(peer, []).append(changes)
             try:
                 state = ReplicaState({s.shard: s.state_vector for s in request.shards}, dict(request.vector))
                 started = time.monotonic()
@@ -127,7 +129,8 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
                         self.sent[peer] += carries_changes(delta)
                         yield message
             finally:
-                if self.queues.get(peer) is changes:  # not a newer stream of the same peer's
+                self.queues[peer].remove(changes)
+                if not self.queues[peer]:
                     del self.queues[peer]
 
 
@@ -318,42 +321,66 @@ class Replicator:
         except Exception:  # storage down: the next heartbeat tries again
             log.warning("trimming the outbox failed", exc_info=True)
 
+    def _open_stream(self, address: str) -> grpc.aio.Channel:
+        # WAN links are paid by the byte: deltas travel compressed.
+        return self._open(address, compression=grpc.Compression.Gzip, options=[
+            ("grpc.max_receive_message_length", MAX_PEER_MESSAGE_BYTES),
+            ("grpc.keepalive_time_ms", self.region.settings.heartbeat_ms * 2),
+            ("grpc.keepalive_timeout_ms", self.region.settings.peer_timeout_ms)])
+
+    async def _caught_up(self, link: PeerLink, channel: grpc.aio.Channel, resume_cursor: str,
+                         audit: bool = False) -> AsyncGenerator[rpb.Delta, None]:
+        """Open a stream from the peer and apply its catch-up; return the stream's later messages. One catch-up
+        at a time: a stream says what this region holds only once the previous stream's catch-up is applied.
+        An audit tells no vector: the peer then sends every register, not only those past it."""
+        async with self._catching_up:
+            state = await self.region.state()
+            stream = replication_pb2_grpc.ReplicationServiceStub(channel).Replicate(rpb.ReplicateRequest(
+                region=self.region.name, vector={} if audit else state.vector,
+                shards=[rpb.ShardState(shard=k, state_vector=v) for k, v in state.shards.items()],
+                resume_cursor=resume_cursor), metadata=self.metadata())
+            messages = _with_idle_timeout(stream, self.region.settings.peer_timeout_ms / 1000)
+            while True:  # the catch-up: its last part carries the vector
+                part = await messages.__anext__()
+                await self._received(link, part)
+                if part.vector:
+                    return messages
+
     async def _follow(self, link: PeerLink) -> None:
         backoff = 0.05
-        timeout_s = self.region.settings.peer_timeout_ms / 1000
+        audits = asyncio.create_task(self._audit(link)) if self.region.settings.compare_states_every_s else None
+        try:
+            while True:
+                link.address = self._address(link.region)
+                try:
+                    async with self._open_stream(link.address) as channel:
+                        async for message in await self._caught_up(link, channel, link.cursor):
+                            await self._received(link, message)
+                            backoff = 0.05
+                except (grpc.aio.AioRpcError, TimeoutError, StopAsyncIteration) as e:
+                    detail = e.details() if isinstance(e, grpc.aio.AioRpcError) else "silent too long or closed"
+                    log.info("stream from %s ended: %s", link.region, detail)
+                except Exception:
+                    log.exception("applying changes from %s failed", link.region)
+                link.connected = False
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+        finally:
+            if audits is not None:
+                audits.cancel()
+
+    async def _audit(self, link: PeerLink) -> None:
+        """Anti-entropy: now and then, beside the live stream, compare states with the peer once (a catch-up
+        with no cursor and no vector: every shard that differs, every register), so that whatever a stream or
+        an outbox ever missed arrives all the same."""
         while True:
-            link.address = self._address(link.region)
+            await asyncio.sleep(self.region.settings.compare_states_every_s)
             try:
-                # WAN links are paid by the byte: deltas travel compressed.
-                async with self._open(link.address, compression=grpc.Compression.Gzip, options=[
-                        ("grpc.max_receive_message_length", MAX_PEER_MESSAGE_BYTES),
-                        ("grpc.keepalive_time_ms", self.region.settings.heartbeat_ms * 2),
-                        ("grpc.keepalive_timeout_ms", self.region.settings.peer_timeout_ms)]) as channel:
-                    stub = replication_pb2_grpc.ReplicationServiceStub(channel)
-                    messages = None
-                    async with self._catching_up:
-                        state = await self.region.state()
-                        stream = stub.Replicate(rpb.ReplicateRequest(
-                            region=self.region.name, vector=state.vector,
-                            shards=[rpb.ShardState(shard=k, state_vector=v) for k, v in state.shards.items()],
-                            resume_cursor=link.cursor), metadata=self.metadata())
-                        messages = _with_idle_timeout(stream, timeout_s)
-                        while True:  # the catch-up: its last part carries the vector
-                            part = await messages.__anext__()
-                            await self._received(link, part)
-                            if part.vector:
-                                break
-                    async for message in messages:
-                        await self._received(link, message)
-                        backoff = 0.05
-            except (grpc.aio.AioRpcError, TimeoutError, StopAsyncIteration) as e:
-                detail = e.details() if isinstance(e, grpc.aio.AioRpcError) else "silent too long or closed"
-                log.info("stream from %s ended: %s", link.region, detail)
-            except Exception:
-                log.exception("applying changes from %s failed", link.region)
-            link.connected = False
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+                async with self._open_stream(link.address) as channel:
+                    rest = await self._caught_up(link, channel, "", audit=True)
+                    await rest.aclose()  # the live stream carries the rest
+            except Exception:  # the live stream's reconnects report the link's trouble
+                log.info("comparing states with %s failed", link.region, exc_info=True)
 
     async def _received(self, link: PeerLink, message: rpb.Delta) -> None:
         link.connected, link.last_heard, link.backlog = True, time.monotonic(), message.backlog
@@ -394,7 +421,7 @@ def later_position(held: str, told: str) -> str:
     return max(held, told)
 
 
-async def _with_idle_timeout(stream: AsyncIterator[rpb.Delta], timeout_s: float) -> AsyncIterator[rpb.Delta]:
+async def _with_idle_timeout(stream: AsyncIterator[rpb.Delta], timeout_s: float) -> AsyncGenerator[rpb.Delta, None]:
     """The stream's messages; TimeoutError if none comes for `timeout_s` (a hung link)."""
     iterator = stream.__aiter__()
     while True:

@@ -47,6 +47,8 @@ class LeaderSettings:
     # Outbox entries kept beyond what every member holds: a peer away longer than they last resumes by
     # comparing states instead.
     outbox_retention: int = 50_000
+    # Anti-entropy: how often a region also compares states with each peer, beside the live stream (0: never).
+    compare_states_every_s: float = 3600.0
 
     def __post_init__(self) -> None:
         if self.peer_tls is not None and (self.peer_tls.ca is None or not self.peer_listen):

@@ -4,14 +4,20 @@ far. Two real regions behind dc-sim's WAN proxies, each keeping at most 20 chang
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
+import redis
 from support import sample, wait_until
 
 from dcsim import cli as dcsim
 from dcsim.prometheus import scrape
+from mlchat.crdt.hlc import Hlc
+from mlchat.crdt.lww import StatusValue
 from mlchat.geo.client import ChatClient
+from mlchat.leader.store import rank_key
+from mlchat.leader.valkey import AUTH_CONF, url_from_conf
 from mlchat.v1 import chat_pb2 as pb
 
 EAST, WEST = "us-east", "eu-west"
@@ -31,6 +37,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 
 def control(cluster: dict, command: str, **args: object) -> object:
     return dcsim.control(cluster["run_dir"], {"command": command, **args})
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def catch_ups(cluster: dict, region: str, peer: str, kind: str) -> float:
@@ -94,3 +104,26 @@ def test_a_sender_killed_while_shipping_is_resumed_from_after_its_restart(cluste
     assert sorted(ids) == sorted(acked)
     assert catch_ups(cluster, EAST, WEST, "outbox") >= 1 and catch_ups(cluster, EAST, WEST, "states") == 0
 
+
+
+def test_regions_compare_states_now_and_then_so_a_change_no_stream_carried_arrives(tmp_path):
+    """Anti-entropy: a status stored in us-east's Redis behind the leader's back (no outbox entry, nothing on
+    its streams) reaches eu-west all the same, by the comparisons of states beside the live stream."""
+    run_dir = tmp_path / "run"
+    status = dcsim.up(run_dir, (EAST, WEST), None, None, leader_args=("--compare-states-every", "0.5"))
+    try:
+        east = ChatClient(status["regions"][EAST]["endpoints"][EAST], timeout_s=5)
+        east.claim("audited_ann", "audited-ann-key-000001")
+        west = ChatClient(status["regions"][WEST]["endpoints"][WEST], timeout_s=5)
+        west.claim("audit_reader", "audit-reader-key-000001")
+        wait_until(lambda: west.cluster_status().users == 2, 10, "both users in eu-west")
+        value = StatusValue(east.user.user_id, pb.PRESENCE_BUSY, "behind its back", Hlc(now_ms(), 0).encode(), EAST)
+        with redis.Redis.from_url(url_from_conf((run_dir / EAST / "valkey" / AUTH_CONF).read_text())) as direct:
+            direct.hset(f"s:{value.user_id}", mapping={"k": rank_key(value), "p": value.presence, "t": value.text,
+                                                      "h": value.hlc, "r": value.region})
+        wait_until(lambda: west.get_status(east.user.user_id).status.text == "behind its back", 15,
+                   "the status compared into eu-west")
+        assert catch_ups(status, EAST, WEST, "states") >= 2  # the stream's own, and at least one comparison
+        assert sample(scrape(status["regions"][WEST]["metrics"]), "mlchat_peer_up", peer=EAST) == 1
+    finally:
+        dcsim.down(run_dir)
