@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from dcsim import cli as dcsim
 from mlchat.leader.process import free_port
+
+
+@contextlib.contextmanager
+def dcsim_run(run_dir: Path, regions: tuple[str, ...], **up: Any) -> Iterator[dict]:
+    """`dcsim up` in `run_dir` (its status, with `run_dir` added), and `dcsim down` after."""
+    state = dcsim.up(run_dir, regions, None, None, **up)
+    state["run_dir"] = run_dir
+    try:
+        yield state
+    finally:
+        dcsim.down(run_dir)
 
 
 def wait_until(condition: Callable[[], bool], deadline_s: float = 10.0, what: str = "condition") -> None:

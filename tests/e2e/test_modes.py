@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from support import wait_until
+from support import dcsim_run, wait_until
 
 from dcsim import cli as dcsim
 from mlchat.geo.client import ChatClient
@@ -18,14 +18,9 @@ REGIONS = ("us-east", "eu-west", "ap-northeast")
 
 
 def start(tmp_path_factory: pytest.TempPathFactory, mode: str, sync_acks: str = "quorum") -> Iterator[dict]:
-    run_dir = tmp_path_factory.mktemp(mode) / "run"
-    state = dcsim.up(run_dir, REGIONS, None, None, mode, sync_acks)
-    state["run_dir"] = run_dir
-    try:
+    with dcsim_run(tmp_path_factory.mktemp(mode) / "run", REGIONS, mode=mode, sync_acks=sync_acks) as state:
         connected(state)
         yield state
-    finally:
-        dcsim.down(run_dir)
 
 
 @pytest.fixture(scope="module")

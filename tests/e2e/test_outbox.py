@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from support import sample, wait_until
+from support import dcsim_run, sample, wait_until
 
 from dcsim import cli as dcsim
 from dcsim.prometheus import scrape
@@ -26,13 +26,9 @@ RETENTION = 20
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    run_dir = tmp_path_factory.mktemp("outbox") / "run"
-    state = dcsim.up(run_dir, (EAST, WEST), None, None, leader_args=("--outbox-retention", str(RETENTION)))
-    state["run_dir"] = run_dir
-    try:
+    with dcsim_run(tmp_path_factory.mktemp("outbox") / "run", (EAST, WEST),
+                   leader_args=("--outbox-retention", str(RETENTION))) as state:
         yield state
-    finally:
-        dcsim.down(run_dir)
 
 
 def control(cluster: dict, command: str, **args: object) -> object:
@@ -105,13 +101,11 @@ def test_a_sender_killed_while_shipping_is_resumed_from_after_its_restart(cluste
     assert catch_ups(cluster, EAST, WEST, "outbox") >= 1 and catch_ups(cluster, EAST, WEST, "states") == 0
 
 
-
 def test_regions_compare_states_now_and_then_so_a_change_no_stream_carried_arrives(tmp_path):
     """Anti-entropy: a status stored in us-east's Redis behind the leader's back (no outbox entry, nothing on
     its streams) reaches eu-west all the same, by the comparisons of states beside the live stream."""
     run_dir = tmp_path / "run"
-    status = dcsim.up(run_dir, (EAST, WEST), None, None, leader_args=("--compare-states-every", "0.5"))
-    try:
+    with dcsim_run(run_dir, (EAST, WEST), leader_args=("--compare-states-every", "0.5")) as status:
         east = ChatClient(status["regions"][EAST]["endpoints"][EAST], timeout_s=5)
         east.claim("audited_ann", "audited-ann-key-000001")
         west = ChatClient(status["regions"][WEST]["endpoints"][WEST], timeout_s=5)
@@ -125,5 +119,3 @@ def test_regions_compare_states_now_and_then_so_a_change_no_stream_carried_arriv
                    "the status compared into eu-west")
         assert catch_ups(status, EAST, WEST, "states") >= 2  # the stream's own, and at least one comparison
         assert sample(scrape(status["regions"][WEST]["metrics"]), "mlchat_peer_up", peer=EAST) == 1
-    finally:
-        dcsim.down(run_dir)

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from support import wait_until
+from support import dcsim_run, wait_until
 
 from dcsim import cli as dcsim
 from mlchat.crdt import vector
@@ -19,13 +19,8 @@ REGIONS = ("us-east", "eu-west", "ap-northeast")
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    run_dir = tmp_path_factory.mktemp("replication") / "run"
-    state = dcsim.up(run_dir, REGIONS, None, None)
-    state["run_dir"] = run_dir
-    try:
+    with dcsim_run(tmp_path_factory.mktemp("replication") / "run", REGIONS) as state:
         yield state
-    finally:
-        dcsim.down(run_dir)
 
 
 def control(cluster: dict, command: str, **args: object) -> object:

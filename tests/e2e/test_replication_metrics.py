@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from support import sample, wait_until
+from support import dcsim_run, sample, wait_until
 
 from dcsim import cli as dcsim
 from dcsim.prometheus import scrape
@@ -17,13 +17,8 @@ EAST, WEST = "us-east", "eu-west"
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    run_dir = tmp_path_factory.mktemp("metrics") / "run"
-    state = dcsim.up(run_dir, (EAST, WEST), None, None)
-    state["run_dir"] = run_dir
-    try:
+    with dcsim_run(tmp_path_factory.mktemp("metrics") / "run", (EAST, WEST)) as state:
         yield state
-    finally:
-        dcsim.down(run_dir)
 
 
 def metrics(cluster: dict, region: str) -> dict:
