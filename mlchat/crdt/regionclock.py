@@ -60,6 +60,13 @@ class RegionClock:
         if remote_vector:
             self.clock = self.clock.absorb(Hlc.decode(max(remote_vector.values())), now_ms)
 
+    def witness(self, stamps: Iterable[str], now_ms: int) -> None:
+        """Stamps of what was applied from peers: the clock moves past them, so that a write made after reading
+        them is stamped above them, even before a vector covering them arrives (a catch-up's parts carry none)."""
+        top = max(stamps, default="")
+        if top:
+            self.clock = self.clock.absorb(Hlc.decode(top), now_ms)
+
     def floor_target(self, now_ms: int) -> str:
         """Move the clock on when idle (so that peers' watermarks of this region move too); return the
         floor to store before the vector is advertised again."""

@@ -287,6 +287,7 @@ class Replica:
                 self._members[m.key] = merged  # type: ignore[assignment]
                 memberships.append(m)
         self.clocks.absorb(delta.vector, now_ms)
+        self.clocks.witness([x.hlc for x in (*integrated, *statuses, *claims, *channels, *memberships)], now_ms)
         if new_updates or statuses or claims or channels or memberships:
             stamped = origins([*integrated, *statuses, *claims, *channels, *memberships]) if known else None
             self.feed.append(Delta(shard_updates=new_updates, statuses=tuple(statuses), claims=tuple(claims),

@@ -801,6 +801,7 @@ class Region:
                 if not member.member:
                     self.fanout.publish(member.channel, ACCESS_CHANGED)
         self.clocks.absorb(delta.vector, self._now_ms())
+        self.clocks.witness([x.hlc for x in (*integrated, *statuses, *claims, *channels, *memberships)], self._now_ms())
         del self._applying[stamp]  # published just below, with what it stored
         self._vector_moved()
         stamped = origins([*integrated, *statuses, *claims, *channels, *memberships]) if known else None

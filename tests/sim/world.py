@@ -8,9 +8,12 @@ How it maps onto the leader:
   change before it acknowledges or relays it); the clock floor, raised by every write and every status or claim
   stored (as the store's scripts do) and at heartbeats; the vector of others, saved at heartbeats; members;
   acceptor states and Paxos rounds. A crash loses the rest: the cores in memory, streams, proposals in flight.
-- Streams are the leader's `Replicate`: a region opens a stream from each member with its own state, and the
-  member answers with `delta_for(state)`, then every change on its feed (its writes, what it applied that was
-  new, heartbeats with its vector and members) as its `RelayQueue` for that stream lets it through. The
+- Streams are the leader's `Replicate`: a region opens a stream from each member with its own state and its
+  cursor of the member's outbox, and the member answers from its outbox after the cursor (if the outbox, trimmed
+  to a few entries in some runs, still reaches back that far) or with `delta_for(state)`, then every change on
+  its feed (its writes, what it applied that was new, heartbeats with its vector, members and outbox cursor) as
+  its `RelayQueue` for that stream lets it through. The outbox is every change stored, each under the next
+  stamp; a region stores its cursors of its peers' outboxes at heartbeats, as the leader does. The
   network loses, duplicates, delays and reorders datagrams; the stream layer (TCP's part) numbers a stream's
   messages and delivers them in order or not at all: a gap, or a silence longer than the peer timeout, ends
   the stream and the receiver opens another. Join and the Paxos
@@ -35,9 +38,10 @@ from dataclasses import dataclass, field, replace
 
 from mlchat.crdt import vector
 from mlchat.crdt.claims import Claim, ClaimState, owner
+from mlchat.crdt.hlc import Hlc
 from mlchat.crdt.lww import StatusValue
 from mlchat.crdt.msglog import message_id
-from mlchat.crdt.replica import Delta, Replica, ReplicaState
+from mlchat.crdt.replica import Delta, Relayed, Replica, ReplicaState, carries_changes, combine
 from mlchat.geo import paxos
 from mlchat.geo.membership import Membership, PeerState, peer_state
 from mlchat.geo.relay import RelayQueue
@@ -70,6 +74,7 @@ class Hello:  # receiver -> sender: open a stream, saying what the receiver hold
     session: int
     receiver: str
     state: ReplicaState
+    cursor: str  # of the sender's outbox, as the receiver holds it ("": none)
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,10 @@ class Disk:
     """What a region keeps in Redis: it survives crashes."""
 
     changes: list[Delta] = field(default_factory=list)  # every change stored, without vectors
+    outbox: list[tuple[str, Delta]] = field(default_factory=list)  # (stamp, change with where it came from)
+    stamps: int = 0  # outbox stamps issued: the next is Hlc(stamps + 1, 0)
+    trimmed: str = ""  # the highest stamp trimmed from the outbox
+    cursors: dict[str, str] = field(default_factory=dict)  # peer -> cursor of its outbox, stored at heartbeats
     floor: str = ""
     remote: dict[str, str] = field(default_factory=dict)
     members: set[str] = field(default_factory=set)
@@ -143,6 +152,7 @@ class Node:
     membership: Membership | None = None
     inbound: dict[str, Inbound] = field(default_factory=dict)
     outbound: dict[str, Outbound] = field(default_factory=dict)
+    cursors: dict[str, str] = field(default_factory=dict)  # peer -> cursor of its outbox held (in memory)
     proposals: dict[str, Proposal] = field(default_factory=dict)
     join_via: str = ""  # a newcomer not yet welcomed: the member it asks
 
@@ -200,6 +210,8 @@ class World:
         self.sent = 0
         self.sessions = 0
         self.restart_at: dict[str, int] = {}
+        self.outbox_keep = self.rng.choice([2, 10, 10**6])  # entries each outbox keeps: some runs trim hard
+        self.catch_ups = {"outbox": 0, "states": 0}
         self.users = {u: User(u) for u in USERS}
         self.acked: dict[str, tuple[str, str, str, str]] = {}  # message id -> (user, channel, client_msg_id, body)
         self.statuses: list[StatusValue] = []  # every status write a region acknowledged
@@ -228,6 +240,7 @@ class World:
             node.replica.apply(change, self.now_ms(node))
         node.replica.take_feed()  # stored already: nothing new for peers
         node.inbound, node.outbound, node.proposals = {}, {}, {}
+        node.cursors = dict(disk.cursors)
 
     def crash(self, node: Node) -> None:
         node.replica = node.membership = None
@@ -239,11 +252,17 @@ class World:
         on every stream the region serves."""
         replica, _ = node.core()
         disk = node.disk
-        feed = replica.take_feed()
-        for delta in feed:
+        feed = []
+        for delta in replica.take_feed():
             data = replace(delta, vector={}, members={}, departed=())
-            if data.shard_updates or data.statuses or data.claims or data.channels or data.memberships:
+            if carries_changes(data):
                 disk.changes.append(data)
+                disk.stamps += 1
+                stamp = Hlc(disk.stamps, 0).encode()
+                relayed = replace(delta.relayed, stamp=stamp) if delta.relayed else Relayed("", None, {}, stamp)
+                disk.outbox.append((stamp, replace(data, relayed=relayed)))
+                delta = replace(delta, relayed=delta.relayed and relayed)
+            feed.append(replace(delta, cursor=outbox_cursor(disk)))
             disk.floor = max([disk.floor, replica.clocks.floor, *(v.hlc for v in delta.statuses),
                               *(c.hlc for c in (*delta.claims, *delta.channels)),
                               *(m.hlc for m in delta.memberships)])
@@ -253,12 +272,30 @@ class World:
                 self.send(node.name, peer, Part(out.session, out.seq, delta))
                 out.seq += 1
 
+    def catch_up(self, node: Node, hello: Hello) -> list[Delta]:
+        """`Replicate`'s catch-up: from the outbox after the receiver's cursor (`Region.delta_since`) if the outbox
+        still reaches back that far, else `delta_for`; the last part carries the vector and cursor."""
+        replica, _ = node.core()
+        cursor = hello.cursor
+        if not cursor or cursor < node.disk.trimmed or cursor > outbox_cursor(node.disk):
+            self.catch_ups["states"] += 1
+            return [replace(replica.delta_for(hello.state), cursor=outbox_cursor(node.disk))]
+        self.catch_ups["outbox"] += 1
+        lacking = [change for stamp, change in node.disk.outbox if stamp > cursor
+                   and change.relayed.source != hello.receiver  # type: ignore[union-attr]
+                   and not (change.relayed.origins and vector.covers(hello.state.vector, change.relayed.origins))]  # type: ignore[union-attr]
+        return [*combine(lacking), Delta(vector=replica.vector, cursor=outbox_cursor(node.disk))]
+
     def heartbeat(self, node: Node) -> None:
         """`Region.heartbeat`: store the idle tick as the floor (and the vector of others) first, then tell it."""
         replica, membership = node.core()
         floor = replica.clocks.floor_target(self.now_ms(node))
         node.disk.floor, node.disk.remote = max(node.disk.floor, floor), dict(replica.clocks.remote)
         replica.clocks.floor_saved(floor)
+        node.disk.cursors = dict(node.cursors)
+        if len(node.disk.outbox) > self.outbox_keep:
+            node.disk.trimmed = node.disk.outbox[-self.outbox_keep - 1][0]
+            del node.disk.outbox[:-self.outbox_keep]
         replica.feed.append(Delta(vector=replica.vector, members={**membership.members, node.name: node.name},
                                   departed=tuple(sorted(membership.departed))))
         self.store_and_ship(node)
@@ -296,10 +333,10 @@ class World:
             if current is not None and current.session >= msg.session:
                 return  # a duplicate, or an older stream's: it opens nothing
             # A newer stream from that peer replaces the old.
-            node.outbound[msg.receiver] = Outbound(msg.session, RelayQueue(msg.receiver, RELAY_DELAY_MS, 10_000))
-            catch_up = replica.delta_for(msg.state)
-            self.send(node.name, msg.receiver, Part(msg.session, 0, catch_up))
-            node.outbound[msg.receiver].seq = 1
+            out = node.outbound[msg.receiver] = Outbound(msg.session, RelayQueue(msg.receiver, RELAY_DELAY_MS, 10_000))
+            for part in self.catch_up(node, msg):
+                self.send(node.name, msg.receiver, Part(msg.session, out.seq, part))
+                out.seq += 1
         elif isinstance(msg, Part):
             inbound = node.inbound.get(src)
             if inbound is None or inbound.session != msg.session or msg.seq < inbound.expected:
@@ -312,6 +349,8 @@ class World:
             inbound.vector = vector.merge(inbound.vector, msg.delta.vector)
             replica.apply(msg.delta, self.now_ms(node), src)
             self.store_and_ship(node)
+            if msg.delta.cursor:  # applied: this region holds the peer's outbox that far
+                node.cursors[src] = max(node.cursors.get(src, ""), msg.delta.cursor)
             left, joined = membership.news(msg.delta.members, msg.delta.departed)
             for region in joined:
                 self.admit(node, region)
@@ -351,7 +390,7 @@ class World:
             if peer_state(inbound is not None, silent / 1000, TIMEOUT_STEPS * STEP_MS / 1000) is not PeerState.UP:
                 self.sessions += 1
                 node.inbound[peer] = Inbound(self.sessions, heard_at=self.step_no)
-                self.send(node.name, peer, Hello(self.sessions, node.name, replica.state()))
+                self.send(node.name, peer, Hello(self.sessions, node.name, replica.state(), node.cursors.get(peer, "")))
         if (self.step_no + int(node.name[1:])) % HEARTBEAT_STEPS == 0:
             self.heartbeat(node)
         for name, p in list(node.proposals.items()):
@@ -642,7 +681,8 @@ class World:
 
     def report(self) -> str:
         lines = [f"seed {self.seed}, {self.steps} steps, mode {self.mode}, regions {', '.join(sorted(self.nodes))}"
-                 f", now step {self.step_no}; faults: {self.faults}"]
+                 f", now step {self.step_no}; faults: {self.faults}; outboxes keep {self.outbox_keep}, catch-ups "
+                 f"{self.catch_ups}"]
         for node in self.nodes.values():
             if node.up:
                 replica, membership = node.core()
@@ -653,6 +693,11 @@ class World:
         lines += ["events (last 30):", *(f"  {e}" for e in self.events[-30:])]
         lines.append(f"replay: make sim SEED={self.seed} STEPS={self.steps}")
         return "\n".join(lines)
+
+
+def outbox_cursor(disk: Disk) -> str:
+    """Every entry of the outbox stamped at or below it is published (the simulation stores and ships at once)."""
+    return Hlc(disk.stamps, 0).encode()
 
 
 def msg_members(node: Node) -> list[str]:
