@@ -58,6 +58,7 @@ from pathlib import Path
 
 import redis
 from redis.cluster import RedisCluster
+from redis.sentinel import Sentinel
 
 from mlchat.errors import FailedPrecondition, InvalidArgument
 from mlchat.leader.keys import (
@@ -73,7 +74,7 @@ from mlchat.leader.keys import (
     SingleLayout,
     single_name,
 )
-from mlchat.leader.server import CLUSTER_SCHEME
+from mlchat.leader.server import CLUSTER_SCHEME, SENTINEL_SCHEME, SentinelUrl
 
 HEADER = b"mlchat-backup 1\n"  # keys named for one Redis
 CLUSTER_HEADER = b"mlchat-backup 1 cluster\n"  # keys named for a Redis Cluster
@@ -179,10 +180,19 @@ Client = redis.Redis | RedisCluster
 
 def connect(url: str) -> Client:
     """A client for a region's Redis URL: `redis+cluster://` names any one node of a Redis Cluster
-    (the client finds the others and the slot map), any other URL one server."""
-    if url.startswith(CLUSTER_SCHEME):
-        return RedisCluster.from_url("redis://" + url.removeprefix(CLUSTER_SCHEME))
-    return redis.Redis.from_url(url)
+    (the client finds the others and the slot map), `redis+sentinel://` the Sentinels that name the
+    primary (the client asks them), any other URL one server."""
+    try:
+        if url.startswith(CLUSTER_SCHEME):
+            return RedisCluster.from_url("redis://" + url.removeprefix(CLUSTER_SCHEME))
+        if url.startswith(SENTINEL_SCHEME):
+            where = SentinelUrl.parse(url)
+            sentinels = Sentinel(where.sentinels, sentinel_kwargs={"password": where.sentinel_password,
+                                                                   "socket_timeout": 1.0})
+            return sentinels.master_for(where.service, password=where.password)
+        return redis.Redis.from_url(url)
+    except ValueError as e:  # the URL itself is not repeated: it holds a password
+        raise BackupError(f"--redis is not a Redis URL mlchat reads ({e})") from None
 
 
 def layout_of(client: Client) -> Layout:

@@ -6,6 +6,7 @@ replica."""
 from __future__ import annotations
 
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,3 +130,34 @@ def test_a_leader_on_sentinel_keeps_serving_across_a_failover_and_loses_nothing_
         leader.stop()
     with redis.Redis(port=replica.port, password=replica.password, decode_responses=True) as r:
         assert r.info("replication")["role"] == "master"
+
+
+def mlchat(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mlchat", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_a_backup_reads_the_primary_the_sentinels_name(sentinel_region, tmp_path):
+    primary, _, sentinels = sentinel_region
+    url = _url(primary.password, sentinels)
+    leader = LeaderProcess("us-east", tmp_path / "leader", redis_url=url, extra_args=("--user-rate", "0")).start()
+    try:
+        with ChatClient(leader.address, timeout_s=5) as c:
+            c.claim("sentinel_bo", "sentinel-claim-key-02")
+            for i in range(5):
+                assert _post(c, i)
+        backup = tmp_path / "region.backup"
+        taken = mlchat("backup", "--redis", url, "--out", str(backup))
+        assert taken.returncode == 0, taken.stderr
+    finally:
+        leader.stop()
+    fresh = EmbeddedValkey(tmp_path / "fresh", port=free_port())
+    fresh.start()
+    try:
+        restored = mlchat("restore", "--in", str(backup), "--redis", fresh.url)
+        assert restored.returncode == 0, restored.stderr
+        with redis.Redis.from_url(fresh.url) as r:
+            assert r.zcard("c:{general}:z") == 5
+    finally:
+        fresh.stop()
+    refused = mlchat("backup", "--redis", "redis+sentinel://127.0.0.1:1", "--out", str(tmp_path / "x"))
+    assert refused.returncode != 0 and "names no service" in refused.stderr and "Traceback" not in refused.stderr
