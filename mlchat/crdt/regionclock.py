@@ -79,8 +79,13 @@ class RegionClock:
 
     @property
     def vector(self) -> dict[str, str]:
-        own = Hlc.decode(min(self._unsettled)).previous() if self._unsettled else self.clock
-        return {**self.remote, self.region: min(own.encode(), self.floor or ZERO.encode())}
+        return {**self.remote, self.region: self.own}
+
+    @property
+    def own(self) -> str:
+        """The region's own entry of `vector`."""
+        below = Hlc.decode(min(self._unsettled)).previous() if self._unsettled else self.clock
+        return min(below.encode(), self.floor or ZERO.encode())
 
     def token(self, *seen: tuple[str, str]) -> dict[str, str]:
         """The vector a causal token carries, with the (origin, hlc) of writes a response carries. The

@@ -214,7 +214,7 @@ class Region:
         """The outbox cursor: every entry stamped at or below it is published on the feed (a write given up on
         is fenced, and stores none). Own writes are published as they settle, so the vector's own entry bounds them;
         entries of applies in flight and of failures not yet resolved hold it back."""
-        own = self.clocks.vector[self.name]
+        own = self.clocks.own
         held = [*self._applying, *self._in_doubt]
         return min(own, Hlc.decode(min(held)).previous().encode()) if held else own
 

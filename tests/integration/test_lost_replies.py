@@ -9,7 +9,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import grpc
@@ -152,9 +152,9 @@ def test_a_write_whose_retry_answers_is_shipped(region, own_valkey):
 def test_a_write_whose_retry_fails_too_is_shipped_once_the_outbox_is_read(region, own_valkey):
     with ThreadPoolExecutor(1) as pool:
         call = held_write(region.proxy, own_valkey, region.client, pool, "in doubt")
-        while not call.done():  # every attempt's connection is cut: the call fails
+        while not call.done():  # every attempt's connection is cut, until the call fails
             region.proxy.do(region.proxy.link.reset)
-            time.sleep(0.05)
+            wait([call], timeout=0.05)  # returns as soon as the call is answered
         region.proxy.do(lambda: region.proxy.link.set("down", blackhole=False))
         with pytest.raises(grpc.RpcError) as failed:
             call.result()
