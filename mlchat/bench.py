@@ -64,26 +64,34 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def post_load(address: str, token: str, concurrency: int, seconds: float, tag: str,
-                    channel: str = "bench") -> tuple[float, list[float]]:
-    """Posts from `concurrency` workers for `seconds`; return (messages/s, latencies in ms)."""
+                    channel: str = "bench", connections: int = 1) -> tuple[float, list[float]]:
+    """Posts from `concurrency` workers, spread over `connections` connections, for `seconds`; return
+    (messages/s, latencies in ms)."""
     latencies: list[float] = []
     metadata = (("authorization", f"Bearer {token}"),)
-    async with grpc.aio.insecure_channel(address) as channel_:
-        stub = chat_pb2_grpc.ChatServiceStub(channel_)
-        end = time.perf_counter() + seconds
+    # A subchannel pool of its own per channel: otherwise channels to one address share one connection.
+    channels = [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(connections)]
+    stubs = [chat_pb2_grpc.ChatServiceStub(c) for c in channels]
+    end = time.perf_counter() + seconds
 
-        async def worker(w: int) -> None:
-            i = 0
-            while time.perf_counter() < end:
-                t = time.perf_counter()
-                await stub.PostMessage(pb.PostMessageRequest(channel=channel, body=BODY,
-                                                             client_msg_id=f"{tag}-{w}-{i}"), metadata=metadata)
-                latencies.append((time.perf_counter() - t) * 1000)
-                i += 1
+    async def worker(w: int) -> None:
+        stub = stubs[w % connections]
+        i = 0
+        while time.perf_counter() < end:
+            t = time.perf_counter()
+            await stub.PostMessage(pb.PostMessageRequest(channel=channel, body=BODY,
+                                                         client_msg_id=f"{tag}-{w}-{i}"), metadata=metadata)
+            latencies.append((time.perf_counter() - t) * 1000)
+            i += 1
 
+    try:
         started = time.perf_counter()
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
         elapsed = time.perf_counter() - started
+    finally:
+        for c in channels:
+            await c.close()
     return len(latencies) / elapsed, latencies
 
 

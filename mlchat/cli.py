@@ -111,8 +111,21 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                         help="calls a user may make at once after a quiet spell")
     leader.add_argument("--subscriber-buffer", type=int, default=limits.SUBSCRIBER_BUFFER,
                         help="messages a subscriber may fall behind before it is cut off")
+    leader.add_argument("--processes", type=int, default=1, metavar="N",
+                        help="processes serving the client API on --listen: this one (the core, which alone talks "
+                             "to Redis and to other regions) and N-1 gateways that pass calls to it; N > 1 "
+                             "needs --peer-listen (default: 1)")
     leader.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
                         help="serve Prometheus metrics at http://LISTEN_HOST:PORT/metrics (default 0: off)")
+
+    gateway = sub.add_parser("gateway", help="a gateway process of a region (a leader run with --processes "
+                             "starts its own; not run by hand)")
+    gateway.add_argument("--region", required=True, type=_region)
+    gateway.add_argument("--listen", required=True, help="HOST:PORT of the region's client API")
+    gateway.add_argument("--core", required=True, help="the core process's socket (unix:PATH)")
+    gateway.add_argument("--grace", type=float, default=5.0, help="seconds calls in flight get at SIGTERM")
+    gateway.add_argument("--tls-cert", type=Path, metavar="PEM")
+    gateway.add_argument("--tls-key", type=Path, metavar="PEM")
 
     certs = sub.add_parser("certs", help="create a CA and per-region certificates for mutual TLS between regions")
     certs.add_argument("--out", type=Path, required=True, help="directory for ca.pem, REGION.pem and their keys")
@@ -187,7 +200,7 @@ def leader_settings(args: argparse.Namespace) -> LeaderSettings:
         user_rate=args.user_rate, user_burst=args.user_burst, peer_listen=args.peer_listen,
         tls=TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert else None,
         peer_tls=TlsFiles(args.peer_cert, args.peer_key, args.peer_ca) if args.peer_cert else None,
-        metrics_port=args.metrics_port)
+        metrics_port=args.metrics_port, processes=args.processes)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -207,6 +220,11 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as e:
             raise SystemExit(f"mlchat leader: {e}") from None
         asyncio.run(serve(settings))
+    elif args.command == "gateway":
+        from mlchat.leader import gateway
+
+        asyncio.run(gateway.serve(args.region, args.listen, args.core,
+                                  TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert else None, args.grace))
     elif args.command == "chat":
         from mlchat.chat import shell
 

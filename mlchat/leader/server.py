@@ -31,6 +31,7 @@ from mlchat import tls
 from mlchat.geo.modes import Mode
 from mlchat.leader import limits
 from mlchat.leader.consensus import Consensus
+from mlchat.leader.gateways import Gateways, GatewayServicer
 from mlchat.leader.leadership import Leadership
 from mlchat.leader.metrics import RpcMetrics, metrics_registry, serve_metrics
 from mlchat.leader.region import Region
@@ -41,7 +42,16 @@ from mlchat.leader.store import Store
 from mlchat.leader.tokens import TokenSigner
 from mlchat.leader.valkey import EmbeddedValkey
 from mlchat.leader.writes import Writes
-from mlchat.v1 import chat_pb2, chat_pb2_grpc, cluster_pb2, cluster_pb2_grpc, replication_pb2, replication_pb2_grpc
+from mlchat.v1 import (
+    chat_pb2,
+    chat_pb2_grpc,
+    cluster_pb2,
+    cluster_pb2_grpc,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    replication_pb2,
+    replication_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 SERVICES = ("mlchat.v1.ChatService", "mlchat.v1.ClusterService", "mlchat.v1.ReplicationService")
@@ -184,13 +194,21 @@ async def _serve(settings: LeaderSettings, store: Store, client_tls: tls.TlsMate
                           replication_pb2_grpc.add_ReplicationServiceServicer_to_server, replication_servicer)
     health_service = Service(health_pb2.DESCRIPTOR.services_by_name["Health"],
                              health_pb2_grpc.add_HealthServicer_to_server, health_servicer)
+    # With gateways, every process of the region listens on its address (SO_REUSEPORT).
+    gateways = Gateways(settings, settings.processes - 1) if settings.processes > 1 else None
+    shared = gateways is not None
     if settings.peer_listen:
         # Replication only on the peer port: were it on the client port too, mutual TLS would guard nothing.
         # Chat there too, for the users' writes a region forwards to the primary (single-leader mode).
-        servers = [_server(settings.listen, client_tls, rpc_metrics, health_service, chat, cluster),
-                   _server(settings.peer_listen, peer_tls, rpc_metrics, health_service, replication, chat)]
+        servers = [_server(settings.listen, client_tls, rpc_metrics, shared, health_service, chat, cluster),
+                   _server(settings.peer_listen, peer_tls, rpc_metrics, False, health_service, replication, chat)]
     else:
-        servers = [_server(settings.listen, None, rpc_metrics, health_service, chat, cluster, replication)]
+        servers = [_server(settings.listen, None, rpc_metrics, shared, health_service, chat, cluster, replication)]
+    if gateways is not None:
+        posts = GatewayServicer(rpc_metrics.measured(chat.descriptor, chat.servicer).PostMessage)
+        servers.append(_server(gateways.core_address, None, rpc_metrics, False, health_service, chat, cluster,
+                               Service(gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"],
+                                       gateway_pb2_grpc.add_GatewayServiceServicer_to_server, posts)))
     metrics_server = None
     if settings.metrics_port:
         host = settings.listen.rpartition(":")[0].strip("[]")
@@ -203,10 +221,14 @@ async def _serve(settings: LeaderSettings, store: Store, client_tls: tls.TlsMate
         await leadership.start()
     for server in servers:
         await server.start()
+    if gateways is not None:  # before the region is healthy: it serves on all its processes then
+        await gateways.start()
     for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     await replicator.start()
     where = settings.listen + (f", regions on {settings.peer_listen}" if settings.peer_listen else "")
+    if gateways is not None:
+        where += f" (with {gateways.count} gateway process{'es' if gateways.count > 1 else ''})"
     log.info("leader serving on %s (mode %s, client TLS %s, peer TLS %s, peers %s)", where,
              settings.mode, "on" if settings.tls else "off", "mutual" if settings.peer_tls else "off",
              ", ".join(region.members) or "none")
@@ -222,6 +244,8 @@ async def _serve(settings: LeaderSettings, store: Store, client_tls: tls.TlsMate
     await health_servicer.enter_graceful_shutdown()
     region.fanout.close_all()
     region.feed.close_all()
+    if gateways is not None:  # while the core still serves them: their calls in flight get the grace time
+        await gateways.stop(settings.grace_s + 5)
     if leadership is not None:
         await leadership.stop()
     # Calls in flight may still forward through the replicator's channels.
@@ -240,14 +264,14 @@ class Service:
     servicer: Any
 
 
-def _server(address: str, material: tls.TlsMaterial | None, rpc_metrics: RpcMetrics, *services: Service
-            ) -> grpc.aio.Server:
-    """A gRPC server on `address` (TLS if given material) with these services (health among them) and
-    reflection; every call measured."""
+def _server(address: str, material: tls.TlsMaterial | None, rpc_metrics: RpcMetrics, shared: bool,
+            *services: Service) -> grpc.aio.Server:
+    """A gRPC server on `address` (TLS if given material; `shared` with the region's gateways) with these
+    services (health among them) and reflection; every call measured."""
     server = grpc.aio.server(
-        # Peers send their state in one message; client requests are held to their own limit.
+        # Peers send their state in one message (gateways their posts); client requests are held to their own limit.
         options=[("grpc.max_receive_message_length", limits.MAX_PEER_STATE_BYTES),
-                 ("grpc.so_reuseport", 0)],
+                 ("grpc.so_reuseport", int(shared))],
         maximum_concurrent_rpcs=limits.MAX_CONCURRENT_RPCS)
     for service in services:
         service.add_to_server(rpc_metrics.measured(service.descriptor, service.servicer), server)

@@ -49,11 +49,19 @@ class LeaderSettings:
     outbox_retention: int = 50_000
     # Anti-entropy: how often a region also compares states with each peer, beside the live stream (0: never).
     compare_states_every_s: float = 3600.0
+    # Processes serving the client API on `listen`: the core (this process) and processes - 1 gateways.
+    processes: int = 1
 
     def __post_init__(self) -> None:
         if self.peer_tls is not None and (self.peer_tls.ca is None or not self.peer_listen):
             raise ValueError("mutual TLS between regions needs the cluster CA and a peer port of its own "
                              "(--peer-ca, --peer-listen)")
+        if self.processes < 1:
+            raise ValueError(f"--processes {self.processes}: a region runs at least one process")
+        if self.processes > 1 and (not self.peer_listen or self.listen.endswith(":0")):
+            # Gateways serve clients only; other regions must reach the core, on a port of its own.
+            raise ValueError("several processes (--processes) share the client API's port: give it a port "
+                             "number (not 0), and other regions a port of their own (--peer-listen)")
         if self.tls is not None and not self.peer_listen:
             # Peers would have to dial the client API's TLS port with nothing to prove who they are.
             raise ValueError("a client API over TLS needs a peer port of its own (--peer-listen)")

@@ -1,0 +1,227 @@
+"""A gateway process: one of a region's front processes, serving clients on the region's address beside its core.
+
+A region run with `--processes N` is its core process (the leader, which alone talks to Redis and to
+other regions) and N-1 gateways, all listening on the same address (SO_REUSEPORT: the kernel spreads
+clients' connections over them). A gateway holds no state: it terminates the client's connection (and
+TLS), and passes each call to the core over a Unix socket, unparsed. Posts, the hot path, travel in
+batches on one stream (`PostRelay`), so that the core pays its gRPC cost per batch rather than per
+post; every other call is passed on as it is, its status and trailers passed back. The core checks
+tokens, limits and input, as for the calls it takes itself.
+
+The gateway dies with its core (parent-death signal) and is started again by it if it dies alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+from typing import Any, NoReturn
+
+import grpc
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection
+
+from mlchat import tls
+from mlchat.leader import limits
+from mlchat.v1 import chat_pb2, cluster_pb2, gateway_pb2, gateway_pb2_grpc
+
+log = logging.getLogger(__name__)
+READY_LINE = "mlchat gateway serving"  # printed once on stdout: the core waits for it
+BATCH_BYTES = 4 * 1024 * 1024  # the most request bytes one batch of posts carries
+POST_METHOD = "/mlchat.v1.ChatService/PostMessage"
+# Transport headers of the client's call: the gateway's own call to the core sets its own.
+_NOT_PASSED = ("user-agent", "te", "content-type", "grpc-")
+
+
+def passed_metadata(context: grpc.aio.ServicerContext) -> tuple[tuple[str, Any], ...]:
+    """The client's call metadata, to send on with the call to the core."""
+    return tuple((m.key, m.value) for m in context.invocation_metadata() or ()
+                 if not m.key.startswith(_NOT_PASSED) and not m.key.startswith(":"))
+
+
+async def _pass_back(err: grpc.aio.AioRpcError, context: grpc.aio.ServicerContext, region: str) -> NoReturn:
+    """End the client's call as the core ended the gateway's."""
+    if err.trailing_metadata():
+        context.set_trailing_metadata(tuple(err.trailing_metadata()))
+    details = err.details() or ""
+    if err.code() is grpc.StatusCode.UNAVAILABLE and not details.startswith("region "):
+        # gRPC's own (the core is not there): say what that means to the client.
+        details = f"region {region} cannot reach its core process ({details}); retry"
+    await context.abort(err.code(), details)
+
+
+class PostRelay:
+    """Passes posts to the core on one stream, as many to a message as are waiting, and answers each caller
+    with its own outcome as soon as the core sends it. If the stream breaks, every post waiting on it hears
+    UNAVAILABLE (it may have been stored: a retry with the same client_msg_id is answered as a duplicate),
+    and the next post opens a new stream."""
+
+    def __init__(self, stub: gateway_pb2_grpc.GatewayServiceStub, region: str) -> None:
+        self._stub = stub
+        self._region = region
+        self._ids = itertools.count(1)
+        self._queue: list[gateway_pb2.BatchedPost] = []
+        self._waiting: dict[int, asyncio.Future[gateway_pb2.PostOutcome]] = {}
+        self._wake = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._sender = asyncio.create_task(self._send())
+
+    async def stop(self) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
+
+    async def post(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        post_id = next(self._ids)
+        future: asyncio.Future[gateway_pb2.PostOutcome] = asyncio.get_running_loop().create_future()
+        self._waiting[post_id] = future
+        self._queue.append(gateway_pb2.BatchedPost(
+            id=post_id, request=request, time_remaining_s=context.time_remaining() or 0.0,
+            metadata=[gateway_pb2.CallMetadata(key=k, value=v) for k, v in passed_metadata(context)
+                      if isinstance(v, str)]))
+        self._wake.set()
+        try:
+            outcome = await future
+        finally:  # a caller that gave up is forgotten: its outcome, when it comes, answers nobody
+            self._waiting.pop(post_id, None)
+        if outcome.code:
+            if outcome.trailing_metadata:
+                context.set_trailing_metadata(tuple((m.key, m.value) for m in outcome.trailing_metadata))
+            await context.abort(grpc.StatusCode[_CODE_NAMES[outcome.code]], outcome.details)
+        return outcome.response
+
+    def _take_batch(self) -> list[gateway_pb2.BatchedPost]:
+        size, taken = 0, 0
+        for post in self._queue:
+            size += len(post.request)
+            if taken and size > BATCH_BYTES:
+                break
+            taken += 1
+        batch, self._queue = self._queue[:taken], self._queue[taken:]
+        return batch
+
+    async def _send(self) -> None:
+        while True:
+            await self._wake.wait()
+            call = self._stub.Posts()
+            reader = asyncio.create_task(self._read(call))
+            reader.add_done_callback(lambda _: self._wake.set())
+            failure = "the core process closed the stream"
+            try:
+                while not reader.done():
+                    self._wake.clear()
+                    while self._queue and not reader.done():
+                        await call.write(gateway_pb2.PostBatch(posts=self._take_batch()))
+                    await self._wake.wait()
+                if (err := reader.exception()) is not None:
+                    failure = str(err.details() if isinstance(err, grpc.aio.AioRpcError) else err)
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as err:
+                failure = err.details() if isinstance(err, grpc.aio.AioRpcError) else str(err)
+            finally:
+                reader.cancel()
+                call.cancel()
+            self._fail_waiting(failure)
+
+    async def _read(self, call: Any) -> None:
+        async for message in call:
+            for outcome in message.outcomes:
+                future = self._waiting.get(outcome.id)
+                if future is not None and not future.done():
+                    future.set_result(outcome)
+
+    def _fail_waiting(self, failure: str) -> None:
+        self._queue.clear()
+        unavailable = gateway_pb2.PostOutcome(
+            code=grpc.StatusCode.UNAVAILABLE.value[0],
+            details=f"region {self._region} lost its core process while the post was on its way ({failure}): it "
+                    "may be stored or not; retry with the same client_msg_id")
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_result(unavailable)
+
+
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+def _proxies(core: grpc.aio.Channel, relay: PostRelay, region: str) -> list[grpc.GenericRpcHandler]:
+    """Handlers passing every client call on to the core, unparsed: the chat and cluster services and health.
+    PostMessage goes through `relay`."""
+
+    def unary(method: str) -> Callable[..., Any]:
+        call = core.unary_unary(method)
+
+        async def handler(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            try:
+                return await call(request, metadata=passed_metadata(context), timeout=context.time_remaining())
+            except grpc.aio.AioRpcError as err:
+                await _pass_back(err, context, region)
+
+        return handler
+
+    def streaming(method: str) -> Callable[..., AsyncIterator[bytes]]:
+        open_call = core.unary_stream(method)
+
+        async def handler(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+            call = open_call(request, metadata=passed_metadata(context), timeout=context.time_remaining())
+            try:
+                async for response in call:
+                    yield response
+            except grpc.aio.AioRpcError as err:
+                await _pass_back(err, context, region)
+            finally:  # the client went away: so does the call to the core
+                call.cancel()
+
+        return handler
+
+    async def post(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return await relay.post(request, context)
+
+    handlers = []
+    for service in (chat_pb2.DESCRIPTOR.services_by_name["ChatService"],
+                    cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"],
+                    health_pb2.DESCRIPTOR.services_by_name["Health"]):
+        methods = {}
+        for m in service.methods:
+            path = f"/{service.full_name}/{m.name}"
+            if path == POST_METHOD:
+                methods[m.name] = grpc.unary_unary_rpc_method_handler(post)
+            elif m.server_streaming:
+                methods[m.name] = grpc.unary_stream_rpc_method_handler(streaming(path))
+            else:
+                methods[m.name] = grpc.unary_unary_rpc_method_handler(unary(path))
+        handlers.append(grpc.method_handlers_generic_handler(service.full_name, methods))
+    return handlers
+
+
+async def serve(region: str, listen: str, core_address: str, client_tls: tls.TlsFiles | None,
+                grace_s: float) -> None:
+    material = tls.load(client_tls) if client_tls else None
+    core = grpc.aio.insecure_channel(core_address, options=[
+        ("grpc.max_send_message_length", limits.MAX_PEER_STATE_BYTES)])
+    relay = PostRelay(gateway_pb2_grpc.GatewayServiceStub(core), region)
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)], maximum_concurrent_rpcs=limits.MAX_CONCURRENT_RPCS)
+    server.add_generic_rpc_handlers(_proxies(core, relay, region))
+    reflection.enable_server_reflection(["mlchat.v1.ChatService", "mlchat.v1.ClusterService",
+                                         "grpc.health.v1.Health", reflection.SERVICE_NAME], server)
+    port = (server.add_insecure_port(listen) if material is None
+            else server.add_secure_port(listen, tls.server_credentials(material)))
+    if port == 0:
+        raise SystemExit(f"gateway cannot listen on {listen}")
+    relay.start()
+    await server.start()
+    log.info("gateway serving on %s, passing calls to the core at %s", listen, core_address)
+    print(READY_LINE, flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("gateway shutting down")
+    await server.stop(grace_s)  # calls in flight still reach the core, which stops after its gateways
+    await relay.stop()
+    await core.close()

@@ -1,0 +1,220 @@
+"""What a region's core process runs for its gateways (`mlchat.leader.gateway`): the processes themselves, and
+the stream that takes their posts.
+
+The core serves its gateways on a Unix socket in a directory only its user may enter; there it serves
+the same chat and cluster services as on the region's address, and `GatewayService.Posts`. A post that
+comes in a batch is committed exactly as a PostMessage call to the core would be: the same servicer
+method, given a `BatchedCall` in place of the gRPC call's context, checks the token, the user's rate,
+the input and the mode's demands, and its outcome (response, or status, details and trailers) goes
+back to the gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from mlchat.leader.gateway import READY_LINE
+from mlchat.leader.settings import LeaderSettings
+from mlchat.leader.valkey import dying_with_parent
+from mlchat.v1 import chat_pb2, gateway_pb2, gateway_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class _Aborted(Exception):
+    pass
+
+
+class BatchedCall:
+    """What the servicer reads and sets of a call's context, for a post a gateway passed on."""
+
+    def __init__(self, post: gateway_pb2.BatchedPost) -> None:
+        self._metadata = tuple((m.key, m.value) for m in post.metadata)
+        self._deadline = time.monotonic() + post.time_remaining_s if post.time_remaining_s else None
+        self._code: grpc.StatusCode | None = None
+        self._details = ""
+        self._trailing: tuple[tuple[str, str], ...] = ()
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def time_remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def set_trailing_metadata(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._trailing = tuple(metadata)
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
+
+    def fail(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> NoReturn:
+        self.fail(code, details)
+        if trailing_metadata:
+            self._trailing = tuple(trailing_metadata)
+        raise _Aborted()
+
+    def outcome(self, post_id: int, response: chat_pb2.PostMessageResponse | None) -> gateway_pb2.PostOutcome:
+        trailing = [gateway_pb2.CallMetadata(key=k, value=v) for k, v in self._trailing]
+        if response is not None:
+            return gateway_pb2.PostOutcome(id=post_id, response=response.SerializeToString(),
+                                           trailing_metadata=trailing)
+        code = self._code or grpc.StatusCode.UNKNOWN
+        return gateway_pb2.PostOutcome(id=post_id, code=code.value[0], details=self._details,
+                                       trailing_metadata=trailing)
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
+    """Commits the posts gateways send in batches, each with `post_message` (the measured
+    ChatService.PostMessage), and sends back their outcomes in batches, each as soon as it is known."""
+
+    def __init__(self, post_message: Callable[[chat_pb2.PostMessageRequest, Any],
+                                              Awaitable[chat_pb2.PostMessageResponse]]) -> None:
+        self._post_message = post_message
+        self._committing: set[asyncio.Task[None]] = set()  # held here: a gateway that goes away cancels none
+
+    async def _outcome(self, post: gateway_pb2.BatchedPost) -> gateway_pb2.PostOutcome:
+        call = BatchedCall(post)
+        try:
+            request = chat_pb2.PostMessageRequest.FromString(post.request)
+        except DecodeError:
+            call.fail(grpc.StatusCode.INTERNAL, "the request is not a PostMessageRequest")
+            return call.outcome(post.id, None)
+        try:
+            return call.outcome(post.id, await self._post_message(request, call))
+        except _Aborted:
+            return call.outcome(post.id, None)
+        except Exception as e:  # as gRPC answers a handler's unexpected failure
+            log.exception("PostMessage passed on by a gateway failed")
+            call.fail(grpc.StatusCode.UNKNOWN, f"Unexpected {type(e)}: {e}")
+            return call.outcome(post.id, None)
+
+    async def Posts(self, request_iterator: AsyncIterator[gateway_pb2.PostBatch], context: Any
+                    ) -> AsyncIterator[gateway_pb2.PostOutcomes]:
+        outcomes: list[gateway_pb2.PostOutcome] = []
+        ready = asyncio.Event()
+        mine: set[asyncio.Task[None]] = set()
+
+        async def commit(post: gateway_pb2.BatchedPost) -> None:
+            outcomes.append(await self._outcome(post))
+
+        def committed(task: asyncio.Task[None]) -> None:
+            self._committing.discard(task)
+            mine.discard(task)
+            ready.set()
+
+        async def take() -> None:
+            async for batch in request_iterator:
+                for post in batch.posts:
+                    task = asyncio.create_task(commit(post))
+                    self._committing.add(task)
+                    mine.add(task)
+                    task.add_done_callback(committed)
+
+        taking = asyncio.create_task(take())
+        taking.add_done_callback(lambda _: ready.set())
+        try:
+            while outcomes or mine or not taking.done():
+                await ready.wait()
+                ready.clear()
+                if outcomes:
+                    sent, outcomes[:] = list(outcomes), []
+                    yield gateway_pb2.PostOutcomes(outcomes=sent)
+        finally:
+            taking.cancel()
+
+
+class Gateways:
+    """The region's gateway processes: started once the core serves them, started again when one dies,
+    stopped before the core stops serving them."""
+
+    def __init__(self, settings: LeaderSettings, count: int) -> None:
+        self.settings = settings
+        self.count = count
+        # Unix socket paths are limited to ~100 bytes: the socket lives in a short directory of its own.
+        self._dir = Path(tempfile.mkdtemp(prefix="mlg-"))
+        os.chmod(self._dir, 0o700)
+        self.socket = self._dir / "core.sock"
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._supervisor: asyncio.Task[None] | None = None
+
+    @property
+    def core_address(self) -> str:
+        return f"unix:{self.socket}"
+
+    def _command(self) -> list[str]:
+        s = self.settings
+        args = [sys.executable, "-m", "mlchat", "--log-level", logging.getLevelName(logging.getLogger().level),
+                "gateway", "--region", s.region, "--listen", s.listen, "--core", self.core_address,
+                "--grace", str(s.grace_s)]
+        if s.tls is not None:
+            args += ["--tls-cert", str(s.tls.cert), "--tls-key", str(s.tls.key)]
+        return args
+
+    async def _spawn(self, timeout_s: float = 30.0) -> subprocess.Popen[bytes]:
+        # From the main thread (the event loop's): the parent-death signal follows the thread that forks.
+        proc = subprocess.Popen(dying_with_parent(self._command()),  # noqa: ASYNC220 - see above
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+        assert proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, proc.stdout.readline),
+                                          timeout_s)
+        except TimeoutError:
+            proc.kill()
+            raise SystemExit(f"a gateway process did not start serving within {timeout_s:.0f} s") from None
+        proc.stdout.close()  # the gateway writes nothing more there
+        if line.decode().strip() != READY_LINE:
+            proc.wait()
+            raise SystemExit(f"a gateway process exited with status {proc.returncode} before serving on "
+                             f"{self.settings.listen}; its log is above")
+        return proc
+
+    async def start(self) -> None:
+        self._procs = [await self._spawn() for _ in range(self.count)]
+        self._supervisor = asyncio.create_task(self._supervise())
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    async def _supervise(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            for i, proc in enumerate(self._procs):
+                if proc.poll() is not None:
+                    log.warning("gateway process %d exited with status %s: starting another", proc.pid,
+                                proc.returncode)
+                    try:
+                        self._procs[i] = await self._spawn()
+                    except SystemExit as e:
+                        log.error("%s; trying again", e)
+
+    async def stop(self, timeout_s: float) -> None:
+        """SIGTERM every gateway and wait for it: each gives the calls it has in flight the grace time."""
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+        for proc in self._procs:
+            proc.terminate()
+        deadline = time.monotonic() + timeout_s
+        for proc in self._procs:
+            try:
+                await asyncio.get_running_loop().run_in_executor(
+                    None, proc.wait, max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.socket.unlink(missing_ok=True)
+        self._dir.rmdir()
