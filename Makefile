@@ -26,6 +26,7 @@ sim: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m mlchat.bench
+	$(PY) -m mlchat.bench_processes
 	$(PY) -m dcsim.bench
 	$(PY) -m dcsim.bench_replication
 

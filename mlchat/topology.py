@@ -26,7 +26,7 @@ _CLUSTER_KEYS: dict[str, type] = {
 }
 _REGION_KEYS: dict[str, type] = {
     "address": str, "listen": str, "peer_listen": str, "peer_address": str, "redis": str, "data_dir": str,
-    "tls_cert": str, "tls_key": str, "peer_cert": str, "peer_key": str,
+    "tls_cert": str, "tls_key": str, "peer_cert": str, "peer_key": str, "processes": int,
 }
 _TOML_TYPES = {str: "a string", int: "an integer", dict: "a table"}
 _PATHS = {"secret_file", "peer_ca", "data_dir", "tls_cert", "tls_key", "peer_cert", "peer_key"}
@@ -50,6 +50,7 @@ class RegionEntry:
     tls_key: Path | None = None
     peer_cert: Path | None = None  # mutual TLS between regions (with the cluster's peer_ca)
     peer_key: Path | None = None
+    processes: int | None = None  # processes serving the client API (`mlchat leader --processes`)
 
     @property
     def reached_at(self) -> str:
@@ -83,7 +84,7 @@ class Topology:
             "tls_cert": me.tls_cert, "tls_key": me.tls_key,
             "peer_cert": me.peer_cert, "peer_key": me.peer_key, "peer_ca": self.peer_ca if me.peer_cert else None,
             "heartbeat_ms": self.heartbeat_ms, "peer_timeout_ms": self.peer_timeout_ms,
-            "write_timeout_ms": self.write_timeout_ms,
+            "write_timeout_ms": self.write_timeout_ms, "processes": me.processes,
         }
         return {k: v for k, v in options.items() if v is not None}
 
@@ -115,6 +116,11 @@ def parse_topology(text: str, source: str = "topology", base: Path = Path()) -> 
         for a, b in (("tls_cert", "tls_key"), ("peer_cert", "peer_key"), ("peer_listen", "peer_address")):
             if (a in entry) != (b in entry):
                 raise TopologyError(f"{source}: [{where}]: {a} and {b} go together")
+        if entry.get("processes", 1) < 1:
+            raise TopologyError(f"{source}: [{where}]: processes must be at least 1")
+        if entry.get("processes", 1) > 1 and "peer_listen" not in entry:
+            raise TopologyError(f"{source}: [{where}]: processes > 1 needs peer_listen (other regions reach the "
+                                "core process on a port of its own)")
         if "peer_cert" in entry and "peer_ca" not in cluster:
             raise TopologyError(f"{source}: [{where}]: peer_cert needs the cluster CA ([cluster] peer_ca)")
         regions[name] = RegionEntry(name=name, listen=entry.pop("listen", entry["address"]), **entry)

@@ -197,11 +197,10 @@ def _proxies(core: grpc.aio.Channel, relay: PostRelay, region: str) -> list[grpc
     return handlers
 
 
-async def serve(region: str, listen: str, core_address: str, client_tls: tls.TlsFiles | None,
-                grace_s: float) -> None:
-    material = tls.load(client_tls) if client_tls else None
-    core = grpc.aio.insecure_channel(core_address, options=[
-        ("grpc.max_send_message_length", limits.MAX_PEER_STATE_BYTES)])
+def gateway_server(region: str, listen: str, core: grpc.aio.Channel, material: tls.TlsMaterial | None
+                   ) -> tuple[grpc.aio.Server, PostRelay]:
+    """A gateway's server on `listen`, sharing the port (SO_REUSEPORT), passing calls on over `core`; and the
+    relay of its posts, to start with the server."""
     relay = PostRelay(gateway_pb2_grpc.GatewayServiceStub(core), region)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)], maximum_concurrent_rpcs=limits.MAX_CONCURRENT_RPCS)
     server.add_generic_rpc_handlers(_proxies(core, relay, region))
@@ -211,6 +210,21 @@ async def serve(region: str, listen: str, core_address: str, client_tls: tls.Tls
             else server.add_secure_port(listen, tls.server_credentials(material)))
     if port == 0:
         raise SystemExit(f"gateway cannot listen on {listen}")
+    return server, relay
+
+
+def core_channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=[("grpc.max_send_message_length", limits.MAX_PEER_STATE_BYTES)])
+
+
+async def serve(region: str, listen: str, core_address: str, client_tls: tls.TlsFiles | None,
+                grace_s: float) -> None:
+    try:
+        material = tls.load(client_tls) if client_tls else None
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    core = core_channel(core_address)
+    server, relay = gateway_server(region, listen, core, material)
     relay.start()
     await server.start()
     log.info("gateway serving on %s, passing calls to the core at %s", listen, core_address)

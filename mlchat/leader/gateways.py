@@ -86,6 +86,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                                               Awaitable[chat_pb2.PostMessageResponse]]) -> None:
         self._post_message = post_message
         self._committing: set[asyncio.Task[None]] = set()  # held here: a gateway that goes away cancels none
+        self.batches = 0
+        self.posts = 0
 
     async def _outcome(self, post: gateway_pb2.BatchedPost) -> gateway_pb2.PostOutcome:
         call = BatchedCall(post)
@@ -119,6 +121,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
         async def take() -> None:
             async for batch in request_iterator:
+                self.batches += 1
+                self.posts += len(batch.posts)
                 for post in batch.posts:
                     task = asyncio.create_task(commit(post))
                     self._committing.add(task)
@@ -150,6 +154,7 @@ class Gateways:
         os.chmod(self._dir, 0o700)
         self.socket = self._dir / "core.sock"
         self._procs: list[subprocess.Popen[bytes]] = []
+        self.restarts = 0
         self._supervisor: asyncio.Task[None] | None = None
 
     @property
@@ -187,8 +192,8 @@ class Gateways:
         self._procs = [await self._spawn() for _ in range(self.count)]
         self._supervisor = asyncio.create_task(self._supervise())
 
-    def pids(self) -> list[int]:
-        return [p.pid for p in self._procs]
+    def running(self) -> int:
+        return sum(p.poll() is None for p in self._procs)
 
     async def _supervise(self) -> None:
         while True:
@@ -197,6 +202,7 @@ class Gateways:
                 if proc.poll() is not None:
                     log.warning("gateway process %d exited with status %s: starting another", proc.pid,
                                 proc.returncode)
+                    self.restarts += 1
                     try:
                         self._procs[i] = await self._spawn()
                     except SystemExit as e:

@@ -34,6 +34,7 @@ from mlchat.geo.membership import PeerState
 from mlchat.geo.modes import describe
 
 if TYPE_CHECKING:
+    from mlchat.leader.gateways import Gateways, GatewayServicer
     from mlchat.leader.region import Region
     from mlchat.leader.replication import ReplicationServicer, Replicator
 
@@ -154,6 +155,24 @@ class LeaderCollector(Collector):
         yield GaugeMetricFamily("mlchat_hot_shards", "Message-log shards held in memory", value=len(sizes))
         yield GaugeMetricFamily("mlchat_hot_shard_bytes", "Memory of the hot shards, estimated as the size of "
                                 "their encoded state", value=sum(sizes))
+
+
+class GatewaysCollector(Collector):
+    """The region's gateway processes, as their core sees them."""
+
+    def __init__(self, gateways: Gateways, posts: GatewayServicer) -> None:
+        self.gateways = gateways
+        self.posts = posts
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily("mlchat_gateways", "Gateway processes running beside this core (--processes - 1 "
+                                "when all are up)", value=self.gateways.running())
+        yield CounterMetricFamily("mlchat_gateway_restarts", "Gateway processes that died and were started again",
+                                  value=self.gateways.restarts)
+        yield CounterMetricFamily("mlchat_gateway_posts", "Posts gateways passed to this core (also counted in "
+                                  "mlchat_rpc_total as PostMessage calls)", value=self.posts.posts)
+        yield CounterMetricFamily("mlchat_gateway_batches", "Messages those posts came in (posts per batch: "
+                                  "posts / batches)", value=self.posts.batches)
 
 
 def metrics_registry(region: Region, replicator: Replicator,

@@ -33,7 +33,7 @@ from mlchat.leader import limits
 from mlchat.leader.consensus import Consensus
 from mlchat.leader.gateways import Gateways, GatewayServicer
 from mlchat.leader.leadership import Leadership
-from mlchat.leader.metrics import RpcMetrics, metrics_registry, serve_metrics
+from mlchat.leader.metrics import GatewaysCollector, RpcMetrics, metrics_registry, serve_metrics
 from mlchat.leader.region import Region
 from mlchat.leader.replication import ReplicationServicer, Replicator
 from mlchat.leader.servicer import Authenticator, ChatServicer, ClusterServicer, wall_ms
@@ -206,6 +206,7 @@ async def _serve(settings: LeaderSettings, store: Store, client_tls: tls.TlsMate
         servers = [_server(settings.listen, None, rpc_metrics, shared, health_service, chat, cluster, replication)]
     if gateways is not None:
         posts = GatewayServicer(rpc_metrics.measured(chat.descriptor, chat.servicer).PostMessage)
+        registry.register(GatewaysCollector(gateways, posts))
         servers.append(_server(gateways.core_address, None, rpc_metrics, False, health_service, chat, cluster,
                                Service(gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"],
                                        gateway_pb2_grpc.add_GatewayServiceServicer_to_server, posts)))

@@ -30,6 +30,7 @@ peer_address = "10.0.0.1:50052"
 redis = "redis://10.0.0.2:6379/0"
 peer_cert = "tls/us-east.pem"
 peer_key = "tls/us-east.key"
+processes = 4
 
 [regions.eu-west]
 address = "west.example.net:50051"
@@ -75,6 +76,7 @@ def test_tls_material_in_the_file_becomes_the_leaders_tls_settings(tmp_path: Pat
     tls = tmp_path / "tls"
     assert east.peer_tls == TlsFiles(tls / "us-east.pem", tls / "us-east.key", tls / "ca.pem")
     assert east.peer_listen == "0.0.0.0:50052" and east.peer_address == "10.0.0.1:50052"
+    assert east.processes == 4
     west = leader_settings(parse(["leader", "--topology", str(path), "--region", "eu-west"]))
     assert west.peers == {"us-east": "10.0.0.1:50052"}  # other regions dial its peer port
 
@@ -96,6 +98,8 @@ def test_tls_material_in_the_file_becomes_the_leaders_tls_settings(tmp_path: Pat
     ("[regions.us-east]\naddress = 'h:1'\n[cluster]\nprimary = 'eu-west'\n", "primary 'eu-west' is not one"),
     ("[regions.us-east]\naddress = 'h:1'\n[cluster]\nheartbeat_ms = 0\n", "heartbeat_ms must be positive"),
     ("[regions.us-east]\naddress = 'h:1'\n[cluster]\nheartbeat_ms = true\n", "heartbeat_ms must be an integer"),
+    ("[regions.us-east]\naddress = 'h:1'\nprocesses = 0\n", "processes must be at least 1"),
+    ("[regions.us-east]\naddress = 'h:1'\nprocesses = 2\n", "processes > 1 needs peer_listen"),
     ("regions = 3\n", "regions must be a table"),
     ("[regions\n", "not valid TOML"),
 ])
@@ -113,3 +117,13 @@ def test_an_unknown_region_is_refused_naming_the_known_ones():
 def test_an_unreadable_file_is_refused(tmp_path: Path):
     with pytest.raises(TopologyError, match="cannot read topology"):
         load_topology(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize(("flags", "error"), [
+    (["--processes", "0"], "a region runs at least one process"),
+    (["--processes", "2"], "other regions a port of their own (--peer-listen)"),
+    (["--processes", "2", "--listen", "127.0.0.1:0", "--peer-listen", "127.0.0.1:7001"], "give it a port number"),
+])
+def test_a_leader_with_processes_it_cannot_run_is_refused(flags: list[str], error: str):
+    with pytest.raises(ValueError, match=error.replace("(", r"\(").replace(")", r"\)")):
+        leader_settings(parse(["leader", "--region", "us-east", *flags]))

@@ -1,0 +1,214 @@
+"""A region served by several processes on one address (`mlchat leader --processes 3`): the core and two
+gateways, real processes, real sockets. Which process serves a connection is the kernel's choice: a
+test tells by the core's `mlchat_gateway_posts_total`, which moves only for posts a gateway passed on."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import descendants, flush, pid_alive, sample, wait_until
+
+from dcsim.prometheus import scrape
+from mlchat.geo.client import ChatClient
+from mlchat.leader.process import LeaderProcess, free_port
+from mlchat.v1 import chat_pb2 as pb
+from mlchat.v1 import chat_pb2_grpc
+
+
+class Region:
+    def __init__(self, leader: LeaderProcess, metrics_url: str) -> None:
+        self.leader = leader
+        self.metrics_url = metrics_url
+
+    def metric(self, name: str) -> float:
+        return sample(scrape(self.metrics_url), name)
+
+    def gateway_pids(self) -> set[int]:
+        assert self.leader.proc is not None
+        return descendants(self.leader.proc.pid)
+
+
+def start_region(data_dir: Path, redis_url: str, *args: str) -> Region:
+    port = free_port()
+    leader = LeaderProcess("us-east", data_dir, redis_url=redis_url, peer_port=free_port(),
+                           extra_args=("--processes", "3", "--metrics-port", str(port), *args))
+    leader.start()
+    return Region(leader, f"http://127.0.0.1:{port}/metrics")
+
+
+@pytest.fixture(scope="module")
+def region(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Region]:
+    flush(redis_url)
+    r = start_region(tmp_path_factory.mktemp("processes"), redis_url, "--user-rate", "20", "--user-burst", "60")
+    try:
+        yield r
+    finally:
+        r.leader.stop()
+
+
+@pytest.fixture
+def own_region(own_valkey, tmp_path: Path) -> Iterator[Region]:  # noqa: ANN001 - conftest's EmbeddedValkey
+    r = start_region(tmp_path / "leader", own_valkey.url)
+    try:
+        yield r
+    finally:
+        r.leader.stop()
+
+
+class Connection:
+    """A connection of its own to the region (channels to one address otherwise share one)."""
+
+    def __init__(self, address: str, token: str) -> None:
+        self.channel = grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+        self.stub = chat_pb2_grpc.ChatServiceStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),)
+
+    def post(self, channel: str, body: str, client_msg_id: str) -> pb.PostMessageResponse:
+        return self.stub.PostMessage(pb.PostMessageRequest(channel=channel, body=body, client_msg_id=client_msg_id),
+                                     metadata=self.metadata, timeout=10)
+
+
+def token_of(region: Region, username: str) -> str:
+    with ChatClient(region.leader.address) as c:
+        return c.claim(username, f"key-of-{username}-0123456789").token
+
+
+def connections(region: Region, token: str, channel: str, tries: int = 60) -> tuple[Connection, Connection]:
+    """A connection a gateway serves, and one the core serves, told apart by posting on fresh connections
+    (each post is one message in `channel`)."""
+    by_gateway = by_core = None
+    for i in range(tries):
+        conn = Connection(region.leader.address, token)
+        before = region.metric("mlchat_gateway_posts_total")
+        conn.post(channel, f"probe {i}", f"probe-{i}")
+        if region.metric("mlchat_gateway_posts_total") > before:
+            by_gateway = by_gateway or conn
+        else:
+            by_core = by_core or conn
+        if by_gateway and by_core:
+            return by_gateway, by_core
+    raise AssertionError(f"{tries} connections did not reach both a gateway and the core")
+
+
+def bodies(conn: Connection, channel: str) -> list[str]:
+    page = conn.stub.ListMessages(pb.ListMessagesRequest(channel=channel, limit=500), metadata=conn.metadata)
+    return [m.body for m in page.messages]
+
+
+def test_posts_through_any_process_are_stored_once_and_a_retry_elsewhere_is_a_duplicate(region: Region,
+                                                                                         unique: str) -> None:
+    via_gateway, via_core = connections(region, token_of(region, f"u_{unique}"), unique)
+    probes = bodies(via_core, unique)
+
+    first = via_gateway.post(unique, "hello", "m1")
+    again = via_core.post(unique, "hello", "m1")  # the same post, retried on another process
+    assert not first.duplicate and again.duplicate
+    assert again.message.id == first.message.id and again.message.hlc == first.message.hlc
+    second = via_core.post(unique, "there", "m2")
+    assert via_gateway.post(unique, "there", "m2").duplicate
+
+    stored = bodies(via_gateway, unique)
+    assert stored == probes + ["hello", "there"]
+    assert second.message.id != first.message.id
+
+
+def test_a_gateway_answers_every_call_as_the_core_does(region: Region, unique: str) -> None:
+    token = token_of(region, f"u_{unique}")
+    via_gateway, via_core = connections(region, token, unique)
+
+    def failure(conn: Connection, call: str, request: object, metadata: tuple = ()) -> tuple:
+        method = getattr(conn.stub, call)
+        with pytest.raises(grpc.RpcError) as refused:
+            result = method(request, metadata=metadata or conn.metadata, timeout=10)
+            for _ in result if call == "Subscribe" else ():
+                pass
+        return refused.value.code(), refused.value.details()
+
+    owner = Connection(region.leader.address, token_of(region, f"o_{unique}"))
+    owner.stub.CreatePrivateChannel(pb.CreatePrivateChannelRequest(channel=f"{unique}-private"),
+                                    metadata=owner.metadata, timeout=10)
+    cases = [
+        ("PostMessage", pb.PostMessageRequest(channel=unique, body="", client_msg_id="e1"), ()),
+        ("PostMessage", pb.PostMessageRequest(channel=unique, body="hi", client_msg_id="e2"),
+         (("authorization", "Bearer forged"),)),
+        ("PostMessage", pb.PostMessageRequest(channel=f"{unique}-private", body="hi", client_msg_id="e3"), ()),
+        ("ListMessages", pb.ListMessagesRequest(channel=unique, cursor="not a cursor"), ()),
+        ("Subscribe", pb.SubscribeRequest(channel=f"{unique}-private"), ()),
+        ("GetStatus", pb.GetStatusRequest(), ()),
+    ]
+    for call, request, metadata in cases:
+        through_gateway = failure(via_gateway, call, request, metadata)
+        assert through_gateway == failure(via_core, call, request, metadata)
+        assert through_gateway[0] != grpc.StatusCode.UNKNOWN and through_gateway[1]
+
+    # Health, and the cluster service, through the gateway.
+    health = health_pb2_grpc.HealthStub(via_gateway.channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_the_rate_limit_holds_across_the_regions_processes_with_its_trailer(region: Region, unique: str) -> None:
+    token = token_of(region, f"u_{unique}")
+    via_gateway, via_core = connections(region, token, unique)
+    futures = [conn.stub.PostMessage.future(
+        pb.PostMessageRequest(channel=unique, body="x", client_msg_id=f"burst-{i}"), metadata=conn.metadata, timeout=10)
+        for i in range(100) for conn in (via_gateway, via_core)]
+    refused = [f for f in futures if f.exception() is not None]
+    accepted = len(futures) - len(refused)
+    assert 60 - 2 <= accepted < 100  # one bucket for the user in the whole region (the probes took two)
+    for f in refused:
+        assert f.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert any(k == "retry-after-ms" and int(v) > 0 for k, v in f.trailing_metadata())
+
+
+def test_a_subscriber_on_a_gateway_sees_posts_made_on_the_core(region: Region, unique: str) -> None:
+    via_gateway, via_core = connections(region, token_of(region, f"u_{unique}"), unique)
+    stream = via_gateway.stub.Subscribe(pb.SubscribeRequest(channel=f"{unique}-live"), metadata=via_gateway.metadata,
+                                        timeout=20)
+    wait_until(lambda: region.metric("mlchat_subscribers") >= 1, what="the subscription reached the core")
+    via_core.post(f"{unique}-live", "live one", "l1")
+    event = next(stream)
+    assert event.message.body == "live one" and event.stream_cursor
+    stream.cancel()
+
+
+def test_a_gateway_that_dies_is_started_again_and_the_region_keeps_serving(own_region: Region) -> None:
+    gateways = own_region.gateway_pids()
+    assert len(gateways) == 2 and own_region.metric("mlchat_gateways") == 2
+    victim = min(gateways)
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: own_region.metric("mlchat_gateway_restarts_total") == 1
+               and own_region.metric("mlchat_gateways") == 2, deadline_s=30, what="a gateway started again")
+    assert victim not in own_region.gateway_pids() and len(own_region.gateway_pids()) == 2
+
+    token = token_of(own_region, "after_restart")
+    via_gateway, _ = connections(own_region, token, "again")  # a gateway serves new connections again
+    assert not via_gateway.post("again", "still here", "s1").duplicate
+
+
+def test_gateways_die_with_their_core_and_leave_the_port_free(own_region: Region) -> None:
+    gateways = own_region.gateway_pids()
+    own_region.leader.kill()
+    wait_until(lambda: not any(pid_alive(p) for p in gateways), deadline_s=15, what="the gateways exited")
+    own_region.leader.start()  # the same address: nothing of the old region holds it
+    token = token_of(own_region, "after_core_restart")
+    via_gateway, _ = connections(own_region, token, "back")
+    assert via_gateway.post("back", "hello again", "b1").message.body == "hello again"
+
+
+def test_shutdown_ends_a_gateways_subscribers_cleanly(own_region: Region) -> None:
+    token = token_of(own_region, "subscriber")
+    via_gateway, _ = connections(own_region, token, "bye")
+    stream = via_gateway.stub.Subscribe(pb.SubscribeRequest(channel="bye"), metadata=via_gateway.metadata,
+                                        timeout=30)
+    wait_until(lambda: own_region.metric("mlchat_subscribers") >= 1, what="the subscription reached the core")
+    gateways = own_region.gateway_pids()
+    assert own_region.leader.stop() == 0
+    assert list(stream) == []  # ended with OK: iterating raises on any other status
+    assert stream.code() == grpc.StatusCode.OK
+    assert not any(pid_alive(p) for p in gateways)
