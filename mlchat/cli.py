@@ -124,6 +124,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     gateway.add_argument("--listen", required=True, help="HOST:PORT of the region's client API")
     gateway.add_argument("--core", required=True, help="the core process's socket (unix:PATH)")
     gateway.add_argument("--grace", type=float, default=5.0, help="seconds calls in flight get at SIGTERM")
+    gateway.add_argument("--subscriber-buffer", type=int, default=limits.SUBSCRIBER_BUFFER)
     gateway.add_argument("--tls-cert", type=Path, metavar="PEM")
     gateway.add_argument("--tls-key", type=Path, metavar="PEM")
 
@@ -224,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
         from mlchat.leader import gateway
 
         asyncio.run(gateway.serve(args.region, args.listen, args.core,
-                                  TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert else None, args.grace))
+                                  TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert else None, args.grace,
+                                  args.subscriber_buffer))
     elif args.command == "chat":
         from mlchat.chat import shell
 

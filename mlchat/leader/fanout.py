@@ -75,6 +75,11 @@ class Fanout(Generic[T]):
         for sub in self._subs.get(topic, ()):
             sub.offer(item)
 
+    def close(self, topic: str) -> None:
+        """End every subscription of `topic` cleanly."""
+        for sub in self._subs.get(topic, ()):
+            sub.close()
+
     def subscriber_count(self) -> int:
         return sum(len(s) for s in self._subs.values())
 

@@ -5,8 +5,10 @@ other regions) and N-1 gateways, all listening on the same address (SO_REUSEPORT
 clients' connections over them). A gateway holds no state: it terminates the client's connection (and
 TLS), and passes each call to the core over a Unix socket, unparsed. Posts, the hot path, travel in
 batches on one stream (`PostRelay`), so that the core pays its gRPC cost per batch rather than per
-post; every other call is passed on as it is, its status and trailers passed back. The core checks
-tokens, limits and input, as for the calls it takes itself.
+post. A subscription is started by the core (checked, its causal token waited for, its backlog sent)
+and then fed from the gateway's one feed of the channel (`Feeds`), so that the core sends a message
+once per gateway, not once per subscriber. Every other call is passed on as it is, its status and
+trailers passed back. The core checks tokens, limits and input, as for the calls it takes itself.
 
 The gateway dies with its core (parent-death signal) and is started again by it if it dies alone.
 """
@@ -14,6 +16,7 @@ The gateway dies with its core (parent-death signal) and is started again by it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import signal
@@ -21,17 +24,26 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from mlchat import tls
+from mlchat.errors import MlchatError
 from mlchat.leader import limits
+from mlchat.leader.fanout import Fanout, Subscription
+from mlchat.leader.region import cut_off
+from mlchat.leader.servicer import LIVE_AFTER, SUBSCRIBER
+from mlchat.leader.store import stream_id_key
 from mlchat.v1 import chat_pb2, cluster_pb2, gateway_pb2, gateway_pb2_grpc
 
 log = logging.getLogger(__name__)
 READY_LINE = "mlchat gateway serving"  # printed once on stdout: the core waits for it
 BATCH_BYTES = 4 * 1024 * 1024  # the most request bytes one batch of posts carries
 POST_METHOD = "/mlchat.v1.ChatService/PostMessage"
+SUBSCRIBE_METHOD = "/mlchat.v1.ChatService/Subscribe"
+UNTIL_LIVE_METHOD = "/mlchat.v1.GatewayService/SubscribeUntilLive"
+MAY_READ_METHOD = "/mlchat.v1.GatewayService/MayRead"
 # Transport headers of the client's call: the gateway's own call to the core sets its own.
 _NOT_PASSED = ("user-agent", "te", "content-type", "grpc-")
 
@@ -146,10 +158,78 @@ class PostRelay:
 
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
+# What a gateway's subscribers of a channel are sent: a message (its stream cursor, and the SubscribeResponse
+# encoded once for all of them), or None where who may read the channel changed.
+FeedItem = tuple[str, bytes] | None
 
-def _proxies(core: grpc.aio.Channel, relay: PostRelay, region: str) -> list[grpc.GenericRpcHandler]:
+
+class Feed:
+    """One channel's live messages from the core."""
+
+    def __init__(self) -> None:
+        self.opened = asyncio.Event()  # the core sends all it commits from now on (or the feed ended)
+        self.ended = False
+        self.failure = ""  # why it ended, if not because the core is shutting down
+        self.subscribers = 0
+        self.task: asyncio.Task[None] | None = None
+
+
+class Feeds:
+    """A feed per channel with subscribers on this gateway, shared by them: each gets its own bounded buffer
+    (`Fanout`), as on the core. The feed closes with its last subscriber."""
+
+    def __init__(self, stub: gateway_pb2_grpc.GatewayServiceStub, capacity: int) -> None:
+        self._stub = stub
+        self.fanout: Fanout[FeedItem] = Fanout(capacity)
+        self._feeds: dict[str, Feed] = {}
+
+    @contextlib.asynccontextmanager
+    async def joined(self, channel: str) -> AsyncIterator[tuple[Subscription[FeedItem], Feed]]:
+        """A subscription to `channel`'s feed, once the feed is open: whatever the core commits from then on
+        reaches it."""
+        with self.fanout.subscribe(channel) as sub:
+            feed = self._feeds.get(channel)
+            if feed is None:
+                feed = self._feeds[channel] = Feed()
+                feed.task = asyncio.create_task(self._run(channel, feed))
+            feed.subscribers += 1
+            try:
+                await feed.opened.wait()
+                yield sub, feed
+            finally:
+                feed.subscribers -= 1
+                if not feed.subscribers and self._feeds.get(channel) is feed:
+                    del self._feeds[channel]
+                    assert feed.task is not None
+                    feed.task.cancel()
+
+    async def _run(self, channel: str, feed: Feed) -> None:
+        try:
+            async for events in self._stub.Feed(gateway_pb2.FeedRequest(channel=channel)):
+                for event in events.events:
+                    kind = event.WhichOneof("event")
+                    if kind == "opened":
+                        feed.opened.set()
+                    elif kind == "message":
+                        self.fanout.publish(channel, (event.message.stream_cursor, event.message.SerializeToString()))
+                    else:
+                        self.fanout.publish(channel, None)
+            if not feed.opened.is_set():
+                feed.failure = "the core closed it at once"
+        except grpc.aio.AioRpcError as err:
+            feed.failure = f"{err.code().name}: {err.details()}"
+        finally:
+            feed.ended = True
+            # Ended, not closed with its last subscriber: its subscribers end, and the next one opens another.
+            if self._feeds.get(channel) is feed:
+                del self._feeds[channel]
+                self.fanout.close(channel)
+            feed.opened.set()
+
+
+def _proxies(core: grpc.aio.Channel, relay: PostRelay, feeds: Feeds, region: str) -> list[grpc.GenericRpcHandler]:
     """Handlers passing every client call on to the core, unparsed: the chat and cluster services and health.
-    PostMessage goes through `relay`."""
+    PostMessage goes through `relay`; Subscribe is started by the core and fed from `feeds`."""
 
     def unary(method: str) -> Callable[..., Any]:
         call = core.unary_unary(method)
@@ -180,6 +260,45 @@ def _proxies(core: grpc.aio.Channel, relay: PostRelay, region: str) -> list[grpc
     async def post(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return await relay.post(request, context)
 
+    passed_on = streaming(SUBSCRIBE_METHOD)
+    until_live = core.unary_stream(UNTIL_LIVE_METHOD)
+    may_read = core.unary_unary(MAY_READ_METHOD, request_serializer=gateway_pb2.MayReadRequest.SerializeToString)
+
+    async def subscribe(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        try:
+            channel = limits.channel(chat_pb2.SubscribeRequest.FromString(request).channel)
+        except (DecodeError, MlchatError):  # the core says what is wrong with it
+            async for response in passed_on(request, context):
+                yield response
+            return
+        async with feeds.joined(channel) as (live, feed):
+            if feed.ended:
+                await _feed_ended(feed, context, region, channel)
+                return
+            call = until_live(request, metadata=passed_metadata(context), timeout=context.time_remaining())
+            try:
+                async for response in call:
+                    yield response
+                trailers = dict(await call.trailing_metadata() or ())
+            except grpc.aio.AioRpcError as err:
+                await _pass_back(err, context, region)
+            finally:
+                call.cancel()
+            last, user_id = trailers[LIVE_AFTER], trailers[SUBSCRIBER]
+            while batch := await live.next_batch():
+                for item in batch:
+                    if item is None:  # as the core does: check again, and end the stream if no more
+                        try:
+                            await may_read(gateway_pb2.MayReadRequest(channel=channel, user_id=user_id), timeout=10)
+                        except grpc.aio.AioRpcError as err:
+                            await _pass_back(err, context, region)
+                    elif stream_id_key(item[0]) > stream_id_key(last):
+                        last = item[0]
+                        yield item[1]
+            if live.overflowed:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, cut_off(live.capacity))
+            await _feed_ended(feed, context, region, channel)
+
     handlers = []
     for service in (chat_pb2.DESCRIPTOR.services_by_name["ChatService"],
                     cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"],
@@ -189,6 +308,8 @@ def _proxies(core: grpc.aio.Channel, relay: PostRelay, region: str) -> list[grpc
             path = f"/{service.full_name}/{m.name}"
             if path == POST_METHOD:
                 methods[m.name] = grpc.unary_unary_rpc_method_handler(post)
+            elif path == SUBSCRIBE_METHOD:
+                methods[m.name] = grpc.unary_stream_rpc_method_handler(subscribe)
             elif m.server_streaming:
                 methods[m.name] = grpc.unary_stream_rpc_method_handler(streaming(path))
             else:
@@ -197,13 +318,22 @@ def _proxies(core: grpc.aio.Channel, relay: PostRelay, region: str) -> list[grpc
     return handlers
 
 
-def gateway_server(region: str, listen: str, core: grpc.aio.Channel, material: tls.TlsMaterial | None
-                   ) -> tuple[grpc.aio.Server, PostRelay]:
+async def _feed_ended(feed: Feed, context: grpc.aio.ServicerContext, region: str, channel: str) -> None:
+    """End a subscriber's stream whose feed ended: OK if the core is shutting down (as its own subscribers
+    end), else UNAVAILABLE."""
+    if feed.failure:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"region {region} lost the live feed of channel {channel} "
+                            f"({feed.failure}): subscribe again from your last stream_cursor")
+
+
+def gateway_server(region: str, listen: str, core: grpc.aio.Channel, material: tls.TlsMaterial | None,
+                   subscriber_buffer: int = limits.SUBSCRIBER_BUFFER) -> tuple[grpc.aio.Server, PostRelay]:
     """A gateway's server on `listen`, sharing the port (SO_REUSEPORT), passing calls on over `core`; and the
     relay of its posts, to start with the server."""
-    relay = PostRelay(gateway_pb2_grpc.GatewayServiceStub(core), region)
+    stub = gateway_pb2_grpc.GatewayServiceStub(core)
+    relay = PostRelay(stub, region)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)], maximum_concurrent_rpcs=limits.MAX_CONCURRENT_RPCS)
-    server.add_generic_rpc_handlers(_proxies(core, relay, region))
+    server.add_generic_rpc_handlers(_proxies(core, relay, Feeds(stub, subscriber_buffer), region))
     reflection.enable_server_reflection(["mlchat.v1.ChatService", "mlchat.v1.ClusterService",
                                          "grpc.health.v1.Health", reflection.SERVICE_NAME], server)
     port = (server.add_insecure_port(listen) if material is None
@@ -218,13 +348,13 @@ def core_channel(address: str) -> grpc.aio.Channel:
 
 
 async def serve(region: str, listen: str, core_address: str, client_tls: tls.TlsFiles | None,
-                grace_s: float) -> None:
+                grace_s: float, subscriber_buffer: int) -> None:
     try:
         material = tls.load(client_tls) if client_tls else None
     except ValueError as e:
         raise SystemExit(str(e)) from None
     core = core_channel(core_address)
-    server, relay = gateway_server(region, listen, core, material)
+    server, relay = gateway_server(region, listen, core, material, subscriber_buffer)
     relay.start()
     await server.start()
     log.info("gateway serving on %s, passing calls to the core at %s", listen, core_address)

@@ -25,7 +25,11 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf.message import DecodeError
 
+from mlchat.errors import ResourceExhausted
+from mlchat.leader import limits
 from mlchat.leader.gateway import READY_LINE
+from mlchat.leader.region import AccessChanged
+from mlchat.leader.servicer import ChatServicer, streaming, subscribe_response, unary
 from mlchat.leader.settings import LeaderSettings
 from mlchat.leader.valkey import dying_with_parent
 from mlchat.v1 import chat_pb2, gateway_pb2, gateway_pb2_grpc
@@ -80,11 +84,15 @@ class BatchedCall:
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     """Commits the posts gateways send in batches, each with `post_message` (the measured
-    ChatService.PostMessage), and sends back their outcomes in batches, each as soon as it is known."""
+    ChatService.PostMessage), and sends back their outcomes in batches, each as soon as it is known; starts
+    their subscriptions (`chat`'s SubscribeUntilLive) and feeds them each channel's live messages."""
 
     def __init__(self, post_message: Callable[[chat_pb2.PostMessageRequest, Any],
-                                              Awaitable[chat_pb2.PostMessageResponse]]) -> None:
+                                              Awaitable[chat_pb2.PostMessageResponse]],
+                 chat: ChatServicer) -> None:
         self._post_message = post_message
+        self._chat = chat
+        self.region = chat.region
         self._committing: set[asyncio.Task[None]] = set()  # held here: a gateway that goes away cancels none
         self.batches = 0
         self.posts = 0
@@ -142,6 +150,30 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             taking.cancel()
 
 
+    async def SubscribeUntilLive(self, request: chat_pb2.SubscribeRequest, context: grpc.aio.ServicerContext
+                                 ) -> AsyncIterator[chat_pb2.SubscribeResponse]:
+        async for response in self._chat.SubscribeUntilLive(request, context):
+            yield response
+
+    @streaming
+    async def Feed(self, request, context):
+        channel = limits.channel(request.channel)
+        with self.region.fanout.subscribe(channel) as sub:
+            yield gateway_pb2.FeedEvents(events=[gateway_pb2.FeedEvent(opened=True)])
+            while batch := await sub.next_batch():
+                yield gateway_pb2.FeedEvents(events=[
+                    gateway_pb2.FeedEvent(access_changed=True) if isinstance(item, AccessChanged)
+                    else gateway_pb2.FeedEvent(message=subscribe_response(item)) for item in batch])
+            if sub.overflowed:
+                raise ResourceExhausted(f"a gateway's feed of channel {channel} fell more than {sub.capacity} "
+                                        "messages behind and was cut off")
+
+    @unary
+    async def MayRead(self, request, context):
+        await self.region.check_access(limits.channel(request.channel), request.user_id)
+        return gateway_pb2.MayReadResponse()
+
+
 class Gateways:
     """The region's gateway processes: started once the core serves them, started again when one dies,
     stopped before the core stops serving them."""
@@ -165,7 +197,7 @@ class Gateways:
         s = self.settings
         args = [sys.executable, "-m", "mlchat", "--log-level", logging.getLevelName(logging.getLogger().level),
                 "gateway", "--region", s.region, "--listen", s.listen, "--core", self.core_address,
-                "--grace", str(s.grace_s)]
+                "--grace", str(s.grace_s), "--subscriber-buffer", str(s.subscriber_buffer)]
         if s.tls is not None:
             args += ["--tls-cert", str(s.tls.cert), "--tls-key", str(s.tls.key)]
         return args

@@ -86,6 +86,14 @@ ACCESS_CHANGED = AccessChanged()
 
 
 @dataclass(frozen=True, slots=True)
+class LiveAfter:
+    """The end of a subscription asked to stop where its live part would begin: messages past `stream_id`
+    are its live ones (a gateway sends them from its own feed of the channel)."""
+
+    stream_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class _Pending:
     msg_id: str
     user_id: str
@@ -472,9 +480,11 @@ class Region:
         await self.check_access(channel, user_id)
         return await self.store.page(channel, after, limit, newest_first)
 
-    async def subscribe(self, user_id: str, channel: str, resume_cursor: str) -> AsyncIterator[Committed]:
+    async def subscribe(self, user_id: str, channel: str, resume_cursor: str, live: bool = True
+                        ) -> AsyncIterator[Committed | LiveAfter]:
         """Committed messages of `channel`: those after `resume_cursor`, then live ones. The stream
-        ends with PermissionDenied once the user may no longer read the channel."""
+        ends with PermissionDenied once the user may no longer read the channel. Without `live`, it ends
+        where the live ones would begin, with `LiveAfter`."""
         with self.fanout.subscribe(channel) as sub:  # first, so nothing committed from now is missed
             await self.check_access(channel, user_id)  # after: a removal from now on reaches `sub`
             if resume_cursor:
@@ -496,13 +506,14 @@ class Region:
                     last = backlog[-1][0]
             else:
                 last = await self.store.last_stream_id(channel)
+            if not live:
+                yield LiveAfter(last)
+                return
             while True:
                 batch = await sub.next_batch()
                 if not batch:
                     if sub.overflowed:
-                        raise ResourceExhausted(
-                            f"subscriber fell more than {sub.capacity} messages behind and was cut off: "
-                            "resume from your last stream_cursor")
+                        raise ResourceExhausted(cut_off(sub.capacity))
                     return
                 for item in batch:
                     if isinstance(item, AccessChanged):
@@ -843,6 +854,10 @@ class Region:
         return state_digest([e async for e in store.messages()], [s async for s in store.statuses()],
                             [c async for c in store.claims()], [c async for c in store.channels()],
                             [m async for m in store.memberships()])
+
+
+def cut_off(capacity: int) -> str:
+    return f"subscriber fell more than {capacity} messages behind and was cut off: resume from your last stream_cursor"
 
 
 def not_a_member(channel: str, user_id: str) -> str:

@@ -205,7 +205,7 @@ async def _serve(settings: LeaderSettings, store: Store, client_tls: tls.TlsMate
     else:
         servers = [_server(settings.listen, None, rpc_metrics, shared, health_service, chat, cluster, replication)]
     if gateways is not None:
-        posts = GatewayServicer(rpc_metrics.measured(chat.descriptor, chat.servicer).PostMessage)
+        posts = GatewayServicer(rpc_metrics.measured(chat.descriptor, chat.servicer).PostMessage, chat.servicer)
         registry.register(GatewaysCollector(gateways, posts))
         servers.append(_server(gateways.core_address, None, rpc_metrics, False, health_service, chat, cluster,
                                Service(gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"],

@@ -23,7 +23,7 @@ from mlchat.errors import InvalidArgument, MlchatError, PermissionDenied, Resour
 from mlchat.geo.failover import Term
 from mlchat.geo.modes import describe
 from mlchat.leader import limits
-from mlchat.leader.region import Region, UserView, encode_cursor
+from mlchat.leader.region import Committed, LiveAfter, Region, UserView, encode_cursor
 from mlchat.leader.tokens import Principal, TokenSigner, bearer
 from mlchat.v1 import chat_pb2 as pb
 from mlchat.v1 import chat_pb2_grpc, cluster_pb2, cluster_pb2_grpc
@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 PEER_PREFIX = "region:"  # the subject of a region's token
+# Trailers of SubscribeUntilLive: the stream cursor past which messages are live, and the subscriber's user id.
+LIVE_AFTER = "x-mlchat-live-after"
+SUBSCRIBER = "x-mlchat-subscriber"
 
 
 def _status_code(err: MlchatError) -> grpc.StatusCode:
@@ -96,6 +99,11 @@ def message_pb(entry: LogEntry) -> pb.Message:
     return pb.Message(id=entry.id, channel=entry.channel, user_id=entry.user_id, body=entry.body,
                       client_msg_id=entry.client_msg_id, hlc=entry.hlc, origin_region=entry.region,
                       created_at_ms=Hlc.decode(entry.hlc).wall_ms, cursor=encode_cursor(entry.order_key))
+
+
+def subscribe_response(item: Committed) -> pb.SubscribeResponse:
+    return pb.SubscribeResponse(message=message_pb(item.entry), stream_cursor=item.stream_id,
+                                causal_token=item.causal_token)
 
 
 def status_pb(user_id: str, value: StatusValue | None) -> pb.Status:
@@ -206,12 +214,26 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
 
     @streaming
     async def Subscribe(self, request, context):
+        async for response in self._subscribe(request, context, live=True):
+            yield response
+
+    @streaming
+    async def SubscribeUntilLive(self, request, context):
+        """Subscribe, ending where the live messages begin: served to the region's gateways only, which send
+        the live ones from their own feed of the channel. The trailers say where that is, and who the user is."""
+        async for response in self._subscribe(request, context, live=False):
+            yield response
+
+    async def _subscribe(self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext, live: bool
+                         ) -> AsyncIterator[pb.SubscribeResponse]:
         me = self.auth.principal(context)
         channel = limits.channel(request.channel)
         await self._read_after(request.causal_token, context)
-        async for item in self.region.subscribe(me.user_id, channel, request.resume_cursor):
-            yield pb.SubscribeResponse(message=message_pb(item.entry), stream_cursor=item.stream_id,
-                                       causal_token=item.causal_token)
+        async for item in self.region.subscribe(me.user_id, channel, request.resume_cursor, live):
+            if isinstance(item, LiveAfter):
+                context.set_trailing_metadata(((LIVE_AFTER, item.stream_id), (SUBSCRIBER, me.user_id)))
+            else:
+                yield subscribe_response(item)
 
     @unary
     async def SetStatus(self, request, context):

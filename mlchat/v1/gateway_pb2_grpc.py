@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from mlchat.v1 import chat_pb2 as mlchat_dot_v1_dot_chat__pb2
 from mlchat.v1 import gateway_pb2 as mlchat_dot_v1_dot_gateway__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -39,6 +40,21 @@ class GatewayServiceStub:
                 request_serializer=mlchat_dot_v1_dot_gateway__pb2.PostBatch.SerializeToString,
                 response_deserializer=mlchat_dot_v1_dot_gateway__pb2.PostOutcomes.FromString,
                 _registered_method=True)
+        self.SubscribeUntilLive = channel.unary_stream(
+                '/mlchat.v1.GatewayService/SubscribeUntilLive',
+                request_serializer=mlchat_dot_v1_dot_chat__pb2.SubscribeRequest.SerializeToString,
+                response_deserializer=mlchat_dot_v1_dot_chat__pb2.SubscribeResponse.FromString,
+                _registered_method=True)
+        self.Feed = channel.unary_stream(
+                '/mlchat.v1.GatewayService/Feed',
+                request_serializer=mlchat_dot_v1_dot_gateway__pb2.FeedRequest.SerializeToString,
+                response_deserializer=mlchat_dot_v1_dot_gateway__pb2.FeedEvents.FromString,
+                _registered_method=True)
+        self.MayRead = channel.unary_unary(
+                '/mlchat.v1.GatewayService/MayRead',
+                request_serializer=mlchat_dot_v1_dot_gateway__pb2.MayReadRequest.SerializeToString,
+                response_deserializer=mlchat_dot_v1_dot_gateway__pb2.MayReadResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServiceServicer:
@@ -50,6 +66,29 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubscribeUntilLive(self, request, context):
+        """A client's Subscribe (with its metadata), ending where its live messages begin. Trailers:
+        x-mlchat-live-after (the stream cursor past which messages are live) and x-mlchat-subscriber
+        (the user's id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Feed(self, request, context):
+        """A channel's messages as the core commits them, and marks where who may read it changed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MayRead(self, request, context):
+        """Whether a user may still read a channel: OK, or PERMISSION_DENIED saying why.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -57,6 +96,21 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.Posts,
                     request_deserializer=mlchat_dot_v1_dot_gateway__pb2.PostBatch.FromString,
                     response_serializer=mlchat_dot_v1_dot_gateway__pb2.PostOutcomes.SerializeToString,
+            ),
+            'SubscribeUntilLive': grpc.unary_stream_rpc_method_handler(
+                    servicer.SubscribeUntilLive,
+                    request_deserializer=mlchat_dot_v1_dot_chat__pb2.SubscribeRequest.FromString,
+                    response_serializer=mlchat_dot_v1_dot_chat__pb2.SubscribeResponse.SerializeToString,
+            ),
+            'Feed': grpc.unary_stream_rpc_method_handler(
+                    servicer.Feed,
+                    request_deserializer=mlchat_dot_v1_dot_gateway__pb2.FeedRequest.FromString,
+                    response_serializer=mlchat_dot_v1_dot_gateway__pb2.FeedEvents.SerializeToString,
+            ),
+            'MayRead': grpc.unary_unary_rpc_method_handler(
+                    servicer.MayRead,
+                    request_deserializer=mlchat_dot_v1_dot_gateway__pb2.MayReadRequest.FromString,
+                    response_serializer=mlchat_dot_v1_dot_gateway__pb2.MayReadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +140,87 @@ class GatewayService:
             '/mlchat.v1.GatewayService/Posts',
             mlchat_dot_v1_dot_gateway__pb2.PostBatch.SerializeToString,
             mlchat_dot_v1_dot_gateway__pb2.PostOutcomes.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubscribeUntilLive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mlchat.v1.GatewayService/SubscribeUntilLive',
+            mlchat_dot_v1_dot_chat__pb2.SubscribeRequest.SerializeToString,
+            mlchat_dot_v1_dot_chat__pb2.SubscribeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Feed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mlchat.v1.GatewayService/Feed',
+            mlchat_dot_v1_dot_gateway__pb2.FeedRequest.SerializeToString,
+            mlchat_dot_v1_dot_gateway__pb2.FeedEvents.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MayRead(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlchat.v1.GatewayService/MayRead',
+            mlchat_dot_v1_dot_gateway__pb2.MayReadRequest.SerializeToString,
+            mlchat_dot_v1_dot_gateway__pb2.MayReadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -10,6 +10,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -42,7 +43,9 @@ class Commits:
 
 async def core_server(socket: Path, commits: Commits) -> grpc.aio.Server:
     server = grpc.aio.server()
-    gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(commits), server)
+    # Only posts come this way: no chat servicer (nor region) behind the rest of the service.
+    gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(commits, SimpleNamespace(region=None)),
+                                                          server)
     server.add_insecure_port(f"unix:{socket}")
     await server.start()
     return server
