@@ -118,7 +118,9 @@ class PostRelay:
 
     async def _send(self) -> None:
         while True:
-            await self._wake.wait()
+            while not self._queue:  # a stream is opened for posts only: a core that is down is not retried in a loop
+                self._wake.clear()
+                await self._wake.wait()
             call = self._stub.Posts()
             reader = asyncio.create_task(self._read(call))
             reader.add_done_callback(lambda _: self._wake.set())

@@ -35,6 +35,7 @@ class Region:
 
 
 def start_region(data_dir: Path, redis_url: str, *args: str) -> Region:
+    """A region of three processes (`args` may say otherwise: a later flag wins)."""
     port = free_port()
     leader = LeaderProcess("us-east", data_dir, redis_url=redis_url, peer_port=free_port(),
                            extra_args=("--processes", "3", "--metrics-port", str(port), *args))
@@ -64,8 +65,8 @@ def own_region(own_valkey, tmp_path: Path) -> Iterator[Region]:  # noqa: ANN001 
 class Connection:
     """A connection of its own to the region (channels to one address otherwise share one)."""
 
-    def __init__(self, address: str, token: str) -> None:
-        self.channel = grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+    def __init__(self, address: str, token: str, *options: tuple[str, int]) -> None:
+        self.channel = grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1), *options])
         self.stub = chat_pb2_grpc.ChatServiceStub(self.channel)
         self.metadata = (("authorization", f"Bearer {token}"),)
 
@@ -79,12 +80,13 @@ def token_of(region: Region, username: str) -> str:
         return c.claim(username, f"key-of-{username}-0123456789").token
 
 
-def connections(region: Region, token: str, channel: str, tries: int = 60) -> tuple[Connection, Connection]:
+def connections(region: Region, token: str, channel: str, *options: tuple[str, int], tries: int = 60
+                ) -> tuple[Connection, Connection]:
     """A connection a gateway serves, and one the core serves, told apart by posting on fresh connections
     (each post is one message in `channel`)."""
     by_gateway = by_core = None
     for i in range(tries):
-        conn = Connection(region.leader.address, token)
+        conn = Connection(region.leader.address, token, *options)
         before = region.metric("mlchat_gateway_posts_total")
         conn.post(channel, f"probe {i}", f"probe-{i}")
         if region.metric("mlchat_gateway_posts_total") > before:
@@ -281,3 +283,32 @@ def test_a_member_removed_loses_a_gateways_stream_as_the_cores(region: Region, u
         next(stream)
     assert ended.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert member_id in ended.value.details() and channel in ended.value.details()
+
+
+def test_a_slow_subscriber_on_a_gateway_is_cut_off_without_stalling_the_others(own_valkey, tmp_path: Path) -> None:
+    region = start_region(tmp_path / "leader", own_valkey.url, "--processes", "2", "--subscriber-buffer", "20")
+    try:
+        token = token_of(region, "slow_ann")
+        # A fixed 64 KiB receive window (no BDP probing, which on loopback grows it to megabytes) makes the
+        # slowness reach the gateway after a few messages. Both subscribers are on the one gateway.
+        slow_conn, poster = connections(region, token, "probes", ("grpc.http2.bdp_probe", 0))
+        fast_conn, _ = connections(region, token, "probes")
+        started = started_by_core(region)
+        slow = slow_conn.stub.Subscribe(pb.SubscribeRequest(channel="general"), metadata=slow_conn.metadata,
+                                        timeout=30)
+        fast = fast_conn.stub.Subscribe(pb.SubscribeRequest(channel="general"), metadata=fast_conn.metadata,
+                                        timeout=30)
+        wait_until(lambda: started_by_core(region) == started + 2, what="both subscriptions started by the core")
+        body = "x" * 3900  # large, so that gRPC's own flow-control windows fill quickly
+        for i in range(300):
+            poster.post("general", f"{i}:{body}", f"s{i}")
+        assert [int(next(fast).message.body.partition(":")[0]) for _ in range(300)] == list(range(300))
+        fast.cancel()
+        received = 0
+        with pytest.raises(grpc.RpcError) as err:
+            for _ in slow:
+                received += 1
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "resume" in err.value.details() and received < 300
+    finally:
+        region.leader.stop()
