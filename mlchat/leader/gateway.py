@@ -3,12 +3,13 @@
 A region run with `--processes N` is its core process (the leader, which alone talks to Redis and to
 other regions) and N-1 gateways, all listening on the same address (SO_REUSEPORT: the kernel spreads
 clients' connections over them). A gateway holds no state: it terminates the client's connection (and
-TLS), and passes each call to the core over a Unix socket, unparsed. Posts, the hot path, travel in
-batches on one stream (`PostRelay`), so that the core pays its gRPC cost per batch rather than per
-post. A subscription is started by the core (checked, its causal token waited for, its backlog sent)
-and then fed from the gateway's one feed of the channel (`Feeds`), so that the core sends a message
-once per gateway, not once per subscriber. Every other call is passed on as it is, its status and
-trailers passed back. The core checks tokens, limits and input, as for the calls it takes itself.
+TLS), and passes each call to the core over a Unix socket, unparsed. Unary calls (posts, history,
+statuses, users...) travel in batches on one stream (`CallRelay`), so that the core pays its gRPC
+cost per batch rather than per call. A subscription is started by the core (checked, its causal token
+waited for, its backlog sent) and then fed from the gateway's one feed of the channel (`Feeds`), so
+that the core sends a message once per gateway, not once per subscriber. Health checks are passed on
+as they are. The core checks tokens, limits and input, as for the calls it takes itself, and each
+call's status, details and trailers come back to the client unchanged.
 
 The gateway dies with its core (parent-death signal) and is started again by it if it dies alone.
 """
@@ -39,8 +40,10 @@ from mlchat.v1 import chat_pb2, cluster_pb2, gateway_pb2, gateway_pb2_grpc
 
 log = logging.getLogger(__name__)
 READY_LINE = "mlchat gateway serving"  # printed once on stdout: the core waits for it
-BATCH_BYTES = 4 * 1024 * 1024  # the most request bytes one batch of posts carries
-POST_METHOD = "/mlchat.v1.ChatService/PostMessage"
+BATCH_BYTES = 4 * 1024 * 1024  # the most request bytes one batch of calls carries
+# Their unary calls go to the core in batches (health's are passed on as they are).
+RELAYED_SERVICES = (chat_pb2.DESCRIPTOR.services_by_name["ChatService"],
+                    cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"])
 SUBSCRIBE_METHOD = "/mlchat.v1.ChatService/Subscribe"
 UNTIL_LIVE_METHOD = "/mlchat.v1.GatewayService/SubscribeUntilLive"
 MAY_READ_METHOD = "/mlchat.v1.GatewayService/MayRead"
@@ -65,18 +68,18 @@ async def _pass_back(err: grpc.aio.AioRpcError, context: grpc.aio.ServicerContex
     await context.abort(err.code(), details)
 
 
-class PostRelay:
-    """Passes posts to the core on one stream, as many to a message as are waiting, and answers each caller
-    with its own outcome as soon as the core sends it. If the stream breaks, every post waiting on it hears
-    UNAVAILABLE (it may have been stored: a retry with the same client_msg_id is answered as a duplicate),
-    and the next post opens a new stream."""
+class CallRelay:
+    """Passes unary calls to the core on one stream, as many to a message as are waiting, and answers each
+    caller with its own outcome as soon as the core sends it. If the stream breaks, every call waiting on it
+    hears UNAVAILABLE (it may have taken effect: a post retried with the same client_msg_id is answered as a
+    duplicate), and the next call opens a new stream."""
 
     def __init__(self, stub: gateway_pb2_grpc.GatewayServiceStub, region: str) -> None:
         self._stub = stub
         self._region = region
         self._ids = itertools.count(1)
-        self._queue: list[gateway_pb2.BatchedPost] = []
-        self._waiting: dict[int, asyncio.Future[gateway_pb2.PostOutcome]] = {}
+        self._queue: list[gateway_pb2.PassedCall] = []
+        self._waiting: dict[int, asyncio.Future[gateway_pb2.CallOutcome]] = {}
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
 
@@ -87,29 +90,29 @@ class PostRelay:
         if self._sender is not None:
             self._sender.cancel()
 
-    async def post(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        post_id = next(self._ids)
-        future: asyncio.Future[gateway_pb2.PostOutcome] = asyncio.get_running_loop().create_future()
-        self._waiting[post_id] = future
-        self._queue.append(gateway_pb2.BatchedPost(
-            id=post_id, request=request, time_remaining_s=context.time_remaining() or 0.0,
+    async def call(self, method: str, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        call_id = next(self._ids)
+        future: asyncio.Future[gateway_pb2.CallOutcome] = asyncio.get_running_loop().create_future()
+        self._waiting[call_id] = future
+        self._queue.append(gateway_pb2.PassedCall(
+            id=call_id, method=method, request=request, time_remaining_s=context.time_remaining() or 0.0,
             metadata=[gateway_pb2.CallMetadata(key=k, value=v) for k, v in passed_metadata(context)
                       if isinstance(v, str)]))
         self._wake.set()
         try:
             outcome = await future
         finally:  # a caller that gave up is forgotten: its outcome, when it comes, answers nobody
-            self._waiting.pop(post_id, None)
+            self._waiting.pop(call_id, None)
         if outcome.code:
             if outcome.trailing_metadata:
                 context.set_trailing_metadata(tuple((m.key, m.value) for m in outcome.trailing_metadata))
             await context.abort(grpc.StatusCode[_CODE_NAMES[outcome.code]], outcome.details)
         return outcome.response
 
-    def _take_batch(self) -> list[gateway_pb2.BatchedPost]:
+    def _take_batch(self) -> list[gateway_pb2.PassedCall]:
         size, taken = 0, 0
-        for post in self._queue:
-            size += len(post.request)
+        for call in self._queue:
+            size += len(call.request)
             if taken and size > BATCH_BYTES:
                 break
             taken += 1
@@ -118,18 +121,18 @@ class PostRelay:
 
     async def _send(self) -> None:
         while True:
-            while not self._queue:  # a stream is opened for posts only: a core that is down is not retried in a loop
+            while not self._queue:  # a stream is opened for calls only: a core that is down is not retried in a loop
                 self._wake.clear()
                 await self._wake.wait()
-            call = self._stub.Posts()
-            reader = asyncio.create_task(self._read(call))
+            stream = self._stub.Calls()
+            reader = asyncio.create_task(self._read(stream))
             reader.add_done_callback(lambda _: self._wake.set())
             failure = "the core process closed the stream"
             try:
                 while not reader.done():
                     self._wake.clear()
                     while self._queue and not reader.done():
-                        await call.write(gateway_pb2.PostBatch(posts=self._take_batch()))
+                        await stream.write(gateway_pb2.CallBatch(calls=self._take_batch()))
                     await self._wake.wait()
                 if (err := reader.exception()) is not None:
                     failure = str(err.details() if isinstance(err, grpc.aio.AioRpcError) else err)
@@ -137,11 +140,11 @@ class PostRelay:
                 failure = err.details() if isinstance(err, grpc.aio.AioRpcError) else str(err)
             finally:
                 reader.cancel()
-                call.cancel()
+                stream.cancel()
             self._fail_waiting(failure)
 
-    async def _read(self, call: Any) -> None:
-        async for message in call:
+    async def _read(self, stream: Any) -> None:
+        async for message in stream:
             for outcome in message.outcomes:
                 future = self._waiting.get(outcome.id)
                 if future is not None and not future.done():
@@ -149,10 +152,10 @@ class PostRelay:
 
     def _fail_waiting(self, failure: str) -> None:
         self._queue.clear()
-        unavailable = gateway_pb2.PostOutcome(
+        unavailable = gateway_pb2.CallOutcome(
             code=grpc.StatusCode.UNAVAILABLE.value[0],
-            details=f"region {self._region} lost its core process while the post was on its way ({failure}): it "
-                    "may be stored or not; retry with the same client_msg_id")
+            details=f"region {self._region} lost its core process while the call was on its way ({failure}): it "
+                    "may have taken effect or not; retry it (a post with the same client_msg_id)")
         for future in self._waiting.values():
             if not future.done():
                 future.set_result(unavailable)
@@ -229,9 +232,10 @@ class Feeds:
             feed.opened.set()
 
 
-def _proxies(core: grpc.aio.Channel, relay: PostRelay, feeds: Feeds, region: str) -> list[grpc.GenericRpcHandler]:
+def _proxies(core: grpc.aio.Channel, relay: CallRelay, feeds: Feeds, region: str) -> list[grpc.GenericRpcHandler]:
     """Handlers passing every client call on to the core, unparsed: the chat and cluster services and health.
-    PostMessage goes through `relay`; Subscribe is started by the core and fed from `feeds`."""
+    Unary calls of the chat and cluster services go through `relay`; Subscribe is started by the core and fed
+    from `feeds`."""
 
     def unary(method: str) -> Callable[..., Any]:
         call = core.unary_unary(method)
@@ -259,8 +263,11 @@ def _proxies(core: grpc.aio.Channel, relay: PostRelay, feeds: Feeds, region: str
 
         return handler
 
-    async def post(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        return await relay.post(request, context)
+    def relayed(method: str) -> Callable[..., Any]:
+        async def handler(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            return await relay.call(method, request, context)
+
+        return handler
 
     passed_on = streaming(SUBSCRIBE_METHOD)
     until_live = core.unary_stream(UNTIL_LIVE_METHOD)
@@ -302,18 +309,16 @@ def _proxies(core: grpc.aio.Channel, relay: PostRelay, feeds: Feeds, region: str
             await _feed_ended(feed, context, region, channel)
 
     handlers = []
-    for service in (chat_pb2.DESCRIPTOR.services_by_name["ChatService"],
-                    cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"],
-                    health_pb2.DESCRIPTOR.services_by_name["Health"]):
+    for service in (*RELAYED_SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"]):
         methods = {}
         for m in service.methods:
             path = f"/{service.full_name}/{m.name}"
-            if path == POST_METHOD:
-                methods[m.name] = grpc.unary_unary_rpc_method_handler(post)
-            elif path == SUBSCRIBE_METHOD:
+            if path == SUBSCRIBE_METHOD:
                 methods[m.name] = grpc.unary_stream_rpc_method_handler(subscribe)
             elif m.server_streaming:
                 methods[m.name] = grpc.unary_stream_rpc_method_handler(streaming(path))
+            elif service in RELAYED_SERVICES:
+                methods[m.name] = grpc.unary_unary_rpc_method_handler(relayed(path))
             else:
                 methods[m.name] = grpc.unary_unary_rpc_method_handler(unary(path))
         handlers.append(grpc.method_handlers_generic_handler(service.full_name, methods))
@@ -329,11 +334,11 @@ async def _feed_ended(feed: Feed, context: grpc.aio.ServicerContext, region: str
 
 
 def gateway_server(region: str, listen: str, core: grpc.aio.Channel, material: tls.TlsMaterial | None,
-                   subscriber_buffer: int = limits.SUBSCRIBER_BUFFER) -> tuple[grpc.aio.Server, PostRelay]:
+                   subscriber_buffer: int = limits.SUBSCRIBER_BUFFER) -> tuple[grpc.aio.Server, CallRelay]:
     """A gateway's server on `listen`, sharing the port (SO_REUSEPORT), passing calls on over `core`; and the
-    relay of its posts, to start with the server."""
+    relay of its unary calls, to start with the server."""
     stub = gateway_pb2_grpc.GatewayServiceStub(core)
-    relay = PostRelay(stub, region)
+    relay = CallRelay(stub, region)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)], maximum_concurrent_rpcs=limits.MAX_CONCURRENT_RPCS)
     server.add_generic_rpc_handlers(_proxies(core, relay, Feeds(stub, subscriber_buffer), region))
     reflection.enable_server_reflection(["mlchat.v1.ChatService", "mlchat.v1.ClusterService",

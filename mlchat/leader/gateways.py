@@ -1,12 +1,12 @@
 """What a region's core process runs for its gateways (`mlchat.leader.gateway`): the processes themselves, and
-the stream that takes their posts.
+the service they pass their calls to.
 
 The core serves its gateways on a Unix socket in a directory only its user may enter; there it serves
-the same chat and cluster services as on the region's address, and `GatewayService.Posts`. A post that
-comes in a batch is committed exactly as a PostMessage call to the core would be: the same servicer
-method, given a `BatchedCall` in place of the gRPC call's context, checks the token, the user's rate,
-the input and the mode's demands, and its outcome (response, or status, details and trailers) goes
-back to the gateway.
+the same chat and cluster services as on the region's address, and `GatewayService`. A unary call that
+comes in a batch is served exactly as the same call to the core would be: the same servicer method,
+given a `PassedContext` in place of the gRPC call's context, checks the token, the user's rate, the
+input and the mode's demands, and its outcome (response, or status, details and trailers) goes back
+to the gateway.
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.message_factory import GetMessageClass
 
 from mlchat.errors import ResourceExhausted
 from mlchat.leader import limits
@@ -35,18 +37,28 @@ from mlchat.leader.valkey import dying_with_parent
 from mlchat.v1 import chat_pb2, gateway_pb2, gateway_pb2_grpc
 
 log = logging.getLogger(__name__)
+# A unary method by its full name: its request message, and the handler to serve it with.
+Handler = Callable[[Any, Any], Awaitable[Message]]
+UnaryMethods = Mapping[str, tuple[type[Message], Handler]]
+
+
+def unary_methods(*services: tuple[ServiceDescriptor, Any]) -> dict[str, tuple[type[Message], Handler]]:
+    """The unary methods of these services, each with the object holding its handlers (as registered)."""
+    return {f"/{descriptor.full_name}/{m.name}": (GetMessageClass(m.input_type), getattr(handlers, m.name))
+            for descriptor, handlers in services for m in descriptor.methods
+            if not (m.client_streaming or m.server_streaming)}
 
 
 class _Aborted(Exception):
     pass
 
 
-class BatchedCall:
-    """What the servicer reads and sets of a call's context, for a post a gateway passed on."""
+class PassedContext:
+    """What a servicer reads and sets of a call's context, for a call a gateway passed on."""
 
-    def __init__(self, post: gateway_pb2.BatchedPost) -> None:
-        self._metadata = tuple((m.key, m.value) for m in post.metadata)
-        self._deadline = time.monotonic() + post.time_remaining_s if post.time_remaining_s else None
+    def __init__(self, call: gateway_pb2.PassedCall) -> None:
+        self._metadata = tuple((m.key, m.value) for m in call.metadata)
+        self._deadline = time.monotonic() + call.time_remaining_s if call.time_remaining_s else None
         self._code: grpc.StatusCode | None = None
         self._details = ""
         self._trailing: tuple[tuple[str, str], ...] = ()
@@ -72,70 +84,72 @@ class BatchedCall:
             self._trailing = tuple(trailing_metadata)
         raise _Aborted()
 
-    def outcome(self, post_id: int, response: chat_pb2.PostMessageResponse | None) -> gateway_pb2.PostOutcome:
+    def outcome(self, call_id: int, response: Message | None) -> gateway_pb2.CallOutcome:
         trailing = [gateway_pb2.CallMetadata(key=k, value=v) for k, v in self._trailing]
         if response is not None:
-            return gateway_pb2.PostOutcome(id=post_id, response=response.SerializeToString(),
+            return gateway_pb2.CallOutcome(id=call_id, response=response.SerializeToString(),
                                            trailing_metadata=trailing)
         code = self._code or grpc.StatusCode.UNKNOWN
-        return gateway_pb2.PostOutcome(id=post_id, code=code.value[0], details=self._details,
+        return gateway_pb2.CallOutcome(id=call_id, code=code.value[0], details=self._details,
                                        trailing_metadata=trailing)
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
-    """Commits the posts gateways send in batches, each with `post_message` (the measured
-    ChatService.PostMessage), and sends back their outcomes in batches, each as soon as it is known; starts
-    their subscriptions (`chat`'s SubscribeUntilLive) and feeds them each channel's live messages."""
+    """Serves the unary calls gateways send in batches, each with its handler among `methods` (the measured
+    servicers' own), and sends back their outcomes in batches, each as soon as it is known; starts their
+    subscriptions (`chat`'s SubscribeUntilLive) and feeds them each channel's live messages."""
 
-    def __init__(self, post_message: Callable[[chat_pb2.PostMessageRequest, Any],
-                                              Awaitable[chat_pb2.PostMessageResponse]],
-                 chat: ChatServicer) -> None:
-        self._post_message = post_message
+    def __init__(self, methods: UnaryMethods, chat: ChatServicer) -> None:
+        self._methods = methods
         self._chat = chat
         self.region = chat.region
-        self._committing: set[asyncio.Task[None]] = set()  # held here: a gateway that goes away cancels none
+        self._serving: set[asyncio.Task[None]] = set()  # held here: a gateway that goes away cancels none
         self.batches = 0
-        self.posts = 0
+        self.calls = 0
 
-    async def _outcome(self, post: gateway_pb2.BatchedPost) -> gateway_pb2.PostOutcome:
-        call = BatchedCall(post)
+    async def _outcome(self, call: gateway_pb2.PassedCall) -> gateway_pb2.CallOutcome:
+        context = PassedContext(call)
+        if call.method not in self._methods:
+            context.fail(grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {call.method}")
+            return context.outcome(call.id, None)
+        request_type, handler = self._methods[call.method]
         try:
-            request = chat_pb2.PostMessageRequest.FromString(post.request)
+            request = request_type.FromString(call.request)
         except DecodeError:
-            call.fail(grpc.StatusCode.INTERNAL, "the request is not a PostMessageRequest")
-            return call.outcome(post.id, None)
+            context.fail(grpc.StatusCode.INTERNAL, f"the request is not a {request_type.DESCRIPTOR.name}")
+            return context.outcome(call.id, None)
         try:
-            return call.outcome(post.id, await self._post_message(request, call))
+            return context.outcome(call.id, await handler(request, context))
         except _Aborted:
-            return call.outcome(post.id, None)
+            return context.outcome(call.id, None)
         except Exception as e:  # as gRPC answers a handler's unexpected failure
-            log.exception("PostMessage passed on by a gateway failed")
-            call.fail(grpc.StatusCode.UNKNOWN, f"Unexpected {type(e)}: {e}")
-            return call.outcome(post.id, None)
+            log.exception("%s passed on by a gateway failed", call.method)
+            context.fail(grpc.StatusCode.UNKNOWN, f"Unexpected {type(e)}: {e}")
+            return context.outcome(call.id, None)
 
-    async def Posts(self, request_iterator: AsyncIterator[gateway_pb2.PostBatch], context: Any
-                    ) -> AsyncIterator[gateway_pb2.PostOutcomes]:
-        outcomes: list[gateway_pb2.PostOutcome] = []
+    async def Calls(self, request_iterator: AsyncIterator[gateway_pb2.CallBatch], context: Any
+                    ) -> AsyncIterator[gateway_pb2.CallOutcomes]:
+        outcomes: list[gateway_pb2.CallOutcome] = []
         ready = asyncio.Event()
         mine: set[asyncio.Task[None]] = set()
 
-        async def commit(post: gateway_pb2.BatchedPost) -> None:
-            outcomes.append(await self._outcome(post))
+        async def serve(call: gateway_pb2.PassedCall) -> None:
+            outcomes.append(await self._outcome(call))
 
-        def committed(task: asyncio.Task[None]) -> None:
-            self._committing.discard(task)
+        def served(task: asyncio.Task[None]) -> None:
+            self._serving.discard(task)
             mine.discard(task)
             ready.set()
 
         async def take() -> None:
             async for batch in request_iterator:
                 self.batches += 1
-                self.posts += len(batch.posts)
-                for post in batch.posts:
-                    task = asyncio.create_task(commit(post))
-                    self._committing.add(task)
+                self.calls += len(batch.calls)
+                for call in batch.calls:
+                    task = asyncio.create_task(serve(call))
+                    self._serving.add(task)
                     mine.add(task)
-                    task.add_done_callback(committed)
+                    task.add_done_callback(served)
 
         taking = asyncio.create_task(take())
         taking.add_done_callback(lambda _: ready.set())
@@ -145,7 +159,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 ready.clear()
                 if outcomes:
                     sent, outcomes[:] = list(outcomes), []
-                    yield gateway_pb2.PostOutcomes(outcomes=sent)
+                    yield gateway_pb2.CallOutcomes(outcomes=sent)
         finally:
             taking.cancel()
 

@@ -160,19 +160,19 @@ class LeaderCollector(Collector):
 class GatewaysCollector(Collector):
     """The region's gateway processes, as their core sees them."""
 
-    def __init__(self, gateways: Gateways, posts: GatewayServicer) -> None:
+    def __init__(self, gateways: Gateways, passed: GatewayServicer) -> None:
         self.gateways = gateways
-        self.posts = posts
+        self.passed = passed
 
     def collect(self) -> Iterable[Metric]:
         yield GaugeMetricFamily("mlchat_gateways", "Gateway processes running beside this core (--processes - 1 "
                                 "when all are up)", value=self.gateways.running())
         yield CounterMetricFamily("mlchat_gateway_restarts", "Gateway processes that died and were started again",
                                   value=self.gateways.restarts)
-        yield CounterMetricFamily("mlchat_gateway_posts", "Posts gateways passed to this core (also counted in "
-                                  "mlchat_rpc_total as PostMessage calls)", value=self.posts.posts)
-        yield CounterMetricFamily("mlchat_gateway_batches", "Messages those posts came in (posts per batch: "
-                                  "posts / batches)", value=self.posts.batches)
+        yield CounterMetricFamily("mlchat_gateway_calls", "Unary calls gateways passed to this core in batches "
+                                  "(also counted in mlchat_rpc_total by method)", value=self.passed.calls)
+        yield CounterMetricFamily("mlchat_gateway_batches", "Messages those calls came in (calls per batch: "
+                                  "calls / batches)", value=self.passed.batches)
 
 
 def metrics_registry(region: Region, replicator: Replicator,

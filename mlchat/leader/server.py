@@ -31,7 +31,7 @@ from mlchat import tls
 from mlchat.geo.modes import Mode
 from mlchat.leader import limits
 from mlchat.leader.consensus import Consensus
-from mlchat.leader.gateways import Gateways, GatewayServicer
+from mlchat.leader.gateways import Gateways, GatewayServicer, unary_methods
 from mlchat.leader.leadership import Leadership
 from mlchat.leader.metrics import GatewaysCollector, RpcMetrics, metrics_registry, serve_metrics
 from mlchat.leader.region import Region
@@ -205,11 +205,12 @@ async def _serve(settings: LeaderSettings, store: Store, client_tls: tls.TlsMate
     else:
         servers = [_server(settings.listen, None, rpc_metrics, shared, health_service, chat, cluster, replication)]
     if gateways is not None:
-        posts = GatewayServicer(rpc_metrics.measured(chat.descriptor, chat.servicer).PostMessage, chat.servicer)
-        registry.register(GatewaysCollector(gateways, posts))
+        passed = GatewayServicer(unary_methods(*((s.descriptor, rpc_metrics.measured(s.descriptor, s.servicer))
+                                                 for s in (chat, cluster))), chat.servicer)
+        registry.register(GatewaysCollector(gateways, passed))
         servers.append(_server(gateways.core_address, None, rpc_metrics, False, health_service, chat, cluster,
                                Service(gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"],
-                                       gateway_pb2_grpc.add_GatewayServiceServicer_to_server, posts)))
+                                       gateway_pb2_grpc.add_GatewayServiceServicer_to_server, passed)))
     metrics_server = None
     if settings.metrics_port:
         host = settings.listen.rpartition(":")[0].strip("[]")

@@ -3,9 +3,9 @@
 isort:skip_file
 Between a region's gateway processes and its core process, over a Unix socket only they share.
 Gateways terminate clients' connections on the region's address beside the core, and pass every
-call on to the core. Two kinds go their own way:
-- posts, in batches on one stream (one message carries many posts, and each post is answered as
-  soon as it is committed, so a slow one holds no other back);
+call on to the core:
+- unary calls of the chat and cluster services, in batches on one stream (one message carries many
+  calls, and each is answered as soon as it is done, so a slow one holds no other back);
 - subscriptions: the core checks one and sends its backlog (SubscribeUntilLive), and its live
   messages come from the gateway's one feed of the channel, shared by all its subscribers there.
 """
@@ -49,19 +49,22 @@ class CallMetadata(_message.Message):
 Global___CallMetadata: _TypeAlias = CallMetadata  # noqa: Y015
 
 @_typing.final
-class BatchedPost(_message.Message):
+class PassedCall(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     REQUEST_FIELD_NUMBER: _builtins.int
     TIME_REMAINING_S_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """the gateway's own, to match the outcome"""
+    method: _builtins.str
+    """its full name: /mlchat.v1.ChatService/PostMessage"""
     request: _builtins.bytes
-    """the PostMessageRequest as the client sent it"""
+    """as the client sent it"""
     time_remaining_s: _builtins.float
-    """of the client's deadline when the gateway sent the post; 0: none"""
+    """of the client's deadline when the gateway sent the call; 0: none"""
     @_builtins.property
     def metadata(self) -> _containers.RepeatedCompositeFieldContainer[Global___CallMetadata]:
         """the client's call metadata (its bearer token among it)"""
@@ -70,40 +73,41 @@ class BatchedPost(_message.Message):
         self,
         *,
         id: _builtins.int = ...,
+        method: _builtins.str = ...,
         metadata: _abc.Iterable[Global___CallMetadata] | None = ...,
         request: _builtins.bytes = ...,
         time_remaining_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "metadata", b"metadata", "request", b"request", "time_remaining_s", b"time_remaining_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "metadata", b"metadata", "method", b"method", "request", b"request", "time_remaining_s", b"time_remaining_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___BatchedPost: _TypeAlias = BatchedPost  # noqa: Y015
+Global___PassedCall: _TypeAlias = PassedCall  # noqa: Y015
 
 @_typing.final
-class PostBatch(_message.Message):
+class CallBatch(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    POSTS_FIELD_NUMBER: _builtins.int
+    CALLS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def posts(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchedPost]: ...
+    def calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___PassedCall]: ...
     def __init__(
         self,
         *,
-        posts: _abc.Iterable[Global___BatchedPost] | None = ...,
+        calls: _abc.Iterable[Global___PassedCall] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["posts", b"posts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___PostBatch: _TypeAlias = PostBatch  # noqa: Y015
+Global___CallBatch: _TypeAlias = CallBatch  # noqa: Y015
 
 @_typing.final
-class PostOutcome(_message.Message):
+class CallOutcome(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
@@ -115,7 +119,6 @@ class PostOutcome(_message.Message):
     code: _builtins.int
     """a grpc.StatusCode value: 0 (OK) with `response`, else `details`"""
     response: _builtins.bytes
-    """the PostMessageResponse"""
     details: _builtins.str
     @_builtins.property
     def trailing_metadata(self) -> _containers.RepeatedCompositeFieldContainer[Global___CallMetadata]: ...
@@ -134,19 +137,19 @@ class PostOutcome(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___PostOutcome: _TypeAlias = PostOutcome  # noqa: Y015
+Global___CallOutcome: _TypeAlias = CallOutcome  # noqa: Y015
 
 @_typing.final
-class PostOutcomes(_message.Message):
+class CallOutcomes(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     OUTCOMES_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___PostOutcome]: ...
+    def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___CallOutcome]: ...
     def __init__(
         self,
         *,
-        outcomes: _abc.Iterable[Global___PostOutcome] | None = ...,
+        outcomes: _abc.Iterable[Global___CallOutcome] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -154,7 +157,7 @@ class PostOutcomes(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___PostOutcomes: _TypeAlias = PostOutcomes  # noqa: Y015
+Global___CallOutcomes: _TypeAlias = CallOutcomes  # noqa: Y015
 
 @_typing.final
 class FeedRequest(_message.Message):

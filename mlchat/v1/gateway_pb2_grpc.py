@@ -35,10 +35,10 @@ class GatewayServiceStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Posts = channel.stream_stream(
-                '/mlchat.v1.GatewayService/Posts',
-                request_serializer=mlchat_dot_v1_dot_gateway__pb2.PostBatch.SerializeToString,
-                response_deserializer=mlchat_dot_v1_dot_gateway__pb2.PostOutcomes.FromString,
+        self.Calls = channel.stream_stream(
+                '/mlchat.v1.GatewayService/Calls',
+                request_serializer=mlchat_dot_v1_dot_gateway__pb2.CallBatch.SerializeToString,
+                response_deserializer=mlchat_dot_v1_dot_gateway__pb2.CallOutcomes.FromString,
                 _registered_method=True)
         self.SubscribeUntilLive = channel.unary_stream(
                 '/mlchat.v1.GatewayService/SubscribeUntilLive',
@@ -60,7 +60,7 @@ class GatewayServiceStub:
 class GatewayServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def Posts(self, request_iterator, context):
+    def Calls(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -92,10 +92,10 @@ class GatewayServiceServicer:
 
 def add_GatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Posts': grpc.stream_stream_rpc_method_handler(
-                    servicer.Posts,
-                    request_deserializer=mlchat_dot_v1_dot_gateway__pb2.PostBatch.FromString,
-                    response_serializer=mlchat_dot_v1_dot_gateway__pb2.PostOutcomes.SerializeToString,
+            'Calls': grpc.stream_stream_rpc_method_handler(
+                    servicer.Calls,
+                    request_deserializer=mlchat_dot_v1_dot_gateway__pb2.CallBatch.FromString,
+                    response_serializer=mlchat_dot_v1_dot_gateway__pb2.CallOutcomes.SerializeToString,
             ),
             'SubscribeUntilLive': grpc.unary_stream_rpc_method_handler(
                     servicer.SubscribeUntilLive,
@@ -124,7 +124,7 @@ class GatewayService:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def Posts(request_iterator,
+    def Calls(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -137,9 +137,9 @@ class GatewayService:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/mlchat.v1.GatewayService/Posts',
-            mlchat_dot_v1_dot_gateway__pb2.PostBatch.SerializeToString,
-            mlchat_dot_v1_dot_gateway__pb2.PostOutcomes.FromString,
+            '/mlchat.v1.GatewayService/Calls',
+            mlchat_dot_v1_dot_gateway__pb2.CallBatch.SerializeToString,
+            mlchat_dot_v1_dot_gateway__pb2.CallOutcomes.FromString,
             options,
             channel_credentials,
             insecure,

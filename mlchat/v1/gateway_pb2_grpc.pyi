@@ -3,9 +3,9 @@
 isort:skip_file
 Between a region's gateway processes and its core process, over a Unix socket only they share.
 Gateways terminate clients' connections on the region's address beside the core, and pass every
-call on to the core. Two kinds go their own way:
-- posts, in batches on one stream (one message carries many posts, and each post is answered as
-  soon as it is committed, so a slow one holds no other back);
+call on to the core:
+- unary calls of the chat and cluster services, in batches on one stream (one message carries many
+  calls, and each is answered as soon as it is done, so a slow one holds no other back);
 - subscriptions: the core checks one and sends its backlog (SubscribeUntilLive), and its live
   messages come from the gateway's one feed of the channel, shared by all its subscribers there.
 """
@@ -39,7 +39,7 @@ class GatewayServiceStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> GatewayServiceAsyncStub: ...
-    Posts: _grpc.StreamStreamMultiCallable[_gateway_pb2.PostBatch, _gateway_pb2.PostOutcomes]
+    Calls: _grpc.StreamStreamMultiCallable[_gateway_pb2.CallBatch, _gateway_pb2.CallOutcomes]
     SubscribeUntilLive: _grpc.UnaryStreamMultiCallable[_chat_pb2.SubscribeRequest, _chat_pb2.SubscribeResponse]
     """A client's Subscribe (with its metadata), ending where its live messages begin. Trailers:
     x-mlchat-live-after (the stream cursor past which messages are live) and x-mlchat-subscriber
@@ -53,7 +53,7 @@ class GatewayServiceStub:
 @_typing.type_check_only
 class GatewayServiceAsyncStub(GatewayServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
-    Posts: _aio.StreamStreamMultiCallable[_gateway_pb2.PostBatch, _gateway_pb2.PostOutcomes]  # type: ignore[assignment]
+    Calls: _aio.StreamStreamMultiCallable[_gateway_pb2.CallBatch, _gateway_pb2.CallOutcomes]  # type: ignore[assignment]
     SubscribeUntilLive: _aio.UnaryStreamMultiCallable[_chat_pb2.SubscribeRequest, _chat_pb2.SubscribeResponse]  # type: ignore[assignment]
     """A client's Subscribe (with its metadata), ending where its live messages begin. Trailers:
     x-mlchat-live-after (the stream cursor past which messages are live) and x-mlchat-subscriber
@@ -66,11 +66,11 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
 
 class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
-    def Posts(
+    def Calls(
         self,
-        request_iterator: _MaybeAsyncIterator[_gateway_pb2.PostBatch],
+        request_iterator: _MaybeAsyncIterator[_gateway_pb2.CallBatch],
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_gateway_pb2.PostOutcomes], _abc.AsyncIterator[_gateway_pb2.PostOutcomes]]: ...
+    ) -> _typing.Union[_abc.Iterator[_gateway_pb2.CallOutcomes], _abc.AsyncIterator[_gateway_pb2.CallOutcomes]]: ...
 
     @_abc_1.abstractmethod
     def SubscribeUntilLive(

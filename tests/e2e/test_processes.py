@@ -1,6 +1,6 @@
 """A region served by several processes on one address (`mlchat leader --processes 3`): the core and two
 gateways, real processes, real sockets. Which process serves a connection is the kernel's choice: a
-test tells by the core's `mlchat_gateway_posts_total`, which moves only for posts a gateway passed on."""
+test tells by the core's `mlchat_gateway_calls_total`, which moves only for calls a gateway passed on."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import descendants, flush, pid_alive, sample, wait_until
 
 from dcsim.prometheus import scrape
+from mlchat import certs
 from mlchat.geo.client import ChatClient
 from mlchat.leader.process import LeaderProcess, free_port
+from mlchat.tls import client_channel
 from mlchat.v1 import chat_pb2 as pb
 from mlchat.v1 import chat_pb2_grpc
 
@@ -34,10 +36,10 @@ class Region:
         return descendants(self.leader.proc.pid)
 
 
-def start_region(data_dir: Path, redis_url: str, *args: str) -> Region:
+def start_region(data_dir: Path, redis_url: str, *args: str, tls_ca: Path | None = None) -> Region:
     """A region of three processes (`args` may say otherwise: a later flag wins)."""
     port = free_port()
-    leader = LeaderProcess("us-east", data_dir, redis_url=redis_url, peer_port=free_port(),
+    leader = LeaderProcess("us-east", data_dir, redis_url=redis_url, peer_port=free_port(), tls_ca=tls_ca,
                            extra_args=("--processes", "3", "--metrics-port", str(port), *args))
     leader.start()
     return Region(leader, f"http://127.0.0.1:{port}/metrics")
@@ -87,9 +89,9 @@ def connections(region: Region, token: str, channel: str, *options: tuple[str, i
     by_gateway = by_core = None
     for i in range(tries):
         conn = Connection(region.leader.address, token, *options)
-        before = region.metric("mlchat_gateway_posts_total")
+        before = region.metric("mlchat_gateway_calls_total")
         conn.post(channel, f"probe {i}", f"probe-{i}")
-        if region.metric("mlchat_gateway_posts_total") > before:
+        if region.metric("mlchat_gateway_calls_total") > before:
             by_gateway = by_gateway or conn
         else:
             by_core = by_core or conn
@@ -310,5 +312,33 @@ def test_a_slow_subscriber_on_a_gateway_is_cut_off_without_stalling_the_others(o
                 received += 1
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "resume" in err.value.details() and received < 300
+    finally:
+        region.leader.stop()
+
+
+def test_gateways_serve_tls_with_the_regions_certificate(own_valkey, tmp_path: Path) -> None:
+    certs.ensure(tmp_path / "pki", ["us-east"])
+    pem, key, ca = (tmp_path / "pki" / name for name in ("us-east.pem", "us-east-key.pem", "ca.pem"))
+    region = start_region(tmp_path / "leader", own_valkey.url, "--tls-cert", str(pem), "--tls-key", str(key),
+                          tls_ca=ca)
+    try:
+        with ChatClient(region.leader.address, tls_ca=ca) as c:
+            token = c.claim("tls_user", "tls-user-claim-key-0123").token
+        metadata = (("authorization", f"Bearer {token}"),)
+        for i in range(40):  # fresh connections until gateways took some, every one over TLS
+            with client_channel(region.leader.address, ca, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+                chat_pb2_grpc.ChatServiceStub(ch).PostMessage(
+                    pb.PostMessageRequest(channel="tls", body=f"m{i}", client_msg_id=f"m{i}"), metadata=metadata,
+                    timeout=10)
+            if region.metric("mlchat_gateway_calls_total") >= 3:
+                break
+        assert region.metric("mlchat_gateway_calls_total") >= 3
+        for _ in range(10):  # plaintext is refused by every process
+            with grpc.insecure_channel(region.leader.address, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+                with pytest.raises(grpc.RpcError) as refused:
+                    chat_pb2_grpc.ChatServiceStub(ch).PostMessage(
+                        pb.PostMessageRequest(channel="tls", body="plain", client_msg_id="plain"),
+                        metadata=metadata, timeout=5)
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         region.leader.stop()

@@ -1,5 +1,6 @@
-"""The stream of posts between a gateway and its core, over real gRPC: a gateway server in front of a core
-server whose post commits are the test's own, so that it can hold one, refuse one, or stop the core."""
+"""The stream of unary calls between a gateway and its core, over real gRPC: a gateway server in front of a core
+server that serves PostMessage alone, with commits of the test's own, so that it can hold one, refuse one, or
+stop the core."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from mlchat.leader.gateways import GatewayServicer
 from mlchat.leader.process import free_port
 from mlchat.v1 import chat_pb2 as pb
 from mlchat.v1 import chat_pb2_grpc, gateway_pb2_grpc
+
+POST = "/mlchat.v1.ChatService/PostMessage"
 
 
 class Commits:
@@ -44,7 +47,8 @@ class Commits:
 async def core_server(socket: Path, commits: Commits) -> grpc.aio.Server:
     server = grpc.aio.server()
     # Only posts come this way: no chat servicer (nor region) behind the rest of the service.
-    gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(commits, SimpleNamespace(region=None)),
+    methods = {POST: (pb.PostMessageRequest, commits)}
+    gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(methods, SimpleNamespace(region=None)),
                                                           server)
     server.add_insecure_port(f"unix:{socket}")
     await server.start()
@@ -147,3 +151,15 @@ async def _posts_waiting_when_the_core_goes_away_hear_unavailable_and_the_next_p
                 assert asyncio.get_running_loop().time() < deadline, "the gateway never reached the core again"
                 await asyncio.sleep(0.05)
         assert answered.message.body == "again"
+
+
+def test_a_call_the_core_does_not_serve_is_unimplemented() -> None:
+    asyncio.run(_a_call_the_core_does_not_serve_is_unimplemented())
+
+
+async def _a_call_the_core_does_not_serve_is_unimplemented() -> None:
+    async with running() as rig:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await rig.stub.ListMessages(pb.ListMessagesRequest(channel="c"))
+        assert refused.value.code() is grpc.StatusCode.UNIMPLEMENTED
+        assert "ListMessages" in refused.value.details()
