@@ -5,6 +5,7 @@ address) on one Valkey, and drives it from one load process over many connection
 connections, not calls, over the processes):
 
 - posts: 64 concurrent posters over 16 connections, as fast as they are answered;
+- reads: 64 concurrent readers of a channel's latest 50 messages (ListMessages) over 16 connections;
 - deliveries: 200 subscribers of one channel over 20 connections while one poster posts 50 messages a
   second (10,000 deliveries a second asked for).
 
@@ -68,6 +69,41 @@ def posts(seconds: float, concurrency: int = 64, connections: int = 16) -> Load:
         started = time.perf_counter()
         rate, latencies = await post_load(address, token, concurrency, seconds, tag, tag, connections)
         return len(latencies), time.perf_counter() - started, latencies
+    return load
+
+
+def reads(seconds: float, concurrency: int = 64, connections: int = 16, messages: int = 200) -> Load:
+    """ListMessages (the latest 50 of a channel of `messages`) from `concurrency` readers over `connections`
+    connections, for `seconds`."""
+
+    async def load(address: str, token: str, tag: str) -> tuple[int, float, list[float]]:
+        metadata = (("authorization", f"Bearer {token}"),)
+        channels = [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+                    for _ in range(connections)]
+        stubs = [chat_pb2_grpc.ChatServiceStub(c) for c in channels]
+        await asyncio.gather(*(stubs[0].PostMessage(pb.PostMessageRequest(channel=tag, body=BODY,
+                                                                            client_msg_id=f"fill-{i}"),
+                                                    metadata=metadata) for i in range(messages)))
+        latencies: list[float] = []
+        end = time.perf_counter() + seconds
+
+        async def reader(r: int) -> None:
+            stub = stubs[r % connections]
+            while time.perf_counter() < end:
+                t = time.perf_counter()
+                page = await stub.ListMessages(pb.ListMessagesRequest(channel=tag, limit=50, newest_first=True),
+                                               metadata=metadata)
+                assert len(page.messages) == 50
+                latencies.append((time.perf_counter() - t) * 1000)
+
+        try:
+            started = time.perf_counter()
+            await asyncio.gather(*(reader(r) for r in range(concurrency)))
+            return len(latencies), time.perf_counter() - started, latencies
+        finally:
+            for c in channels:
+                await c.close()
+
     return load
 
 
@@ -152,7 +188,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
     counts = [int(n) for n in args.processes.split(",")]
-    measures = {"posts": posts(args.seconds), "deliveries": deliveries(args.seconds)}
+    measures = {"posts": posts(args.seconds), "reads": reads(args.seconds), "deliveries": deliveries(args.seconds)}
 
     results: dict[tuple[str, int], list[dict[str, float]]] = {(m, n): [] for m in measures for n in counts}
     with tempfile.TemporaryDirectory(prefix="mlchat-bench-") as tmp:

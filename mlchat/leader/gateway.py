@@ -33,9 +33,8 @@ from mlchat import tls
 from mlchat.errors import MlchatError
 from mlchat.leader import limits
 from mlchat.leader.fanout import Fanout, Subscription
-from mlchat.leader.region import cut_off
+from mlchat.leader.region import cut_off, is_live
 from mlchat.leader.servicer import LIVE_AFTER, SUBSCRIBER
-from mlchat.leader.store import stream_id_key
 from mlchat.v1 import chat_pb2, cluster_pb2, gateway_pb2, gateway_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -293,7 +292,7 @@ def _proxies(core: grpc.aio.Channel, relay: CallRelay, feeds: Feeds, region: str
                 await _pass_back(err, context, region)
             finally:
                 call.cancel()
-            last, user_id = trailers[LIVE_AFTER], trailers[SUBSCRIBER]
+            live_after, user_id = trailers[LIVE_AFTER], trailers[SUBSCRIBER]
             while batch := await live.next_batch():
                 for item in batch:
                     if item is None:  # as the core does: check again, and end the stream if no more
@@ -301,8 +300,7 @@ def _proxies(core: grpc.aio.Channel, relay: CallRelay, feeds: Feeds, region: str
                             await may_read(gateway_pb2.MayReadRequest(channel=channel, user_id=user_id), timeout=10)
                         except grpc.aio.AioRpcError as err:
                             await _pass_back(err, context, region)
-                    elif stream_id_key(item[0]) > stream_id_key(last):
-                        last = item[0]
+                    elif is_live(item[0], live_after):
                         yield item[1]
             if live.overflowed:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, cut_off(live.capacity))

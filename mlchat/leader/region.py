@@ -518,8 +518,7 @@ class Region:
                 for item in batch:
                     if isinstance(item, AccessChanged):
                         await self.check_access(channel, user_id)
-                    elif stream_id_key(item.stream_id) > stream_id_key(last):
-                        last = item.stream_id
+                    elif is_live(item.stream_id, last):
                         yield item
 
     # Private channels -------------------------------------------------------------------------
@@ -854,6 +853,13 @@ class Region:
         return state_digest([e async for e in store.messages()], [s async for s in store.statuses()],
                             [c async for c in store.claims()], [c async for c in store.channels()],
                             [m async for m in store.memberships()])
+
+
+def is_live(stream_id: str, live_after: str) -> bool:
+    """Whether a message published to a channel's subscribers is new to one whose backlog (or start) ended at
+    `live_after`. Each is published once, but not always in stream order (commits to one channel in different
+    shards do not wait on each other), so it is not compared with the last one sent."""
+    return stream_id_key(stream_id) > stream_id_key(live_after)
 
 
 def cut_off(capacity: int) -> str:

@@ -1,0 +1,44 @@
+"""A region's live subscriptions, through the region itself on a real Valkey."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from mlchat.crdt.hlc import Hlc
+from mlchat.crdt.msglog import LogEntry, message_id
+from mlchat.leader.region import Committed, Region
+from mlchat.leader.server import redis_client
+from mlchat.leader.settings import LeaderSettings
+from mlchat.leader.store import Store
+from mlchat.leader.valkey import EmbeddedValkey
+
+
+def committed(stream_id: str, body: str) -> Committed:
+    hlc = Hlc(int(time.time() * 1000), 0).encode()
+    entry = LogEntry(message_id("u1", "lobby", body), "lobby", "u1", body, body, hlc, "eu-west")
+    return Committed(entry, stream_id, b"")
+
+
+def test_live_messages_published_out_of_stream_order_all_reach_a_subscriber(own_valkey: EmbeddedValkey, tmp_path):
+    """Two commits to one channel in different shards (a peer's message of an earlier hour, a post of this
+    one) do not wait on each other: the later one in the channel's stream may be published first. Both
+    are live messages, and both must reach the subscriber."""
+    async def main() -> None:
+        store = Store(redis_client(own_valkey.url))
+        region = Region(LeaderSettings("us-east", "127.0.0.1:0", tmp_path), store, 1, lambda: int(time.time() * 1000))
+        try:
+            await region.start()
+            stream = region.subscribe("u1", "lobby", "")
+            first = asyncio.ensure_future(anext(stream))
+            await asyncio.sleep(0)  # the task's first step: the subscription joins the fan-out before anything
+            assert region.fanout.subscriber_count() == 1
+            region.fanout.publish("lobby", committed("1700000000002-0", "later in the stream"))
+            region.fanout.publish("lobby", committed("1700000000001-0", "earlier in the stream"))
+            got = [await asyncio.wait_for(first, 5), await asyncio.wait_for(anext(stream), 5)]
+            assert [c.entry.body for c in got] == ["later in the stream", "earlier in the stream"]
+            await stream.aclose()
+        finally:
+            await store.close()
+
+    asyncio.run(main())
