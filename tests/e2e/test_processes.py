@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import descendants, flush, pid_alive, sample, wait_until
+from support import dcsim_run, descendants, flush, pid_alive, sample, wait_until
 
 from dcsim.prometheus import scrape
 from mlchat import certs
@@ -342,3 +342,41 @@ def test_gateways_serve_tls_with_the_regions_certificate(own_valkey, tmp_path: P
                 assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         region.leader.stop()
+
+
+def test_regions_on_several_processes_replicate_through_the_wan(tmp_path: Path) -> None:
+    """Two regions of two processes each behind dc-sim's WAN: posts through either process of one region
+    reach the other, and a subscriber there (whichever process serves it) gets them live."""
+    east, west = "us-east", "eu-west"
+    with dcsim_run(tmp_path / "run", (east, west), leader_args=("--processes", "2")) as state:
+        regions = state["regions"]
+
+        def gateway_calls(region: str) -> float:
+            return sample(scrape(regions[region]["metrics"]), "mlchat_gateway_calls_total")
+
+        watchers: list[Connection] = []
+        while len(watchers) < 6 or not gateway_calls(west):  # until the west gateway served some of them
+            assert len(watchers) < 60, "no connection reached the west region's gateway"
+            with ChatClient(regions[west]["endpoints"][west], timeout_s=10) as c:
+                c.claim(f"watcher_{len(watchers)}", f"watcher-{len(watchers)}-claim-key-0123")
+            # Each on a connection of its own, where the kernel puts it.
+            watchers.append(Connection(regions[west]["endpoints"][west], c.token))
+            watchers[-1].stub.GetUser(pb.GetUserRequest(user_id=c.user.user_id), metadata=watchers[-1].metadata,
+                                      timeout=10)
+        # From the channel's subscribe cursor: whenever a subscription starts, it misses nothing after it.
+        start = watchers[0].stub.ListMessages(pb.ListMessagesRequest(channel="across"), metadata=watchers[0].metadata,
+                                              timeout=10).subscribe_cursor
+        streams = [w.stub.Subscribe(pb.SubscribeRequest(channel="across", resume_cursor=start), metadata=w.metadata,
+                                    timeout=60) for w in watchers]
+
+        posted = 0
+        while posted < 12 or not gateway_calls(east):  # until the east gateway took some of the posts
+            assert posted < 60, "no connection reached the east region's gateway"
+            with ChatClient(regions[east]["endpoints"][east], timeout_s=10) as poster:
+                poster.claim(f"poster_{posted}", f"poster-{posted}-claim-key-0123")
+                poster.post("across", f"from the east {posted}", f"e{posted}")
+            posted += 1
+        expected = sorted(f"from the east {i}" for i in range(posted))
+        for stream in streams:
+            assert sorted(next(stream).message.body for _ in range(posted)) == expected
+            stream.cancel()
