@@ -31,7 +31,7 @@ import grpc
 
 from mlchat.bench import BODY, pct, post_load
 from mlchat.geo.client import ChatClient
-from mlchat.leader.process import LeaderProcess, free_port
+from mlchat.leader.process import LeaderProcess, descendants, free_port
 from mlchat.leader.valkey import EmbeddedValkey
 from mlchat.v1 import chat_pb2 as pb
 from mlchat.v1 import chat_pb2_grpc
@@ -44,17 +44,6 @@ def cpu_s(pid: int) -> float:
     """User and system CPU seconds of process `pid`."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rpartition(")")[2].split()[1]) == pid:
-                out.append(int(stat.parent.name))
-        except (OSError, ValueError):
-            pass
-    return out
 
 
 def machine_busy_s() -> float:
@@ -171,7 +160,7 @@ def run(processes: int, valkey_url: str, home: Path, tag: str, load: Load) -> di
         with ChatClient(leader.address) as client:
             token = client.claim("bench_user", "bench-claim-key-0001").token
         asyncio.run(load(leader.address, token, f"warm-{tag}"))
-        pids = [leader.proc.pid, *children(leader.proc.pid)]
+        pids = [leader.proc.pid, *descendants(leader.proc.pid)]
         before = [cpu_s(p) for p in pids]
         busy = machine_busy_s()
         count, elapsed, latencies = asyncio.run(load(leader.address, token, tag))

@@ -61,6 +61,18 @@ def server_credentials(material: TlsMaterial) -> grpc.ServerCredentials:
                                        require_client_auth=material.ca is not None)
 
 
+def listen(server: grpc.aio.Server, address: str, material: TlsMaterial | None) -> None:
+    """Bind `server` to `address`, over TLS with `material` if given; an address that cannot be had stops the
+    process, saying so."""
+    try:
+        if material is None:
+            server.add_insecure_port(address)
+        else:
+            server.add_secure_port(address, server_credentials(material))
+    except RuntimeError:
+        raise SystemExit(f"cannot listen on {address}: address in use or invalid") from None
+
+
 def peer_credentials(material: TlsMaterial) -> grpc.ChannelCredentials:
     """A region's credentials when it dials a peer: its own certificate, and the CA the peer's must chain to."""
     return grpc.ssl_channel_credentials(root_certificates=material.ca, private_key=material.key,

@@ -54,15 +54,6 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def descendants(pid: int) -> set[int]:
-    """Every process below `pid`."""
-    out: set[int] = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            out |= {int(child), *descendants(int(child))}
-    return out
-
-
 def sample(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
     """One sample's value, 0 if it is absent (a counter not yet touched)."""
     return samples.get((name, frozenset(labels.items())), 0.0)

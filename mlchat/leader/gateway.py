@@ -3,13 +3,13 @@
 A region run with `--processes N` is its core process (the leader, which alone talks to Redis and to
 other regions) and N-1 gateways, all listening on the same address (SO_REUSEPORT: the kernel spreads
 clients' connections over them). A gateway holds no state: it terminates the client's connection (and
-TLS), and passes each call to the core over a Unix socket, unparsed. Unary calls (posts, history,
-statuses, users...) travel in batches on one stream (`CallRelay`), so that the core pays its gRPC
-cost per batch rather than per call. A subscription is started by the core (checked, its causal token
-waited for, its backlog sent) and then fed from the gateway's one feed of the channel (`Feeds`), so
-that the core sends a message once per gateway, not once per subscriber. Health checks are passed on
-as they are. The core checks tokens, limits and input, as for the calls it takes itself, and each
-call's status, details and trailers come back to the client unchanged.
+TLS), and passes each call to the core over a Unix socket, unparsed (but for a subscription's channel).
+Unary calls (posts, history, statuses, users...) travel in batches on one stream (`CallRelay`), so that
+the core pays its gRPC cost per batch rather than per call. A subscription is started by the core
+(checked, its causal token waited for, its backlog sent) and then fed from the gateway's one feed of the
+channel (`Feeds`), so that the core sends a message once per gateway, not once per subscriber. Health
+checks are passed on as they are. The core checks tokens, limits and input, as for the calls it takes
+itself, and each call's status, details and trailers come back to the client unchanged.
 
 The gateway dies with its core (parent-death signal) and is started again by it if it dies alone.
 """
@@ -21,11 +21,11 @@ import contextlib
 import itertools
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable
-from typing import Any, NoReturn
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, NoReturn, TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
@@ -38,8 +38,9 @@ from mlchat.leader.servicer import LIVE_AFTER, SUBSCRIBER
 from mlchat.v1 import chat_pb2, cluster_pb2, gateway_pb2, gateway_pb2_grpc
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound=Message)
 READY_LINE = "mlchat gateway serving"  # printed once on stdout: the core waits for it
-BATCH_BYTES = 4 * 1024 * 1024  # the most request bytes one batch of calls carries
+BATCH_BYTES = 4 * 1024 * 1024  # a batch between gateway and core is cut past this size
 # Their unary calls go to the core in batches (health's are passed on as they are).
 RELAYED_SERVICES = (chat_pb2.DESCRIPTOR.services_by_name["ChatService"],
                     cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"])
@@ -48,6 +49,21 @@ UNTIL_LIVE_METHOD = "/mlchat.v1.GatewayService/SubscribeUntilLive"
 MAY_READ_METHOD = "/mlchat.v1.GatewayService/MayRead"
 # Transport headers of the client's call: the gateway's own call to the core sets its own.
 _NOT_PASSED = ("user-agent", "te", "content-type", "grpc-")
+
+
+def in_batches(items: list[M]) -> Iterator[list[M]]:
+    """`items` in runs of about BATCH_BYTES at most (one larger item alone), in order: a message between gateway
+    and core stays well within what the other side reads (limits.MAX_PEER_STATE_BYTES)."""
+    batch: list[M] = []
+    size = 0
+    for item in items:
+        if batch and size + item.ByteSize() > BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += item.ByteSize()
+    if batch:
+        yield batch
 
 
 def passed_metadata(context: grpc.aio.ServicerContext) -> tuple[tuple[str, Any], ...]:
@@ -88,13 +104,15 @@ class CallRelay:
     async def stop(self) -> None:
         if self._sender is not None:
             self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
 
     async def call(self, method: str, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         call_id = next(self._ids)
         future: asyncio.Future[gateway_pb2.CallOutcome] = asyncio.get_running_loop().create_future()
         self._waiting[call_id] = future
         self._queue.append(gateway_pb2.PassedCall(
-            id=call_id, method=method, request=request, time_remaining_s=context.time_remaining() or 0.0,
+            id=call_id, method=method, request=request, time_remaining_s=context.time_remaining(),
             metadata=[gateway_pb2.CallMetadata(key=k, value=v) for k, v in passed_metadata(context)
                       if isinstance(v, str)]))
         self._wake.set()
@@ -102,21 +120,11 @@ class CallRelay:
             outcome = await future
         finally:  # a caller that gave up is forgotten: its outcome, when it comes, answers nobody
             self._waiting.pop(call_id, None)
+        if outcome.trailing_metadata:
+            context.set_trailing_metadata(tuple((m.key, m.value) for m in outcome.trailing_metadata))
         if outcome.code:
-            if outcome.trailing_metadata:
-                context.set_trailing_metadata(tuple((m.key, m.value) for m in outcome.trailing_metadata))
             await context.abort(grpc.StatusCode[_CODE_NAMES[outcome.code]], outcome.details)
         return outcome.response
-
-    def _take_batch(self) -> list[gateway_pb2.PassedCall]:
-        size, taken = 0, 0
-        for call in self._queue:
-            size += len(call.request)
-            if taken and size > BATCH_BYTES:
-                break
-            taken += 1
-        batch, self._queue = self._queue[:taken], self._queue[taken:]
-        return batch
 
     async def _send(self) -> None:
         while True:
@@ -131,7 +139,9 @@ class CallRelay:
                 while not reader.done():
                     self._wake.clear()
                     while self._queue and not reader.done():
-                        await stream.write(gateway_pb2.CallBatch(calls=self._take_batch()))
+                        taken, self._queue = self._queue, []
+                        for batch in in_batches(taken):
+                            await stream.write(gateway_pb2.CallBatch(calls=batch))
                     await self._wake.wait()
                 if (err := reader.exception()) is not None:
                     failure = str(err.details() if isinstance(err, grpc.aio.AioRpcError) else err)
@@ -168,67 +178,69 @@ FeedItem = tuple[str, bytes] | None
 
 
 class Feed:
-    """One channel's live messages from the core."""
+    """One channel's live messages from the core, for the subscribers that joined it: each gets its own bounded
+    buffer, as on the core. Its subscribers are its own: a feed that ended sends nothing to those of the next."""
 
-    def __init__(self) -> None:
+    def __init__(self, channel: str, capacity: int) -> None:
+        self.channel = channel
+        self.fanout: Fanout[FeedItem] = Fanout(capacity)
         self.opened = asyncio.Event()  # the core sends all it commits from now on (or the feed ended)
         self.ended = False
         self.failure = ""  # why it ended, if not because the core is shutting down
         self.subscribers = 0
         self.task: asyncio.Task[None] | None = None
 
+    async def run(self, stub: gateway_pb2_grpc.GatewayServiceStub) -> None:
+        try:
+            async for events in stub.Feed(gateway_pb2.FeedRequest(channel=self.channel)):
+                for event in events.events:
+                    kind = event.WhichOneof("event")
+                    if kind == "opened":
+                        self.opened.set()
+                    elif kind == "message":
+                        self.fanout.publish(self.channel, (event.message.stream_cursor,
+                                                           event.message.SerializeToString()))
+                    else:
+                        self.fanout.publish(self.channel, None)
+            if not self.opened.is_set():
+                self.failure = "the core closed it at once"
+        except grpc.aio.AioRpcError as err:
+            self.failure = f"{err.code().name}: {err.details()}"
+        finally:
+            self.ended = True
+            self.fanout.close(self.channel)
+            self.opened.set()
+
 
 class Feeds:
-    """A feed per channel with subscribers on this gateway, shared by them: each gets its own bounded buffer
-    (`Fanout`), as on the core. The feed closes with its last subscriber."""
+    """A feed per channel with subscribers on this gateway, shared by them. It closes with its last subscriber;
+    one that ended (the core went away, or it fell behind) is replaced for the next subscriber."""
 
     def __init__(self, stub: gateway_pb2_grpc.GatewayServiceStub, capacity: int) -> None:
         self._stub = stub
-        self.fanout: Fanout[FeedItem] = Fanout(capacity)
+        self._capacity = capacity
         self._feeds: dict[str, Feed] = {}
 
     @contextlib.asynccontextmanager
     async def joined(self, channel: str) -> AsyncIterator[tuple[Subscription[FeedItem], Feed]]:
         """A subscription to `channel`'s feed, once the feed is open: whatever the core commits from then on
         reaches it."""
-        with self.fanout.subscribe(channel) as sub:
-            feed = self._feeds.get(channel)
-            if feed is None:
-                feed = self._feeds[channel] = Feed()
-                feed.task = asyncio.create_task(self._run(channel, feed))
-            feed.subscribers += 1
-            try:
+        feed = self._feeds.get(channel)
+        if feed is None or feed.ended:
+            feed = self._feeds[channel] = Feed(channel, self._capacity)
+            feed.task = asyncio.create_task(feed.run(self._stub))
+        feed.subscribers += 1
+        try:
+            with feed.fanout.subscribe(channel) as sub:
                 await feed.opened.wait()
                 yield sub, feed
-            finally:
-                feed.subscribers -= 1
-                if not feed.subscribers and self._feeds.get(channel) is feed:
-                    del self._feeds[channel]
-                    assert feed.task is not None
-                    feed.task.cancel()
-
-    async def _run(self, channel: str, feed: Feed) -> None:
-        try:
-            async for events in self._stub.Feed(gateway_pb2.FeedRequest(channel=channel)):
-                for event in events.events:
-                    kind = event.WhichOneof("event")
-                    if kind == "opened":
-                        feed.opened.set()
-                    elif kind == "message":
-                        self.fanout.publish(channel, (event.message.stream_cursor, event.message.SerializeToString()))
-                    else:
-                        self.fanout.publish(channel, None)
-            if not feed.opened.is_set():
-                feed.failure = "the core closed it at once"
-        except grpc.aio.AioRpcError as err:
-            feed.failure = f"{err.code().name}: {err.details()}"
         finally:
-            feed.ended = True
-            # Ended, not closed with its last subscriber: its subscribers end, and the next one opens another.
-            if self._feeds.get(channel) is feed:
-                del self._feeds[channel]
-                self.fanout.close(channel)
-            feed.opened.set()
+            feed.subscribers -= 1
+            if not feed.subscribers:
+                if self._feeds.get(channel) is feed:
+                    del self._feeds[channel]
+                assert feed.task is not None
+                feed.task.cancel()
 
 
 def _proxies(core: grpc.aio.Channel, relay: CallRelay, feeds: Feeds, region: str) -> list[grpc.GenericRpcHandler]:
@@ -264,6 +276,10 @@ def _proxies(core: grpc.aio.Channel, relay: CallRelay, feeds: Feeds, region: str
 
     def relayed(method: str) -> Callable[..., Any]:
         async def handler(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            try:  # here, so that a batch never carries more than client requests may hold
+                limits.request_size(len(request))
+            except MlchatError as err:
+                await context.abort(grpc.StatusCode[err.grpc_status], str(err))
             return await relay.call(method, request, context)
 
         return handler
@@ -337,19 +353,20 @@ def gateway_server(region: str, listen: str, core: grpc.aio.Channel, material: t
     relay of its unary calls, to start with the server."""
     stub = gateway_pb2_grpc.GatewayServiceStub(core)
     relay = CallRelay(stub, region)
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)], maximum_concurrent_rpcs=limits.MAX_CONCURRENT_RPCS)
+    server = grpc.aio.server(options=limits.server_options(shared=True),
+                             maximum_concurrent_rpcs=limits.MAX_CONCURRENT_RPCS)
     server.add_generic_rpc_handlers(_proxies(core, relay, Feeds(stub, subscriber_buffer), region))
     reflection.enable_server_reflection(["mlchat.v1.ChatService", "mlchat.v1.ClusterService",
                                          "grpc.health.v1.Health", reflection.SERVICE_NAME], server)
-    port = (server.add_insecure_port(listen) if material is None
-            else server.add_secure_port(listen, tls.server_credentials(material)))
-    if port == 0:
-        raise SystemExit(f"gateway cannot listen on {listen}")
+    tls.listen(server, listen, material)
     return server, relay
 
 
 def core_channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=[("grpc.max_send_message_length", limits.MAX_PEER_STATE_BYTES)])
+    """A channel to the core: batches both ways may be larger than gRPC's default 4 MiB (see `in_batches`)."""
+    largest = limits.MAX_PEER_STATE_BYTES
+    return grpc.aio.insecure_channel(address, options=[("grpc.max_send_message_length", largest),
+                                                       ("grpc.max_receive_message_length", largest)])
 
 
 async def serve(region: str, listen: str, core_address: str, client_tls: tls.TlsFiles | None,

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
@@ -29,7 +27,7 @@ from google.protobuf.message_factory import GetMessageClass
 
 from mlchat.errors import ResourceExhausted
 from mlchat.leader import limits
-from mlchat.leader.gateway import READY_LINE
+from mlchat.leader.gateway import READY_LINE, in_batches
 from mlchat.leader.region import AccessChanged
 from mlchat.leader.servicer import ChatServicer, streaming, subscribe_response, unary
 from mlchat.leader.settings import LeaderSettings
@@ -58,7 +56,7 @@ class PassedContext:
 
     def __init__(self, call: gateway_pb2.PassedCall) -> None:
         self._metadata = tuple((m.key, m.value) for m in call.metadata)
-        self._deadline = time.monotonic() + call.time_remaining_s if call.time_remaining_s else None
+        self._deadline = time.monotonic() + call.time_remaining_s if call.HasField("time_remaining_s") else None
         self._code: grpc.StatusCode | None = None
         self._details = ""
         self._trailing: tuple[tuple[str, str], ...] = ()
@@ -116,7 +114,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         try:
             request = request_type.FromString(call.request)
         except DecodeError:
-            context.fail(grpc.StatusCode.INTERNAL, f"the request is not a {request_type.DESCRIPTOR.name}")
+            context.fail(grpc.StatusCode.INTERNAL, "Exception deserializing request!")  # as gRPC answers it
             return context.outcome(call.id, None)
         try:
             return context.outcome(call.id, await handler(request, context))
@@ -158,8 +156,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 await ready.wait()
                 ready.clear()
                 if outcomes:
-                    sent, outcomes[:] = list(outcomes), []
-                    yield gateway_pb2.CallOutcomes(outcomes=sent)
+                    done, outcomes[:] = list(outcomes), []
+                    for batch in in_batches(done):
+                        yield gateway_pb2.CallOutcomes(outcomes=batch)
         finally:
             taking.cancel()
 
@@ -174,10 +173,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         channel = limits.channel(request.channel)
         with self.region.fanout.subscribe(channel) as sub:
             yield gateway_pb2.FeedEvents(events=[gateway_pb2.FeedEvent(opened=True)])
-            while batch := await sub.next_batch():
-                yield gateway_pb2.FeedEvents(events=[
-                    gateway_pb2.FeedEvent(access_changed=True) if isinstance(item, AccessChanged)
-                    else gateway_pb2.FeedEvent(message=subscribe_response(item)) for item in batch])
+            while items := await sub.next_batch():
+                events = [gateway_pb2.FeedEvent(access_changed=True) if isinstance(item, AccessChanged)
+                          else gateway_pb2.FeedEvent(message=subscribe_response(item)) for item in items]
+                for batch in in_batches(events):
+                    yield gateway_pb2.FeedEvents(events=batch)
             if sub.overflowed:
                 raise ResourceExhausted(f"a gateway's feed of channel {channel} fell more than {sub.capacity} "
                                         "messages behind and was cut off")
@@ -190,16 +190,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
 class Gateways:
     """The region's gateway processes: started once the core serves them, started again when one dies,
-    stopped before the core stops serving them."""
+    stopped before the core stops serving them. The core's socket for them is in `socket_dir`, which only
+    the core's user may enter."""
 
-    def __init__(self, settings: LeaderSettings, count: int) -> None:
+    RETRY_S = 5.0  # after a gateway failed to start: it may fail the same way again
+
+    def __init__(self, settings: LeaderSettings, count: int, socket_dir: Path) -> None:
         self.settings = settings
         self.count = count
-        # Unix socket paths are limited to ~100 bytes: the socket lives in a short directory of its own.
-        self._dir = Path(tempfile.mkdtemp(prefix="mlg-"))
-        os.chmod(self._dir, 0o700)
-        self.socket = self._dir / "core.sock"
-        self._procs: list[subprocess.Popen[bytes]] = []
+        self.socket = socket_dir / "core.sock"
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}  # by slot, from the moment each is started
         self.restarts = 0
         self._supervisor: asyncio.Task[None] | None = None
 
@@ -216,57 +216,56 @@ class Gateways:
             args += ["--tls-cert", str(s.tls.cert), "--tls-key", str(s.tls.key)]
         return args
 
-    async def _spawn(self, timeout_s: float = 30.0) -> subprocess.Popen[bytes]:
+    async def _spawn(self, slot: int, timeout_s: float = 30.0) -> None:
         # From the main thread (the event loop's): the parent-death signal follows the thread that forks.
-        proc = subprocess.Popen(dying_with_parent(self._command()),  # noqa: ASYNC220 - see above
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+        proc = self._procs[slot] = subprocess.Popen(dying_with_parent(self._command()),  # noqa: ASYNC220
+                                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
         assert proc.stdout is not None
         try:
-            line = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, proc.stdout.readline),
-                                          timeout_s)
+            line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout_s)
         except TimeoutError:
-            proc.kill()
-            raise SystemExit(f"a gateway process did not start serving within {timeout_s:.0f} s") from None
-        proc.stdout.close()  # the gateway writes nothing more there
+            line = b""
         if line.decode().strip() != READY_LINE:
+            proc.kill()  # which also ends the read, if it timed out
             proc.wait()
-            raise SystemExit(f"a gateway process exited with status {proc.returncode} before serving on "
-                             f"{self.settings.listen}; its log is above")
-        return proc
+            proc.stdout.close()
+            raise SystemExit(f"a gateway process did not start serving on {self.settings.listen} within "
+                             f"{timeout_s:.0f} s (exit status {proc.returncode}); its log is above")
+        proc.stdout.close()  # the gateway writes nothing more there
 
     async def start(self) -> None:
-        self._procs = [await self._spawn() for _ in range(self.count)]
+        for slot in range(self.count):
+            await self._spawn(slot)
         self._supervisor = asyncio.create_task(self._supervise())
 
     def running(self) -> int:
-        return sum(p.poll() is None for p in self._procs)
+        return sum(p.poll() is None for p in self._procs.values())
 
     async def _supervise(self) -> None:
         while True:
             await asyncio.sleep(0.2)
-            for i, proc in enumerate(self._procs):
+            for slot, proc in list(self._procs.items()):
                 if proc.poll() is not None:
                     log.warning("gateway process %d exited with status %s: starting another", proc.pid,
                                 proc.returncode)
                     self.restarts += 1
                     try:
-                        self._procs[i] = await self._spawn()
+                        await self._spawn(slot)
                     except SystemExit as e:
-                        log.error("%s; trying again", e)
+                        log.error("%s; trying again in %.0f s", e, self.RETRY_S)
+                        await asyncio.sleep(self.RETRY_S)
 
     async def stop(self, timeout_s: float) -> None:
-        """SIGTERM every gateway and wait for it: each gives the calls it has in flight the grace time."""
+        """SIGTERM every gateway (one being started too) and wait for it: each gives the calls it has in flight
+        the grace time."""
         if self._supervisor is not None:
             self._supervisor.cancel()
-        for proc in self._procs:
+        for proc in self._procs.values():
             proc.terminate()
         deadline = time.monotonic() + timeout_s
-        for proc in self._procs:
+        for proc in self._procs.values():
             try:
-                await asyncio.get_running_loop().run_in_executor(
-                    None, proc.wait, max(0.1, deadline - time.monotonic()))
+                await asyncio.to_thread(proc.wait, max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        self.socket.unlink(missing_ok=True)
-        self._dir.rmdir()

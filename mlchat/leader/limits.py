@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from mlchat.errors import InvalidArgument
+from mlchat.errors import InvalidArgument, ResourceExhausted
 
 USERNAME_PATTERN = r"^[a-z][a-z0-9_]{2,31}$"
 REGION_PATTERN = r"^[a-z][a-z0-9-]{0,31}$"
@@ -26,6 +26,20 @@ MAX_CONCURRENT_RPCS = 1000
 MAX_CHANNEL_MEMBERS = 1000
 SUBSCRIBER_BUFFER = 1000  # messages a subscriber may fall behind before it is cut off
 SUBSCRIBE_RETENTION = 10_000  # per channel: how far back a Subscribe can resume
+
+
+def request_size(size: int) -> None:
+    """Refuse a client request of `size` bytes if it is over the limit."""
+    if size > MAX_REQUEST_BYTES:
+        raise ResourceExhausted(f"request of {size} bytes is larger than the {MAX_REQUEST_BYTES} bytes a client "
+                                "request may have")
+
+
+def server_options(shared: bool) -> list[tuple[str, int]]:
+    """A gRPC server's options: it reads messages up to MAX_PEER_STATE_BYTES (a peer's state comes in one;
+    client requests are then held to their own limit, with a message that says so), and with `shared` binds
+    its port beside the region's other processes (SO_REUSEPORT)."""
+    return [("grpc.max_receive_message_length", MAX_PEER_STATE_BYTES), ("grpc.so_reuseport", int(shared))]
 
 _USERNAME = re.compile(USERNAME_PATTERN)
 _CHANNEL = re.compile(CHANNEL_PATTERN)

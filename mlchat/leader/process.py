@@ -27,6 +27,15 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` (Linux)."""
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            out |= {int(child), *descendants(int(child))}
+    return out
+
+
 def free_port() -> int:
     """A loopback port free now, below the range the kernel takes the local ports of outgoing connections
     from: a port from that range (what binding port 0 gives) can be taken by any client connection before

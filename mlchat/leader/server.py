@@ -7,10 +7,12 @@ in flight get `grace_s` to finish, then Redis (and an embedded Valkey) stop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import secrets
 import signal
+import tempfile
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -144,8 +146,12 @@ async def serve(settings: LeaderSettings) -> None:
         raise SystemExit(f"--redis: {e}") from None
     store = Store(client)
     supervisor = asyncio.create_task(_supervise(embedded)) if embedded is not None else None
+    # With gateways, the core's socket for them: Unix socket paths are limited to ~100 bytes, so it lives in a
+    # short directory of its own (only this user may enter it), removed whatever happens.
+    sockets = tempfile.TemporaryDirectory(prefix="mlg-") if settings.processes > 1 else contextlib.nullcontext()
     try:
-        await _serve(settings, store, client_tls, peer_tls)
+        with sockets as socket_dir:
+            await _serve(settings, store, client_tls, peer_tls, Path(socket_dir) if socket_dir else None)
     finally:
         if supervisor is not None:
             supervisor.cancel()
@@ -168,7 +174,7 @@ async def _supervise(embedded: EmbeddedValkey) -> None:
 
 
 async def _serve(settings: LeaderSettings, store: Store, client_tls: tls.TlsMaterial | None,
-                 peer_tls: tls.TlsMaterial | None) -> None:
+                 peer_tls: tls.TlsMaterial | None, socket_dir: Path | None) -> None:
     signer = TokenSigner(load_secret(settings.secret_file or settings.data_dir / "cluster-secret"),
                          settings.token_ttl_ms)
     # A fresh pycrdt client id per process: two live docs sharing one would diverge.
@@ -195,22 +201,24 @@ async def _serve(settings: LeaderSettings, store: Store, client_tls: tls.TlsMate
     health_service = Service(health_pb2.DESCRIPTOR.services_by_name["Health"],
                              health_pb2_grpc.add_HealthServicer_to_server, health_servicer)
     # With gateways, every process of the region listens on its address (SO_REUSEPORT).
-    gateways = Gateways(settings, settings.processes - 1) if settings.processes > 1 else None
+    gateways = Gateways(settings, settings.processes - 1, socket_dir) if socket_dir else None
     shared = gateways is not None
     if settings.peer_listen:
         # Replication only on the peer port: were it on the client port too, mutual TLS would guard nothing.
         # Chat there too, for the users' writes a region forwards to the primary (single-leader mode).
-        servers = [_server(settings.listen, client_tls, rpc_metrics, shared, health_service, chat, cluster),
-                   _server(settings.peer_listen, peer_tls, rpc_metrics, False, health_service, replication, chat)]
+        servers = [_server(settings.listen, client_tls, rpc_metrics, health_service, chat, cluster, shared=shared),
+                   _server(settings.peer_listen, peer_tls, rpc_metrics, health_service, replication, chat)]
     else:
-        servers = [_server(settings.listen, None, rpc_metrics, shared, health_service, chat, cluster, replication)]
+        servers = [_server(settings.listen, None, rpc_metrics, health_service, chat, cluster, replication,
+                           shared=shared)]
     if gateways is not None:
         passed = GatewayServicer(unary_methods(*((s.descriptor, rpc_metrics.measured(s.descriptor, s.servicer))
                                                  for s in (chat, cluster))), chat.servicer)
         registry.register(GatewaysCollector(gateways, passed))
-        servers.append(_server(gateways.core_address, None, rpc_metrics, False, health_service, chat, cluster,
+        servers.append(_server(gateways.core_address, None, rpc_metrics, health_service, chat, cluster,
                                Service(gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"],
-                                       gateway_pb2_grpc.add_GatewayServiceServicer_to_server, passed)))
+                                       gateway_pb2_grpc.add_GatewayServiceServicer_to_server, passed),
+                               internal=True))
     metrics_server = None
     if settings.metrics_port:
         host = settings.listen.rpartition(":")[0].strip("[]")
@@ -266,21 +274,16 @@ class Service:
     servicer: Any
 
 
-def _server(address: str, material: tls.TlsMaterial | None, rpc_metrics: RpcMetrics, shared: bool,
-            *services: Service) -> grpc.aio.Server:
+def _server(address: str, material: tls.TlsMaterial | None, rpc_metrics: RpcMetrics, *services: Service,
+            shared: bool = False, internal: bool = False) -> grpc.aio.Server:
     """A gRPC server on `address` (TLS if given material; `shared` with the region's gateways) with these
-    services (health among them) and reflection; every call measured."""
-    server = grpc.aio.server(
-        # Peers send their state in one message (gateways their posts); client requests are held to their own limit.
-        options=[("grpc.max_receive_message_length", limits.MAX_PEER_STATE_BYTES),
-                 ("grpc.so_reuseport", int(shared))],
-        maximum_concurrent_rpcs=limits.MAX_CONCURRENT_RPCS)
+    services (health among them) and reflection; every call measured. An `internal` one, for the region's
+    gateways, has no limit of its own on calls at once: each gateway holds its clients to it."""
+    server = grpc.aio.server(options=limits.server_options(shared),
+                             maximum_concurrent_rpcs=None if internal else limits.MAX_CONCURRENT_RPCS)
     for service in services:
         service.add_to_server(rpc_metrics.measured(service.descriptor, service.servicer), server)
     reflection.enable_server_reflection([*(s.descriptor.full_name for s in services), reflection.SERVICE_NAME],
                                         server)
-    port = (server.add_insecure_port(address) if material is None
-            else server.add_secure_port(address, tls.server_credentials(material)))
-    if port == 0:
-        raise SystemExit(f"cannot listen on {address}: address in use or invalid")
+    tls.listen(server, address, material)
     return server

@@ -63,9 +63,7 @@ async def _abort_for(err: BaseException, context: grpc.aio.ServicerContext, regi
 
 
 def _check_size(request: Any) -> None:
-    if request.ByteSize() > limits.MAX_REQUEST_BYTES:
-        raise ResourceExhausted(f"request of {request.ByteSize()} bytes is larger than the "
-                                f"{limits.MAX_REQUEST_BYTES} bytes a client request may have")
+    limits.request_size(request.ByteSize())
 
 
 def unary(method: Callable[..., Any]) -> Callable[..., Any]:

@@ -64,7 +64,7 @@ class PassedCall(_message.Message):
     request: _builtins.bytes
     """as the client sent it"""
     time_remaining_s: _builtins.float
-    """of the client's deadline when the gateway sent the call; 0: none"""
+    """of the client's deadline when the gateway sent the call; unset: none"""
     @_builtins.property
     def metadata(self) -> _containers.RepeatedCompositeFieldContainer[Global___CallMetadata]:
         """the client's call metadata (its bearer token among it)"""
@@ -76,13 +76,15 @@ class PassedCall(_message.Message):
         method: _builtins.str = ...,
         metadata: _abc.Iterable[Global___CallMetadata] | None = ...,
         request: _builtins.bytes = ...,
-        time_remaining_s: _builtins.float = ...,
+        time_remaining_s: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_time_remaining_s", b"_time_remaining_s", "time_remaining_s", b"time_remaining_s"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "metadata", b"metadata", "method", b"method", "request", b"request", "time_remaining_s", b"time_remaining_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_time_remaining_s", b"_time_remaining_s", "id", b"id", "metadata", b"metadata", "method", b"method", "request", b"request", "time_remaining_s", b"time_remaining_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__time_remaining_s: _TypeAlias = _typing.Literal["time_remaining_s"]  # noqa: Y015
+    _WhichOneofArgType__time_remaining_s: _TypeAlias = _typing.Literal["_time_remaining_s", b"_time_remaining_s"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__time_remaining_s) -> _WhichOneofReturnType__time_remaining_s | None: ...
 
 Global___PassedCall: _TypeAlias = PassedCall  # noqa: Y015
 

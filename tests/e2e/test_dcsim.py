@@ -13,10 +13,11 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import descendants, pid_alive
+from support import pid_alive
 
 from dcsim.cluster import port_is_free
 from mlchat.geo.client import ChatClient
+from mlchat.leader.process import descendants
 
 REGIONS = "us-east,eu-west"
 US_EU_RTT_MS = 80.5  # from the default matrix

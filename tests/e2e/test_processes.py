@@ -12,15 +12,15 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import dcsim_run, descendants, flush, pid_alive, sample, wait_until
+from support import dcsim_run, flush, pid_alive, sample, wait_until
 
 from dcsim.prometheus import scrape
 from mlchat import certs
 from mlchat.geo.client import ChatClient
-from mlchat.leader.process import LeaderProcess, free_port
+from mlchat.leader.process import LeaderProcess, descendants, free_port
 from mlchat.tls import client_channel
 from mlchat.v1 import chat_pb2 as pb
-from mlchat.v1 import chat_pb2_grpc
+from mlchat.v1 import chat_pb2_grpc, cluster_pb2, cluster_pb2_grpc
 
 
 class Region:
@@ -148,6 +148,7 @@ def test_a_gateway_answers_every_call_as_the_core_does(region: Region, unique: s
         ("PostMessage", pb.PostMessageRequest(channel=unique, body="hi", client_msg_id="e2"),
          (("authorization", "Bearer forged"),)),
         ("PostMessage", pb.PostMessageRequest(channel=f"{unique}-private", body="hi", client_msg_id="e3"), ()),
+        ("PostMessage", pb.PostMessageRequest(channel=unique, body="x" * 70_000, client_msg_id="e4"), ()),
         ("ListMessages", pb.ListMessagesRequest(channel=unique, cursor="not a cursor"), ()),
         ("Subscribe", pb.SubscribeRequest(channel=f"{unique}-private"), ()),
         ("GetStatus", pb.GetStatusRequest(), ()),
@@ -160,6 +161,9 @@ def test_a_gateway_answers_every_call_as_the_core_does(region: Region, unique: s
     # Health, and the cluster service, through the gateway.
     health = health_pb2_grpc.HealthStub(via_gateway.channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
+    status = cluster_pb2_grpc.ClusterServiceStub(via_gateway.channel).GetClusterStatus(
+        cluster_pb2.GetClusterStatusRequest(), metadata=via_gateway.metadata, timeout=10)
+    assert status.region == "us-east" and status.messages >= 1
 
 
 def test_the_rate_limit_holds_across_the_regions_processes_with_its_trailer(region: Region, unique: str) -> None:

@@ -7,10 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from support import all_bodies, descendants, pid_alive, wait_until
+from support import all_bodies, pid_alive, wait_until
 
 from mlchat.geo.client import ChatClient
-from mlchat.leader.process import LeaderProcess
+from mlchat.leader.process import LeaderProcess, descendants
 from mlchat.v1 import chat_pb2 as pb
 from mlchat.v1 import chat_pb2_grpc
 

@@ -31,8 +31,9 @@ def test_live_messages_published_out_of_stream_order_all_reach_a_subscriber(own_
             await region.start()
             stream = region.subscribe("u1", "lobby", "")
             first = asyncio.ensure_future(anext(stream))
-            await asyncio.sleep(0)  # the task's first step: the subscription joins the fan-out before anything
-            assert region.fanout.subscriber_count() == 1
+            async with asyncio.timeout(5):  # until the subscription is on the fan-out
+                for _ in iter(region.fanout.subscriber_count, 1):
+                    await asyncio.sleep(0.001)
             region.fanout.publish("lobby", committed("1700000000002-0", "later in the stream"))
             region.fanout.publish("lobby", committed("1700000000001-0", "earlier in the stream"))
             got = [await asyncio.wait_for(first, 5), await asyncio.wait_for(anext(stream), 5)]
