@@ -187,12 +187,32 @@ class Feed:
         self.opened = asyncio.Event()  # the core sends all it commits from now on (or the feed ended)
         self.ended = False
         self.failure = ""  # why it ended, if not because the core is shutting down
-        self.subscribers = 0
+        self._subscribers = 0
+        self._counted = asyncio.Event()  # the count changed
         self.task: asyncio.Task[None] | None = None
+
+    @property
+    def subscribers(self) -> int:
+        return self._subscribers
+
+    @subscribers.setter
+    def subscribers(self, count: int) -> None:
+        self._subscribers = count
+        self._counted.set()
+
+    async def _requests(self) -> AsyncIterator[gateway_pb2.FeedRequest]:
+        """The channel, then the count of subscribers whenever it changes (the core counts them as its own)."""
+        told = None
+        while True:
+            self._counted.clear()
+            if self._subscribers != told:
+                told = self._subscribers
+                yield gateway_pb2.FeedRequest(channel=self.channel, subscribers=told)
+            await self._counted.wait()
 
     async def run(self, stub: gateway_pb2_grpc.GatewayServiceStub) -> None:
         try:
-            async for events in stub.Feed(gateway_pb2.FeedRequest(channel=self.channel)):
+            async for events in stub.Feed(self._requests()):
                 for event in events.events:
                     kind = event.WhichOneof("event")
                     if kind == "opened":

@@ -168,19 +168,36 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         async for response in self._chat.SubscribeUntilLive(request, context):
             yield response
 
-    @streaming
-    async def Feed(self, request, context):
-        channel = limits.channel(request.channel)
+    async def _feed(self, requests: AsyncIterator[gateway_pb2.FeedRequest], context: grpc.aio.ServicerContext
+                    ) -> AsyncIterator[gateway_pb2.FeedEvents]:
+        first = await anext(requests, None)
+        if first is None:
+            return
+        channel = limits.channel(first.channel)
+        me = object()  # this feed, in the region's count of the subscribers gateways feed
+
+        async def count() -> None:
+            async for request in requests:
+                self.region.fed[me] = request.subscribers
+
         with self.region.fanout.subscribe(channel) as sub:
-            yield gateway_pb2.FeedEvents(events=[gateway_pb2.FeedEvent(opened=True)])
-            while items := await sub.next_batch():
-                events = [gateway_pb2.FeedEvent(access_changed=True) if isinstance(item, AccessChanged)
-                          else gateway_pb2.FeedEvent(message=subscribe_response(item)) for item in items]
-                for batch in in_batches(events):
-                    yield gateway_pb2.FeedEvents(events=batch)
-            if sub.overflowed:
-                raise ResourceExhausted(f"a gateway's feed of channel {channel} fell more than {sub.capacity} "
-                                        "messages behind and was cut off")
+            self.region.fed[me] = first.subscribers
+            counting = asyncio.create_task(count())
+            try:
+                yield gateway_pb2.FeedEvents(events=[gateway_pb2.FeedEvent(opened=True)])
+                while items := await sub.next_batch():
+                    events = [gateway_pb2.FeedEvent(access_changed=True) if isinstance(item, AccessChanged)
+                              else gateway_pb2.FeedEvent(message=subscribe_response(item)) for item in items]
+                    for batch in in_batches(events):
+                        yield gateway_pb2.FeedEvents(events=batch)
+                if sub.overflowed:
+                    raise ResourceExhausted(f"a gateway's feed of channel {channel} fell more than {sub.capacity} "
+                                            "messages behind and was cut off")
+            finally:
+                counting.cancel()
+                del self.region.fed[me]
+
+    Feed = streaming(_feed, limit_size=False)  # each request is a few bytes, read by gRPC's own limit
 
     @unary
     async def MayRead(self, request, context):

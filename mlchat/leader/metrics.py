@@ -150,7 +150,8 @@ class LeaderCollector(Collector):
             conflicts.add_metric([kind], region.conflicts[kind])
         yield conflicts
 
-        yield GaugeMetricFamily("mlchat_subscribers", "Open Subscribe streams", value=region.fanout.subscriber_count())
+        yield GaugeMetricFamily("mlchat_subscribers", "Open Subscribe streams (on the gateways too)",
+                                value=region.subscriber_count())
         sizes = region.hot_shard_sizes()
         yield GaugeMetricFamily("mlchat_hot_shards", "Message-log shards held in memory", value=len(sizes))
         yield GaugeMetricFamily("mlchat_hot_shard_bytes", "Memory of the hot shards, estimated as the size of "
@@ -169,6 +170,8 @@ class GatewaysCollector(Collector):
                                 "when all are up)", value=self.gateways.running())
         yield CounterMetricFamily("mlchat_gateway_restarts", "Gateway processes that died and were started again",
                                   value=self.gateways.restarts)
+        yield GaugeMetricFamily("mlchat_gateway_feeds", "Channel feeds open to gateways, each shared by a "
+                                "gateway's subscribers of the channel", value=len(self.passed.region.fed))
         yield CounterMetricFamily("mlchat_gateway_calls", "Unary calls gateways passed to this core in batches "
                                   "(also counted in mlchat_rpc_total by method)", value=self.passed.calls)
         yield CounterMetricFamily("mlchat_gateway_batches", "Messages those calls came in (calls per batch: "

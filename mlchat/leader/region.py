@@ -147,6 +147,8 @@ class Region:
         self._in_doubt: set[str] = set()
         self.epoch = ""  # names the outbox (`Store.outbox_epoch`)
         self.fanout: Fanout[Committed | AccessChanged] = Fanout(settings.subscriber_buffer)
+        # Per feed of a channel to a gateway (which is one subscription of `fanout`): the subscribers it feeds.
+        self.fed: dict[object, int] = {}
         self.conflicts: Counter[str] = Counter()  # by kind: values from peers that met a different one here
 
     async def start(self) -> None:
@@ -522,6 +524,10 @@ class Region:
                         yield item
 
     # Private channels -------------------------------------------------------------------------
+
+    def subscriber_count(self) -> int:
+        """Open Subscribe streams of the region: on this process, and on its gateways."""
+        return self.fanout.subscriber_count() - len(self.fed) + sum(self.fed.values())
 
     async def check_access(self, channel: str, user_id: str) -> None:
         """Raise PermissionDenied unless `user_id` may read and post in `channel` (public, or a member)."""

@@ -327,6 +327,6 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
         return cluster_pb2.GetClusterStatusResponse(
             primary=term.primary if term else "", epoch=term.epoch if term else 0,
             region=self.region.name, mode=describe(settings.mode, settings.sync_acks), users=users, channels=channels,
-            messages=messages, hlc=self.region.clocks.clock.encode(), subscribers=self.region.fanout.subscriber_count(),
+            messages=messages, hlc=self.region.clocks.clock.encode(), subscribers=self.region.subscriber_count(),
             peers=self.peers(),
             state_digest=await self.region.digest() if request.with_digest else "")

@@ -45,7 +45,7 @@ class GatewayServiceStub:
                 request_serializer=mlchat_dot_v1_dot_chat__pb2.SubscribeRequest.SerializeToString,
                 response_deserializer=mlchat_dot_v1_dot_chat__pb2.SubscribeResponse.FromString,
                 _registered_method=True)
-        self.Feed = channel.unary_stream(
+        self.Feed = channel.stream_stream(
                 '/mlchat.v1.GatewayService/Feed',
                 request_serializer=mlchat_dot_v1_dot_gateway__pb2.FeedRequest.SerializeToString,
                 response_deserializer=mlchat_dot_v1_dot_gateway__pb2.FeedEvents.FromString,
@@ -75,8 +75,10 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Feed(self, request, context):
-        """A channel's messages as the core commits them, and marks where who may read it changed.
+    def Feed(self, request_iterator, context):
+        """A channel's messages as the core commits them, and marks where who may read it changed. The gateway
+        names the channel in its first request, and says how many subscribers it feeds in every request (one
+        is sent whenever that changes): the region's count of subscribers includes them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -102,7 +104,7 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     request_deserializer=mlchat_dot_v1_dot_chat__pb2.SubscribeRequest.FromString,
                     response_serializer=mlchat_dot_v1_dot_chat__pb2.SubscribeResponse.SerializeToString,
             ),
-            'Feed': grpc.unary_stream_rpc_method_handler(
+            'Feed': grpc.stream_stream_rpc_method_handler(
                     servicer.Feed,
                     request_deserializer=mlchat_dot_v1_dot_gateway__pb2.FeedRequest.FromString,
                     response_serializer=mlchat_dot_v1_dot_gateway__pb2.FeedEvents.SerializeToString,
@@ -178,7 +180,7 @@ class GatewayService:
             _registered_method=True)
 
     @staticmethod
-    def Feed(request,
+    def Feed(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -188,8 +190,8 @@ class GatewayService:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
             '/mlchat.v1.GatewayService/Feed',
             mlchat_dot_v1_dot_gateway__pb2.FeedRequest.SerializeToString,

@@ -45,8 +45,11 @@ class GatewayServiceStub:
     x-mlchat-live-after (the stream cursor past which messages are live) and x-mlchat-subscriber
     (the user's id).
     """
-    Feed: _grpc.UnaryStreamMultiCallable[_gateway_pb2.FeedRequest, _gateway_pb2.FeedEvents]
-    """A channel's messages as the core commits them, and marks where who may read it changed."""
+    Feed: _grpc.StreamStreamMultiCallable[_gateway_pb2.FeedRequest, _gateway_pb2.FeedEvents]
+    """A channel's messages as the core commits them, and marks where who may read it changed. The gateway
+    names the channel in its first request, and says how many subscribers it feeds in every request (one
+    is sent whenever that changes): the region's count of subscribers includes them.
+    """
     MayRead: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.MayReadRequest, _gateway_pb2.MayReadResponse]
     """Whether a user may still read a channel: OK, or PERMISSION_DENIED saying why."""
 
@@ -59,8 +62,11 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     x-mlchat-live-after (the stream cursor past which messages are live) and x-mlchat-subscriber
     (the user's id).
     """
-    Feed: _aio.UnaryStreamMultiCallable[_gateway_pb2.FeedRequest, _gateway_pb2.FeedEvents]  # type: ignore[assignment]
-    """A channel's messages as the core commits them, and marks where who may read it changed."""
+    Feed: _aio.StreamStreamMultiCallable[_gateway_pb2.FeedRequest, _gateway_pb2.FeedEvents]  # type: ignore[assignment]
+    """A channel's messages as the core commits them, and marks where who may read it changed. The gateway
+    names the channel in its first request, and says how many subscribers it feeds in every request (one
+    is sent whenever that changes): the region's count of subscribers includes them.
+    """
     MayRead: _aio.UnaryUnaryMultiCallable[_gateway_pb2.MayReadRequest, _gateway_pb2.MayReadResponse]  # type: ignore[assignment]
     """Whether a user may still read a channel: OK, or PERMISSION_DENIED saying why."""
 
@@ -86,10 +92,13 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def Feed(
         self,
-        request: _gateway_pb2.FeedRequest,
+        request_iterator: _MaybeAsyncIterator[_gateway_pb2.FeedRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_gateway_pb2.FeedEvents], _abc.AsyncIterator[_gateway_pb2.FeedEvents]]:
-        """A channel's messages as the core commits them, and marks where who may read it changed."""
+        """A channel's messages as the core commits them, and marks where who may read it changed. The gateway
+        names the channel in its first request, and says how many subscribers it feeds in every request (one
+        is sent whenever that changes): the region's count of subscribers includes them.
+        """
 
     @_abc_1.abstractmethod
     def MayRead(

@@ -242,9 +242,13 @@ def test_a_gateways_subscribers_of_a_channel_share_one_feed_from_the_core(region
         via_core.post(channel, f"to all {i}", f"a{i}")
     for stream in streams:
         assert [next(stream).message.body for _ in range(3)] == ["to all 0", "to all 1", "to all 2"]
-    assert region.metric("mlchat_subscribers") == 1  # on the core: the gateway's one feed of the channel
+    # The core feeds the gateway once for the channel, and counts the six subscribers the gateway feeds.
+    wait_until(lambda: region.metric("mlchat_gateway_feeds") == 1 and region.metric("mlchat_subscribers") == 6,
+               what="one feed, six subscribers")
     for stream in streams:
         stream.cancel()
+    wait_until(lambda: region.metric("mlchat_gateway_feeds") == 0 and region.metric("mlchat_subscribers") == 0,
+               what="the feed closed with its last subscriber")
 
 
 def test_a_subscription_through_a_gateway_resumes_without_gap_or_repeat(region: Region, unique: str) -> None:
