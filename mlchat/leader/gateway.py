@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import signal
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, NoReturn, TypeVar
 
@@ -33,6 +32,7 @@ from mlchat import tls
 from mlchat.errors import MlchatError
 from mlchat.leader import limits
 from mlchat.leader.fanout import Fanout, Subscription
+from mlchat.leader.process import until_terminated
 from mlchat.leader.region import cut_off, is_live
 from mlchat.leader.servicer import LIVE_AFTER, SUBSCRIBER
 from mlchat.v1 import chat_pb2, cluster_pb2, gateway_pb2, gateway_pb2_grpc
@@ -402,11 +402,7 @@ async def serve(region: str, listen: str, core_address: str, client_tls: tls.Tls
     log.info("gateway serving on %s, passing calls to the core at %s", listen, core_address)
     print(READY_LINE, flush=True)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_terminated()
     log.info("gateway shutting down")
     await server.stop(grace_s)  # calls in flight still reach the core, which stops after its gateways
     await relay.stop()

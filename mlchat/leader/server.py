@@ -11,7 +11,6 @@ import contextlib
 import logging
 import random
 import secrets
-import signal
 import tempfile
 import urllib.parse
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from mlchat.leader.consensus import Consensus
 from mlchat.leader.gateways import Gateways, GatewayServicer, unary_methods
 from mlchat.leader.leadership import Leadership
 from mlchat.leader.metrics import GatewaysCollector, RpcMetrics, metrics_registry, serve_metrics
+from mlchat.leader.process import until_terminated
 from mlchat.leader.region import Region
 from mlchat.leader.replication import ReplicationServicer, Replicator
 from mlchat.leader.servicer import Authenticator, ChatServicer, ClusterServicer, wall_ms
@@ -244,11 +244,7 @@ async def _serve(settings: LeaderSettings, store: Store, client_tls: tls.TlsMate
              ", ".join(region.members) or "none")
     print(f"mlchat leader {settings.region} serving on {where}", flush=True)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_terminated()
 
     log.info("shutting down")
     await health_servicer.enter_graceful_shutdown()

@@ -388,3 +388,35 @@ def test_regions_on_several_processes_replicate_through_the_wan(tmp_path: Path) 
         for stream in streams:
             assert sorted(next(stream).message.body for _ in range(posted)) == expected
             stream.cancel()
+
+
+def test_a_write_through_a_gateway_is_forwarded_to_the_primary_in_single_leader_mode(tmp_path: Path) -> None:
+    """The core serves a gateway's call with the call's own metadata and deadline: in single-leader mode a
+    follower forwards it, token and all, to the primary."""
+    primary, follower = "us-east", "eu-west"
+    with dcsim_run(tmp_path / "run", (primary, follower), mode="single-leader",
+                   leader_args=("--processes", "2")) as state:
+        regions = state["regions"]
+        address = regions[follower]["endpoints"][follower]
+        with ChatClient(address, timeout_s=10) as c:
+            wait_until(lambda: _signed_in(c, "forwarded_author"), deadline_s=30, what="a claim taken by the primary")
+            token = c.token
+        before = sample(scrape(regions[follower]["metrics"]), "mlchat_gateway_calls_total")
+        for i in range(60):  # fresh connections until one is served by the follower's gateway
+            conn = Connection(address, token)
+            posted = conn.post("forwarded", f"through a gateway {i}", f"f{i}")
+            assert posted.message.origin_region == primary
+            if sample(scrape(regions[follower]["metrics"]), "mlchat_gateway_calls_total") > before:
+                break
+        else:
+            raise AssertionError("no connection reached the follower's gateway")
+
+
+def _signed_in(c: ChatClient, user: str) -> bool:
+    try:
+        c.claim(user, f"{user}-claim-key-0123456789")
+        return True
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.UNAVAILABLE:  # until the primary holds its lease
+            raise
+        return False
