@@ -175,9 +175,11 @@ def main() -> None:
     parser.add_argument("--processes", default="1,2,4", help="comma-separated; the first is the baseline")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--measures", default="posts,reads,deliveries", help="comma-separated")
     args = parser.parse_args()
     counts = [int(n) for n in args.processes.split(",")]
-    measures = {"posts": posts(args.seconds), "reads": reads(args.seconds), "deliveries": deliveries(args.seconds)}
+    loads = {"posts": posts, "reads": reads, "deliveries": deliveries}
+    measures = {m: loads[m](args.seconds) for m in args.measures.split(",")}
 
     results: dict[tuple[str, int], list[dict[str, float]]] = {(m, n): [] for m in measures for n in counts}
     with tempfile.TemporaryDirectory(prefix="mlchat-bench-") as tmp:

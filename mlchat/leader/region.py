@@ -479,8 +479,9 @@ class Region:
 
     async def page(self, user_id: str, channel: str, cursor: str, limit: int, newest_first: bool) -> Page:
         after = decode_cursor(cursor) if cursor else ""
-        await self.check_access(channel, user_id)
-        return await self.store.page(channel, after, limit, newest_first)
+        page = await self.store.page(channel, after, limit, newest_first, user_id)
+        _refuse_unless_readable(channel, user_id, *page.access)
+        return page
 
     async def subscribe(self, user_id: str, channel: str, resume_cursor: str, live: bool = True
                         ) -> AsyncIterator[Committed | LiveAfter]:
@@ -531,9 +532,7 @@ class Region:
 
     async def check_access(self, channel: str, user_id: str) -> None:
         """Raise PermissionDenied unless `user_id` may read and post in `channel` (public, or a member)."""
-        private, member = await self.store.access(channel, user_id)
-        if private and not member:
-            raise PermissionDenied(not_a_member(channel, user_id))
+        _refuse_unless_readable(channel, user_id, *await self.store.access(channel, user_id))
 
     async def create_channel(self, user_id: str, channel: str) -> Claim:
         """Create the private channel `channel`, with `user_id` its creator and first member; return its
@@ -870,6 +869,11 @@ def is_live(stream_id: str, live_after: str) -> bool:
 
 def cut_off(capacity: int) -> str:
     return f"subscriber fell more than {capacity} messages behind and was cut off: resume from your last stream_cursor"
+
+
+def _refuse_unless_readable(channel: str, user_id: str, private: bool, member: bool) -> None:
+    if private and not member:
+        raise PermissionDenied(not_a_member(channel, user_id))
 
 
 def not_a_member(channel: str, user_id: str) -> str:

@@ -371,6 +371,12 @@ def _member_key(channel: str, user_id: str) -> str:
     return f"cm:{{{channel}}}:{user_id}"
 
 
+def _read_access(pipe: Any, channel: str, user_id: str) -> None:
+    """Queue the reads of whether `channel` is private and `user_id` a member of it (`Store.access`)."""
+    pipe.exists(_records(channel))
+    pipe.hget(_member_key(channel, user_id), "v")
+
+
 def _member_index(channel: str) -> str:
     return f"cmi:{{{channel}}}"
 
@@ -417,6 +423,7 @@ class PostOutcome:
 class Page:
     entries: list[LogEntry]
     stream_id: str  # the last stream entry when the page was read: Subscribe from here
+    access: tuple[bool, bool]  # (whether the channel is private, whether the reader is a member), read with it
 
 
 class Store:
@@ -503,17 +510,20 @@ class Store:
         member = await self._find(keys=[_ids(channel), _zset(channel)], args=[msg_id])
         return None if member is None else _entry(channel, member.decode())
 
-    async def page(self, channel: str, cursor: str, limit: int, newest_first: bool) -> Page:
+    async def page(self, channel: str, cursor: str, limit: int, newest_first: bool, reader: str = "") -> Page:
         """Up to `limit` messages after `cursor` (before it, newest first), read atomically with the
-        stream position so that Subscribe can continue exactly where the page ends."""
+        stream position so that Subscribe can continue exactly where the page ends, and with whether
+        `reader` may read the channel (one round trip)."""
         async with self.redis.pipeline(transaction=True) as pipe:
+            _read_access(pipe, channel, reader)
             if newest_first:
                 pipe.zrevrangebylex(_zset(channel), f"({cursor}" if cursor else "+", "-", 0, limit)
             else:
                 pipe.zrangebylex(_zset(channel), f"[{_after(cursor)}" if cursor else "-", "+", 0, limit)
             pipe.xrevrange(_stream(channel), "+", "-", 1)
-            members, last = await pipe.execute()
-        return Page([_entry(channel, m.decode()) for m in members], last[0][0].decode() if last else "0-0")
+            private, member, members, last = await pipe.execute()
+        return Page([_entry(channel, m.decode()) for m in members], last[0][0].decode() if last else "0-0",
+                    (bool(private), member == b"1"))
 
     async def stream_after(self, channel: str, stream_id: str, count: int) -> list[tuple[str, LogEntry]]:
         """Messages committed after `stream_id`, oldest first, with their stream ids."""
@@ -656,8 +666,7 @@ class Store:
     async def access(self, channel: str, user_id: str) -> tuple[bool, bool]:
         """(whether the channel is private, whether the user is a member), read together."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.exists(_records(channel))
-            pipe.hget(_member_key(channel, user_id), "v")
+            _read_access(pipe, channel, user_id)
             private, member = await pipe.execute()
         return bool(private), member == b"1"
 
