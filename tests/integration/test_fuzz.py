@@ -5,7 +5,7 @@ nothing, and the leader keeps serving."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -14,10 +14,13 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import flush, sample
 
+from dcsim.prometheus import scrape
 from mlchat.crdt.msglog import shard_name
 from mlchat.crdt.replica import HOUR_MS
 from mlchat.geo.client import ChatClient
+from mlchat.leader.process import LeaderProcess, free_port
 from mlchat.leader.servicer import PEER_PREFIX
 from mlchat.leader.tokens import TokenSigner
 from mlchat.v1 import chat_pb2, chat_pb2_grpc, cluster_pb2, cluster_pb2_grpc, replication_pb2, replication_pb2_grpc
@@ -87,9 +90,9 @@ def _rpcs(service: Any, stub: Any) -> list[tuple[str, Any, Callable[..., Any], b
     return out
 
 
-@pytest.fixture(scope="module")
-def targets(leader) -> dict[str, Any]:
-    channel = grpc.insecure_channel(leader.address)
+def _targets(leader: LeaderProcess, channel: grpc.Channel, replication: bool) -> dict[str, Any]:
+    """The RPCs to call on `channel` (the replication service's too, with `replication`), a signed-in user,
+    and a user's and a peer's token."""
     user = ChatClient(leader.address)
     user.claim("fuzz_user", "fuzz-user-claim-key-0001")
     posted = user.post("general", "something to replicate", "fuzz-seed").message
@@ -98,12 +101,44 @@ def targets(leader) -> dict[str, Any]:
     peer, _ = TokenSigner(secret).issue(PEER_PREFIX + "fuzz-peer", "fuzz-peer", int(time.time() * 1000))
     rpcs = [*(_rpcs(chat_pb2.DESCRIPTOR.services_by_name["ChatService"], chat_pb2_grpc.ChatServiceStub(channel))),
             *(_rpcs(cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"],
-                    cluster_pb2_grpc.ClusterServiceStub(channel))),
-            *(_rpcs(replication_pb2.DESCRIPTOR.services_by_name["ReplicationService"],
-                    replication_pb2_grpc.ReplicationServiceStub(channel)))]
-    yield {"rpcs": rpcs, "user": user, "user_token": user.token, "peer_token": peer}
-    user.close()
-    channel.close()
+                    cluster_pb2_grpc.ClusterServiceStub(channel)))]
+    if replication:
+        rpcs += _rpcs(replication_pb2.DESCRIPTOR.services_by_name["ReplicationService"],
+                      replication_pb2_grpc.ReplicationServiceStub(channel))
+    return {"rpcs": rpcs, "user": user, "user_token": user.token, "peer_token": peer}
+
+
+@pytest.fixture(scope="module")
+def targets(leader) -> Iterator[dict[str, Any]]:
+    with grpc.insecure_channel(leader.address) as channel:
+        found = _targets(leader, channel, replication=True)
+        yield found
+        found["user"].close()
+
+
+@pytest.fixture(scope="module")
+def gateway_targets(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The chat and cluster RPCs on a connection that a gateway of a region of two processes serves."""
+    url = f"{redis_url}/6"  # a database of its own: the module's other leader is us-east too
+    flush(url)
+    metrics = free_port()
+    with LeaderProcess("us-east", tmp_path_factory.mktemp("fuzz-gateway"), redis_url=url, peer_port=free_port(),
+                       extra_args=("--processes", "2", "--metrics-port", str(metrics), "--user-rate", "0")) as leader:
+        url_of_metrics = f"http://127.0.0.1:{metrics}/metrics"
+        for _ in range(60):  # fresh connections until a gateway serves one
+            channel = grpc.insecure_channel(leader.address, options=[("grpc.use_local_subchannel_pool", 1)])
+            before = sample(scrape(url_of_metrics), "mlchat_gateway_calls_total")
+            with pytest.raises(grpc.RpcError):  # no token: refused, by whichever process took the connection
+                chat_pb2_grpc.ChatServiceStub(channel).GetStatus(chat_pb2.GetStatusRequest(user_id="u"), timeout=5)
+            if sample(scrape(url_of_metrics), "mlchat_gateway_calls_total") > before:
+                break
+            channel.close()
+        else:
+            raise AssertionError("no connection reached the gateway")
+        found = _targets(leader, channel, replication=False)
+        yield found
+        found["user"].close()
+        channel.close()
 
 
 def _counts(user: ChatClient) -> tuple[int, int, int]:
@@ -121,6 +156,21 @@ RPC_NAMES = [m.full_name for service in (chat_pb2.DESCRIPTOR.services_by_name["C
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_any_request_gets_a_precise_status_and_a_refusal_changes_nothing(targets, rpc, data):
+    _fuzz_once(targets, rpc, data)
+
+
+CLIENT_RPC_NAMES = [n for n in RPC_NAMES if ".ReplicationService." not in n]
+
+
+@pytest.mark.parametrize("rpc", CLIENT_RPC_NAMES, ids=[n.rsplit(".", 1)[-1] for n in CLIENT_RPC_NAMES])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_request_through_a_gateway_gets_a_precise_status_and_a_refusal_changes_nothing(gateway_targets, rpc,
+                                                                                          data):
+    _fuzz_once(gateway_targets, rpc, data)
+
+
+def _fuzz_once(targets: dict[str, Any], rpc: str, data: st.DataObject) -> None:
     name, cls, call, streaming = next(r for r in targets["rpcs"] if r[0] == rpc)
     request = _build(cls, data.draw(messages(cls.DESCRIPTOR), label="fields"))
     own = "peer" if ".ReplicationService." in name else "user"
