@@ -85,15 +85,17 @@ async def _pass_back(err: grpc.aio.AioRpcError, context: grpc.aio.ServicerContex
 
 class CallRelay:
     """Passes unary calls to the core on one stream, as many to a message as are waiting, and answers each
-    caller with its own outcome as soon as the core sends it. If the stream breaks, every call waiting on it
-    hears UNAVAILABLE (it may have taken effect: a post retried with the same client_msg_id is answered as a
-    duplicate), and the next call opens a new stream."""
+    caller with its own outcome as soon as the core sends it. A caller that goes away (or runs out of time)
+    takes its call back, or has the core cancel it, as gRPC would a call to the core. If the stream breaks,
+    every call waiting on it hears UNAVAILABLE (it may have taken effect: a post retried with the same
+    client_msg_id is answered as a duplicate), and the next call opens a new stream."""
 
     def __init__(self, stub: gateway_pb2_grpc.GatewayServiceStub, region: str) -> None:
         self._stub = stub
         self._region = region
         self._ids = itertools.count(1)
-        self._queue: list[gateway_pb2.PassedCall] = []
+        self._queue: dict[int, gateway_pb2.PassedCall] = {}  # not sent yet, by id
+        self._cancelled: list[int] = []  # sent, and to be cancelled
         self._waiting: dict[int, asyncio.Future[gateway_pb2.CallOutcome]] = {}
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
@@ -111,14 +113,19 @@ class CallRelay:
         call_id = next(self._ids)
         future: asyncio.Future[gateway_pb2.CallOutcome] = asyncio.get_running_loop().create_future()
         self._waiting[call_id] = future
-        self._queue.append(gateway_pb2.PassedCall(
+        self._queue[call_id] = gateway_pb2.PassedCall(
             id=call_id, method=method, request=request, time_remaining_s=context.time_remaining(),
             metadata=[gateway_pb2.CallMetadata(key=k, value=v) for k, v in passed_metadata(context)
-                      if isinstance(v, str)]))
+                      if isinstance(v, str)])
         self._wake.set()
         try:
             outcome = await future
-        finally:  # a caller that gave up is forgotten: its outcome, when it comes, answers nobody
+        except asyncio.CancelledError:
+            if self._queue.pop(call_id, None) is None:
+                self._cancelled.append(call_id)
+                self._wake.set()
+            raise
+        finally:
             self._waiting.pop(call_id, None)
         if outcome.trailing_metadata:
             context.set_trailing_metadata(tuple((m.key, m.value) for m in outcome.trailing_metadata))
@@ -130,27 +137,39 @@ class CallRelay:
         while True:
             while not self._queue:  # a stream is opened for calls only: a core that is down is not retried in a loop
                 self._wake.clear()
+                self._cancelled.clear()  # no stream: nothing sent is still running
                 await self._wake.wait()
-            stream = self._stub.Calls()
-            reader = asyncio.create_task(self._read(stream))
-            reader.add_done_callback(lambda _: self._wake.set())
-            failure = "the core process closed the stream"
             try:
-                while not reader.done():
-                    self._wake.clear()
-                    while self._queue and not reader.done():
-                        taken, self._queue = self._queue, []
-                        for batch in in_batches(taken):
-                            await stream.write(gateway_pb2.CallBatch(calls=batch))
-                    await self._wake.wait()
-                if (err := reader.exception()) is not None:
-                    failure = str(err.details() if isinstance(err, grpc.aio.AioRpcError) else err)
-            except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as err:
-                failure = err.details() if isinstance(err, grpc.aio.AioRpcError) else str(err)
-            finally:
-                reader.cancel()
-                stream.cancel()
+                failure = await self._stream()
+            except Exception as err:  # whatever it was, the calls waiting hear of it, and the next call goes on
+                log.exception("the stream of calls to the core failed")
+                failure = str(err)
             self._fail_waiting(failure)
+
+    async def _stream(self) -> str:
+        """Send calls on one stream until it ends; return why it did."""
+        stream = self._stub.Calls()
+        reader = asyncio.create_task(self._read(stream))
+        reader.add_done_callback(lambda _: self._wake.set())
+        try:
+            while not reader.done():
+                self._wake.clear()
+                while (self._queue or self._cancelled) and not reader.done():
+                    taken, self._queue = list(self._queue.values()), {}
+                    cancelled, self._cancelled = self._cancelled, []
+                    for batch in in_batches(taken) if taken else [[]]:
+                        await stream.write(gateway_pb2.CallBatch(calls=batch, cancelled=cancelled))
+                        cancelled = []
+                await self._wake.wait()
+            err = None if reader.cancelled() else reader.exception()
+            if isinstance(err, grpc.aio.AioRpcError):
+                return err.details() or err.code().name
+            return str(err) if err else "the core process closed the stream"
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as err:
+            return (err.details() or err.code().name) if isinstance(err, grpc.aio.AioRpcError) else str(err)
+        finally:
+            reader.cancel()
+            stream.cancel()
 
     async def _read(self, stream: Any) -> None:
         async for message in stream:
@@ -161,6 +180,7 @@ class CallRelay:
 
     def _fail_waiting(self, failure: str) -> None:
         self._queue.clear()
+        self._cancelled.clear()
         unavailable = gateway_pb2.CallOutcome(
             code=grpc.StatusCode.UNAVAILABLE.value[0],
             details=f"region {self._region} lost its core process while the call was on its way ({failure}): it "
@@ -187,26 +207,29 @@ class Feed:
         self.opened = asyncio.Event()  # the core sends all it commits from now on (or the feed ended)
         self.ended = False
         self.failure = ""  # why it ended, if not because the core is shutting down
-        self._subscribers = 0
-        self._counted = asyncio.Event()  # the count changed
+        self.subscribers = 0  # joined: the feed closes with the last
+        self._live = 0  # past the core's part (their backlog sent): the core counts these as its subscribers
+        self._counted = asyncio.Event()  # `_live` changed
         self.task: asyncio.Task[None] | None = None
 
-    @property
-    def subscribers(self) -> int:
-        return self._subscribers
-
-    @subscribers.setter
-    def subscribers(self, count: int) -> None:
-        self._subscribers = count
+    @contextlib.contextmanager
+    def live(self) -> Iterator[None]:
+        """A subscriber fed from here on."""
+        self._live += 1
         self._counted.set()
+        try:
+            yield
+        finally:
+            self._live -= 1
+            self._counted.set()
 
     async def _requests(self) -> AsyncIterator[gateway_pb2.FeedRequest]:
-        """The channel, then the count of subscribers whenever it changes (the core counts them as its own)."""
+        """The channel, then the count of live subscribers whenever it changes."""
         told = None
         while True:
             self._counted.clear()
-            if self._subscribers != told:
-                told = self._subscribers
+            if self._live != told:
+                told = self._live
                 yield gateway_pb2.FeedRequest(channel=self.channel, subscribers=told)
             await self._counted.wait()
 
@@ -279,27 +302,31 @@ def _proxies(core: grpc.aio.Channel, relay: CallRelay, feeds: Feeds, region: str
 
         return handler
 
+    async def responses(call: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        """A streaming call to the core's responses; the client's call ends as the core's did."""
+        try:
+            async for response in call:
+                yield response
+        except grpc.aio.AioRpcError as err:
+            await _pass_back(err, context, region)
+        finally:  # the client went away: so does the call to the core
+            call.cancel()
+
     def streaming(method: str) -> Callable[..., AsyncIterator[bytes]]:
         open_call = core.unary_stream(method)
 
         async def handler(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
             call = open_call(request, metadata=passed_metadata(context), timeout=context.time_remaining())
-            try:
-                async for response in call:
-                    yield response
-            except grpc.aio.AioRpcError as err:
-                await _pass_back(err, context, region)
-            finally:  # the client went away: so does the call to the core
-                call.cancel()
+            async for response in responses(call, context):
+                yield response
 
         return handler
 
     def relayed(method: str) -> Callable[..., Any]:
         async def handler(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            try:  # here, so that a batch never carries more than client requests may hold
-                limits.request_size(len(request))
-            except MlchatError as err:
-                await context.abort(grpc.StatusCode[err.grpc_status], str(err))
+            if len(request) > BATCH_BYTES:  # no batch carries it; the core holds smaller ones to its limit
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request of {len(request)} bytes is "
+                                    f"larger than the {limits.MAX_REQUEST_BYTES} bytes a client request may have")
             return await relay.call(method, request, context)
 
         return handler
@@ -320,24 +347,21 @@ def _proxies(core: grpc.aio.Channel, relay: CallRelay, feeds: Feeds, region: str
                 await _feed_ended(feed, context, region, channel)
                 return
             call = until_live(request, metadata=passed_metadata(context), timeout=context.time_remaining())
-            try:
-                async for response in call:
-                    yield response
-                trailers = dict(await call.trailing_metadata() or ())
-            except grpc.aio.AioRpcError as err:
-                await _pass_back(err, context, region)
-            finally:
-                call.cancel()
+            async for response in responses(call, context):
+                yield response
+            trailers = dict(await call.trailing_metadata() or ())
             live_after, user_id = trailers[LIVE_AFTER], trailers[SUBSCRIBER]
-            while batch := await live.next_batch():
-                for item in batch:
-                    if item is None:  # as the core does: check again, and end the stream if no more
-                        try:
-                            await may_read(gateway_pb2.MayReadRequest(channel=channel, user_id=user_id), timeout=10)
-                        except grpc.aio.AioRpcError as err:
-                            await _pass_back(err, context, region)
-                    elif is_live(item[0], live_after):
-                        yield item[1]
+            with feed.live():  # counted by the core from here (before, the core counted its own part)
+                while batch := await live.next_batch():
+                    for item in batch:
+                        if item is None:  # as the core does: check again, and end the stream if no more
+                            try:
+                                await may_read(gateway_pb2.MayReadRequest(channel=channel, user_id=user_id),
+                                               timeout=10)
+                            except grpc.aio.AioRpcError as err:
+                                await _pass_back(err, context, region)
+                        elif is_live(item[0], live_after):
+                            yield item[1]
             if live.overflowed:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, cut_off(live.capacity))
             await _feed_ended(feed, context, region, channel)

@@ -12,6 +12,7 @@ to the gateway.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import subprocess
 import sys
@@ -120,6 +121,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             return context.outcome(call.id, await handler(request, context))
         except _Aborted:
             return context.outcome(call.id, None)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():  # the gateway's caller went away: nobody to answer
+                raise
+            context.fail(grpc.StatusCode.CANCELLED, "the call was cancelled")  # from within: say so, as gRPC would
+            return context.outcome(call.id, None)
         except Exception as e:  # as gRPC answers a handler's unexpected failure
             log.exception("%s passed on by a gateway failed", call.method)
             context.fail(grpc.StatusCode.UNKNOWN, f"Unexpected {type(e)}: {e}")
@@ -129,14 +136,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                     ) -> AsyncIterator[gateway_pb2.CallOutcomes]:
         outcomes: list[gateway_pb2.CallOutcome] = []
         ready = asyncio.Event()
-        mine: set[asyncio.Task[None]] = set()
+        mine: dict[int, asyncio.Task[None]] = {}  # by call id
 
         async def serve(call: gateway_pb2.PassedCall) -> None:
             outcomes.append(await self._outcome(call))
 
-        def served(task: asyncio.Task[None]) -> None:
+        def served(call_id: int, task: asyncio.Task[None]) -> None:
             self._serving.discard(task)
-            mine.discard(task)
+            mine.pop(call_id, None)
             ready.set()
 
         async def take() -> None:
@@ -146,8 +153,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 for call in batch.calls:
                     task = asyncio.create_task(serve(call))
                     self._serving.add(task)
-                    mine.add(task)
-                    task.add_done_callback(served)
+                    mine[call.id] = task
+                    task.add_done_callback(functools.partial(served, call.id))
+                for call_id in batch.cancelled:
+                    if call_id in mine:
+                        mine[call_id].cancel()
 
         taking = asyncio.create_task(take())
         taking.add_done_callback(lambda _: ready.set())
@@ -161,7 +171,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                         yield gateway_pb2.CallOutcomes(outcomes=batch)
         finally:
             taking.cancel()
-
 
     async def SubscribeUntilLive(self, request: chat_pb2.SubscribeRequest, context: grpc.aio.ServicerContext
                                  ) -> AsyncIterator[chat_pb2.SubscribeResponse]:
@@ -242,6 +251,9 @@ class Gateways:
             line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout_s)
         except TimeoutError:
             line = b""
+        except asyncio.CancelledError:  # stopping: the process is terminated by `stop`
+            proc.stdout.close()
+            raise
         if line.decode().strip() != READY_LINE:
             proc.kill()  # which also ends the read, if it timed out
             proc.wait()
@@ -265,9 +277,9 @@ class Gateways:
                 if proc.poll() is not None:
                     log.warning("gateway process %d exited with status %s: starting another", proc.pid,
                                 proc.returncode)
-                    self.restarts += 1
                     try:
                         await self._spawn(slot)
+                        self.restarts += 1
                     except SystemExit as e:
                         log.error("%s; trying again in %.0f s", e, self.RETRY_S)
                         await asyncio.sleep(self.RETRY_S)

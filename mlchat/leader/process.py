@@ -40,9 +40,12 @@ async def until_terminated() -> None:
 def descendants(pid: int) -> set[int]:
     """Every process below `pid` (Linux)."""
     out: set[int] = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            out |= {int(child), *descendants(int(child))}
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                out |= {int(child), *descendants(int(child))}
+    except FileNotFoundError:  # it exited meanwhile
+        pass
     return out
 
 

@@ -510,7 +510,7 @@ class Store:
         member = await self._find(keys=[_ids(channel), _zset(channel)], args=[msg_id])
         return None if member is None else _entry(channel, member.decode())
 
-    async def page(self, channel: str, cursor: str, limit: int, newest_first: bool, reader: str = "") -> Page:
+    async def page(self, channel: str, cursor: str, limit: int, newest_first: bool, reader: str) -> Page:
         """Up to `limit` messages after `cursor` (before it, newest first), read atomically with the
         stream position so that Subscribe can continue exactly where the page ends, and with whether
         `reader` may read the channel (one round trip)."""

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from mlchat.v1 import chat_pb2 as mlchat_dot_v1_dot_chat__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mlchat/v1/gateway.proto\x12\tmlchat.v1\x1a\x14mlchat/v1/chat.proto\"*\n\x0c\x43\x61llMetadata\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x98\x01\n\nPassedCall\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06method\x18\x02 \x01(\t\x12)\n\x08metadata\x18\x03 \x03(\x0b\x32\x17.mlchat.v1.CallMetadata\x12\x0f\n\x07request\x18\x04 \x01(\x0c\x12\x1d\n\x10time_remaining_s\x18\x05 \x01(\x01H\x00\x88\x01\x01\x42\x13\n\x11_time_remaining_s\"1\n\tCallBatch\x12$\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x15.mlchat.v1.PassedCall\"~\n\x0b\x43\x61llOutcome\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x10\n\x08response\x18\x03 \x01(\x0c\x12\x0f\n\x07\x64\x65tails\x18\x04 \x01(\t\x12\x32\n\x11trailing_metadata\x18\x05 \x03(\x0b\x32\x17.mlchat.v1.CallMetadata\"8\n\x0c\x43\x61llOutcomes\x12(\n\x08outcomes\x18\x01 \x03(\x0b\x32\x16.mlchat.v1.CallOutcome\"3\n\x0b\x46\x65\x65\x64Request\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x13\n\x0bsubscribers\x18\x02 \x01(\r\"q\n\tFeedEvent\x12\x10\n\x06opened\x18\x01 \x01(\x08H\x00\x12/\n\x07message\x18\x02 \x01(\x0b\x32\x1c.mlchat.v1.SubscribeResponseH\x00\x12\x18\n\x0e\x61\x63\x63\x65ss_changed\x18\x03 \x01(\x08H\x00\x42\x07\n\x05\x65vent\"2\n\nFeedEvents\x12$\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x14.mlchat.v1.FeedEvent\"2\n\x0eMayReadRequest\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"\x11\n\x0fMayReadResponse2\x9c\x02\n\x0eGatewayService\x12:\n\x05\x43\x61lls\x12\x14.mlchat.v1.CallBatch\x1a\x17.mlchat.v1.CallOutcomes(\x01\x30\x01\x12Q\n\x12SubscribeUntilLive\x12\x1b.mlchat.v1.SubscribeRequest\x1a\x1c.mlchat.v1.SubscribeResponse0\x01\x12\x39\n\x04\x46\x65\x65\x64\x12\x16.mlchat.v1.FeedRequest\x1a\x15.mlchat.v1.FeedEvents(\x01\x30\x01\x12@\n\x07MayRead\x12\x19.mlchat.v1.MayReadRequest\x1a\x1a.mlchat.v1.MayReadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mlchat/v1/gateway.proto\x12\tmlchat.v1\x1a\x14mlchat/v1/chat.proto\"*\n\x0c\x43\x61llMetadata\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x98\x01\n\nPassedCall\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06method\x18\x02 \x01(\t\x12)\n\x08metadata\x18\x03 \x03(\x0b\x32\x17.mlchat.v1.CallMetadata\x12\x0f\n\x07request\x18\x04 \x01(\x0c\x12\x1d\n\x10time_remaining_s\x18\x05 \x01(\x01H\x00\x88\x01\x01\x42\x13\n\x11_time_remaining_s\"D\n\tCallBatch\x12$\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x15.mlchat.v1.PassedCall\x12\x11\n\tcancelled\x18\x02 \x03(\x04\"~\n\x0b\x43\x61llOutcome\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x10\n\x08response\x18\x03 \x01(\x0c\x12\x0f\n\x07\x64\x65tails\x18\x04 \x01(\t\x12\x32\n\x11trailing_metadata\x18\x05 \x03(\x0b\x32\x17.mlchat.v1.CallMetadata\"8\n\x0c\x43\x61llOutcomes\x12(\n\x08outcomes\x18\x01 \x03(\x0b\x32\x16.mlchat.v1.CallOutcome\"3\n\x0b\x46\x65\x65\x64Request\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x13\n\x0bsubscribers\x18\x02 \x01(\r\"q\n\tFeedEvent\x12\x10\n\x06opened\x18\x01 \x01(\x08H\x00\x12/\n\x07message\x18\x02 \x01(\x0b\x32\x1c.mlchat.v1.SubscribeResponseH\x00\x12\x18\n\x0e\x61\x63\x63\x65ss_changed\x18\x03 \x01(\x08H\x00\x42\x07\n\x05\x65vent\"2\n\nFeedEvents\x12$\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x14.mlchat.v1.FeedEvent\"2\n\x0eMayReadRequest\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"\x11\n\x0fMayReadResponse2\x9c\x02\n\x0eGatewayService\x12:\n\x05\x43\x61lls\x12\x14.mlchat.v1.CallBatch\x1a\x17.mlchat.v1.CallOutcomes(\x01\x30\x01\x12Q\n\x12SubscribeUntilLive\x12\x1b.mlchat.v1.SubscribeRequest\x1a\x1c.mlchat.v1.SubscribeResponse0\x01\x12\x39\n\x04\x46\x65\x65\x64\x12\x16.mlchat.v1.FeedRequest\x1a\x15.mlchat.v1.FeedEvents(\x01\x30\x01\x12@\n\x07MayRead\x12\x19.mlchat.v1.MayReadRequest\x1a\x1a.mlchat.v1.MayReadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,21 +37,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PASSEDCALL']._serialized_start=105
   _globals['_PASSEDCALL']._serialized_end=257
   _globals['_CALLBATCH']._serialized_start=259
-  _globals['_CALLBATCH']._serialized_end=308
-  _globals['_CALLOUTCOME']._serialized_start=310
-  _globals['_CALLOUTCOME']._serialized_end=436
-  _globals['_CALLOUTCOMES']._serialized_start=438
-  _globals['_CALLOUTCOMES']._serialized_end=494
-  _globals['_FEEDREQUEST']._serialized_start=496
-  _globals['_FEEDREQUEST']._serialized_end=547
-  _globals['_FEEDEVENT']._serialized_start=549
-  _globals['_FEEDEVENT']._serialized_end=662
-  _globals['_FEEDEVENTS']._serialized_start=664
-  _globals['_FEEDEVENTS']._serialized_end=714
-  _globals['_MAYREADREQUEST']._serialized_start=716
-  _globals['_MAYREADREQUEST']._serialized_end=766
-  _globals['_MAYREADRESPONSE']._serialized_start=768
-  _globals['_MAYREADRESPONSE']._serialized_end=785
-  _globals['_GATEWAYSERVICE']._serialized_start=788
-  _globals['_GATEWAYSERVICE']._serialized_end=1072
+  _globals['_CALLBATCH']._serialized_end=327
+  _globals['_CALLOUTCOME']._serialized_start=329
+  _globals['_CALLOUTCOME']._serialized_end=455
+  _globals['_CALLOUTCOMES']._serialized_start=457
+  _globals['_CALLOUTCOMES']._serialized_end=513
+  _globals['_FEEDREQUEST']._serialized_start=515
+  _globals['_FEEDREQUEST']._serialized_end=566
+  _globals['_FEEDEVENT']._serialized_start=568
+  _globals['_FEEDEVENT']._serialized_end=681
+  _globals['_FEEDEVENTS']._serialized_start=683
+  _globals['_FEEDEVENTS']._serialized_end=733
+  _globals['_MAYREADREQUEST']._serialized_start=735
+  _globals['_MAYREADREQUEST']._serialized_end=785
+  _globals['_MAYREADRESPONSE']._serialized_start=787
+  _globals['_MAYREADRESPONSE']._serialized_end=804
+  _globals['_GATEWAYSERVICE']._serialized_start=807
+  _globals['_GATEWAYSERVICE']._serialized_end=1091
 # @@protoc_insertion_point(module_scope)

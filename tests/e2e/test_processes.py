@@ -158,6 +158,13 @@ def test_a_gateway_answers_every_call_as_the_core_does(region: Region, unique: s
         assert through_gateway == failure(via_core, call, request, metadata)
         assert through_gateway[0] != grpc.StatusCode.UNKNOWN and through_gateway[1]
 
+    # The core alone holds a request to the size limit, on what it parses: a field sent twice counts once.
+    twice = (pb.PostMessageRequest(channel=unique, body="x" * 70_000, client_msg_id="t1").SerializeToString()
+             + pb.PostMessageRequest(body="hi").SerializeToString())
+    for conn in (via_gateway, via_core):
+        raw = conn.channel.unary_unary("/mlchat.v1.ChatService/PostMessage")
+        assert pb.PostMessageResponse.FromString(raw(twice, metadata=conn.metadata, timeout=10)).message.body == "hi"
+
     # Health, and the cluster service, through the gateway.
     health = health_pb2_grpc.HealthStub(via_gateway.channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert health.status == health_pb2.HealthCheckResponse.SERVING

@@ -32,11 +32,16 @@ class Commits:
     def __init__(self) -> None:
         self.release = asyncio.Event()
         self.started: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)  # by body
+        self.cancelled: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)  # by body
 
     async def __call__(self, request: pb.PostMessageRequest, call: Any) -> pb.PostMessageResponse:
         self.started[request.body].set()
         if request.body == "slow":
-            await self.release.wait()
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                self.cancelled[request.body].set()
+                raise
         if request.body == "refuse":
             await call.abort(grpc.StatusCode.PERMISSION_DENIED, "not for you",
                              (("retry-after-ms", "7"),))
@@ -163,3 +168,17 @@ async def _a_call_the_core_does_not_serve_is_unimplemented() -> None:
             await rig.stub.ListMessages(pb.ListMessagesRequest(channel="c"))
         assert refused.value.code() is grpc.StatusCode.UNIMPLEMENTED
         assert "ListMessages" in refused.value.details()
+
+
+def test_a_call_whose_caller_runs_out_of_time_is_cancelled_at_the_core() -> None:
+    asyncio.run(_a_call_whose_caller_runs_out_of_time_is_cancelled_at_the_core())
+
+
+async def _a_call_whose_caller_runs_out_of_time_is_cancelled_at_the_core() -> None:
+    async with running() as rig:
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            await rig.stub.PostMessage(post("slow"), timeout=0.5)
+        assert late.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        # As gRPC cancels a handler whose caller is gone: the core stops serving it.
+        await asyncio.wait_for(rig.commits.cancelled["slow"].wait(), 10)
+        assert (await rig.stub.PostMessage(post("fast"))).message.body == "fast"  # the stream serves on

@@ -85,7 +85,7 @@ def test_a_copy_from_another_region_replaces_a_later_one(any_redis_url, unique):
         await post(store, ch, [local])
         new = await store.apply(shard(ch), [earlier, entry(ch, 2, 6_000, "eu-west")], b"u2", b"sv", CAP,
                                 ship(hlc(6_001)))
-        return new, await store.find(ch, local.id), (await store.page(ch, "", 10, False)).entries
+        return new, await store.find(ch, local.id), (await store.page(ch, "", 10, False, "u1")).entries
 
     new, found, page = run(any_redis_url, body)
     assert list(new) == [entry(ch, 2, 6_000, "eu-west").id]
@@ -102,7 +102,7 @@ def test_paging_both_ways_covers_everything_once(any_redis_url, unique):
         pages = []
         for newest_first in (False, True):
             seen, cursor = [], ""
-            while page := (await store.page(ch, cursor, 7, newest_first)).entries:
+            while page := (await store.page(ch, cursor, 7, newest_first, "u1")).entries:
                 seen += page
                 cursor = page[-1].order_key
             pages.append(seen)
