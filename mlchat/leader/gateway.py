@@ -32,7 +32,7 @@ from mlchat import tls
 from mlchat.errors import MlchatError
 from mlchat.leader import limits
 from mlchat.leader.fanout import Fanout, Subscription
-from mlchat.leader.process import until_terminated
+from mlchat.leader.process import on_termination
 from mlchat.leader.region import cut_off, is_live
 from mlchat.leader.servicer import LIVE_AFTER, SUBSCRIBER
 from mlchat.v1 import chat_pb2, cluster_pb2, gateway_pb2, gateway_pb2_grpc
@@ -419,6 +419,7 @@ async def serve(region: str, listen: str, core_address: str, client_tls: tls.Tls
         material = tls.load(client_tls) if client_tls else None
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    terminated = on_termination()
     core = core_channel(core_address)
     server, relay = gateway_server(region, listen, core, material, subscriber_buffer)
     relay.start()
@@ -426,7 +427,7 @@ async def serve(region: str, listen: str, core_address: str, client_tls: tls.Tls
     log.info("gateway serving on %s, passing calls to the core at %s", listen, core_address)
     print(READY_LINE, flush=True)
 
-    await until_terminated()
+    await terminated.wait()
     log.info("gateway shutting down")
     await server.stop(grace_s)  # calls in flight still reach the core, which stops after its gateways
     await relay.stop()

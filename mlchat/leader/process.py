@@ -28,13 +28,14 @@ def _ephemeral_low() -> int:
         return 32768
 
 
-async def until_terminated() -> None:
-    """Return at SIGTERM or SIGINT (Ctrl-C): a serving process then shuts down gracefully."""
+def on_termination() -> asyncio.Event:
+    """An event set at SIGTERM or SIGINT (Ctrl-C), from now on: a process asks for it before it starts serving,
+    so that a signal during its start is a graceful shutdown once started, not the end of it there and then."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
 
 
 def descendants(pid: int) -> set[int]:

@@ -35,7 +35,7 @@ from mlchat.leader.consensus import Consensus
 from mlchat.leader.gateways import Gateways, GatewayServicer, unary_methods
 from mlchat.leader.leadership import Leadership
 from mlchat.leader.metrics import GatewaysCollector, RpcMetrics, metrics_registry, serve_metrics
-from mlchat.leader.process import until_terminated
+from mlchat.leader.process import on_termination
 from mlchat.leader.region import Region
 from mlchat.leader.replication import ReplicationServicer, Replicator
 from mlchat.leader.servicer import Authenticator, ChatServicer, ClusterServicer, wall_ms
@@ -175,6 +175,7 @@ async def _supervise(embedded: EmbeddedValkey) -> None:
 
 async def _serve(settings: LeaderSettings, store: Store, client_tls: tls.TlsMaterial | None,
                  peer_tls: tls.TlsMaterial | None, socket_dir: Path | None) -> None:
+    terminated = on_termination()
     signer = TokenSigner(load_secret(settings.secret_file or settings.data_dir / "cluster-secret"),
                          settings.token_ttl_ms)
     # A fresh pycrdt client id per process: two live docs sharing one would diverge.
@@ -244,7 +245,7 @@ async def _serve(settings: LeaderSettings, store: Store, client_tls: tls.TlsMate
              ", ".join(region.members) or "none")
     print(f"mlchat leader {settings.region} serving on {where}", flush=True)
 
-    await until_terminated()
+    await terminated.wait()
 
     log.info("shutting down")
     await health_servicer.enter_graceful_shutdown()

@@ -40,7 +40,7 @@ def start_region(data_dir: Path, redis_url: str, *args: str, tls_ca: Path | None
     """A region of three processes (`args` may say otherwise: a later flag wins)."""
     port = free_port()
     leader = LeaderProcess("us-east", data_dir, redis_url=redis_url, peer_port=free_port(), tls_ca=tls_ca,
-                           extra_args=("--processes", "3", "--metrics-port", str(port), *args))
+                           log_level="INFO", extra_args=("--processes", "3", "--metrics-port", str(port), *args))
     leader.start()
     return Region(leader, f"http://127.0.0.1:{port}/metrics")
 
@@ -232,7 +232,8 @@ def test_shutdown_ends_a_gateways_subscribers_cleanly(own_region: Region) -> Non
                                         timeout=30)
     wait_until(lambda: started_by_core(own_region) == 1, what="the subscription started by the core")
     gateways = own_region.gateway_pids()
-    assert own_region.leader.stop() == 0
+    code = own_region.leader.stop()
+    assert code == 0, f"exit status {code}; the region's log:\n{own_region.leader.log_tail(80)}"
     assert list(stream) == []  # ended with OK: iterating raises on any other status
     assert stream.code() == grpc.StatusCode.OK
     assert not any(pid_alive(p) for p in gateways)
