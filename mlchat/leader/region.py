@@ -243,6 +243,9 @@ class Region:
                 self._publish(replace(change, relayed=replace(relayed, before=self._applying.get(stamp, {}))))
             else:
                 self._publish(replace(change, relayed=None))
+                await self._deliver_stored([  # a post's: its messages, read from its update
+                    e for name, update in change.shard_updates.items()
+                    for e in MessageShard(split_shard_name(name)[0], self._client_id).apply(update)])
         for stamp in doubts:
             self._applying.pop(stamp, None)
         self._in_doubt.difference_update(doubts)
@@ -419,15 +422,33 @@ class Region:
             await self._stored_update(name, shard)
         self._settle_stamps([e.hlc for e in entries])  # so that the published vector covers them
         self._publish(Delta(shard_updates={name: update}))
-        for i, entry in enumerate(entries):
-            stream_id = outcome.stream_ids[i] if outcome.stream_ids else ""
+        for entry in entries:
             self._recent[entry.id] = None
             self._settle(entry.id, (entry, True))
-            if stream_id:
-                self.fanout.publish(entry.channel,
-                                    Committed(entry, stream_id, self.causal_token((self.name, entry.hlc))))
         while len(self._recent) > RECENT_IDS:
             self._recent.popitem(last=False)
+        if outcome.stream_ids:
+            self._deliver(entries, dict(zip((e.id for e in entries), outcome.stream_ids, strict=True)))
+        else:  # the script had run before, its reply lost: the messages are in the channel's stream already
+            await self._deliver_stored(entries)
+
+    def _deliver(self, entries: list[LogEntry], stream_ids: dict[str, str]) -> None:
+        """Send stored messages to local subscribers, by their ids in their channel's stream."""
+        for entry in entries:
+            if entry.id in stream_ids:
+                self.fanout.publish(entry.channel, Committed(entry, stream_ids[entry.id],
+                                                             self.causal_token((entry.region, entry.hlc))))
+
+    async def _deliver_stored(self, entries: list[LogEntry]) -> None:
+        """Send local subscribers messages a script stored without the leader hearing of it (its reply was
+        lost), their stream ids read back from the channel's stream. Should that fail too, a subscriber finds
+        them when it resumes from its cursor."""
+        for channel, group in itertools.groupby(sorted(entries, key=lambda e: e.channel), lambda e: e.channel):
+            in_channel = list(group)
+            try:
+                self._deliver(in_channel, await self.store.stream_ids(channel, [e.id for e in in_channel]))
+            except Exception:
+                log.warning("reading the stream ids of messages stored in %s failed", channel, exc_info=True)
 
     async def _stored_message(self, channel: str, msg_id: str) -> LogEntry:
         """The copy of a stored message that readers see now."""

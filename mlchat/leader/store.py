@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -536,6 +536,12 @@ class Store:
                 pipe.zrangebylex(_zset(channel), b"[" + key + b"\x00", b"[" + key + b"\x01", 0, 1)
             members = await pipe.execute()
         return [(sid.decode(), _entry(channel, m[0].decode())) for (sid, _), m in zip(rows, members, strict=True)]
+
+    async def stream_ids(self, channel: str, msg_ids: Collection[str], within: int = 1000) -> dict[str, str]:
+        """The stream ids of these messages, found among the channel's last `within` stream entries."""
+        wanted = set(msg_ids)
+        rows = await self.redis.xrevrange(_stream(channel), "+", "-", within)
+        return {msg_id: sid.decode() for sid, fields in rows if (msg_id := fields[b"i"].decode()) in wanted}
 
     async def stream_trimmed_past(self, channel: str, stream_id: str) -> bool:
         """True when entries after `stream_id` were already trimmed from the stream."""

@@ -8,9 +8,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
@@ -86,34 +87,43 @@ def script_waiting(direct: redis.Redis) -> bool:
     return any("b" in c["flags"] and c["cmd"] == "evalsha" and int(c["argv-mem"]) > 200 for c in clients)
 
 
-def held_write(proxy: Proxy, valkey: EmbeddedValkey, client: ChatClient, pool: ThreadPoolExecutor,
-               text: str) -> Future:
-    """Start a status write and return once Valkey has run it and holds its reply back (the proxy does)."""
+def held_write(proxy: Proxy, valkey: EmbeddedValkey, pool: ThreadPoolExecutor, write: Callable[[], Any],
+               stored: Callable[[redis.Redis], bool]) -> Future:
+    """Start `write` and return once Valkey has run it (`stored` says so) and holds its reply back (the
+    proxy does)."""
     with redis.Redis(host="127.0.0.1", port=valkey.port, password=valkey.password) as direct:
         # Paused, Valkey takes reads (and health checks) but holds the script until the reply can be held.
         direct.execute_command("CLIENT", "PAUSE", 20_000, "WRITE")
         try:
-            call = pool.submit(client.set_status, pb.PRESENCE_BUSY, text)
-            wait_until(lambda: script_waiting(direct), 10, "the status script waiting in Valkey")
+            call = pool.submit(write)
+            wait_until(lambda: script_waiting(direct), 10, "the write's script waiting in Valkey")
             proxy.do(lambda: proxy.link.set("down", blackhole=True))
         finally:
             direct.execute_command("CLIENT", "UNPAUSE")
-    wait_until(lambda: stored(valkey, client.user.user_id, text), 10, "the status stored")
+        wait_until(lambda: stored(direct), 10, "the write stored")
     return call
 
 
-def stored(valkey: EmbeddedValkey, user_id: str, text: str) -> bool:
-    with redis.Redis(host="127.0.0.1", port=valkey.port, password=valkey.password) as direct:
-        return direct.hget(f"s:{user_id}", "t") == text.encode()
+def held_status(region: Region, valkey: EmbeddedValkey, pool: ThreadPoolExecutor, text: str) -> Future:
+    user_id = region.client.user.user_id
+    return held_write(region.proxy, valkey, pool, lambda: region.client.set_status(pb.PRESENCE_BUSY, text),
+                      lambda direct: direct.hget(f"s:{user_id}", "t") == text.encode())
+
+
+def held_post(region: Region, valkey: EmbeddedValkey, pool: ThreadPoolExecutor, body: str) -> Future:
+    return held_write(region.proxy, valkey, pool, lambda: region.client.post("lobby", body, "held-post"),
+                      lambda direct: direct.xlen("c:{lobby}:s") == 1)
 
 
 @dataclass
 class Region:
-    """A leader reaching Valkey through `proxy`, a client of it, and a peer's stream from it."""
+    """A leader reaching Valkey through `proxy`, a client of it, a peer's stream from it, and a subscriber of
+    its channel "lobby"."""
 
     proxy: Proxy
     client: ChatClient
     peer: PeerStream
+    lobby: list[str]  # what the subscriber received
 
     def shipped(self, text: str) -> bool:
         return text in self.peer.statuses.get(self.client.user.user_id, ())
@@ -126,11 +136,27 @@ def region(own_valkey: EmbeddedValkey, tmp_path, unique) -> Iterator[Region]:
         with LeaderProcess("us-east", tmp_path / "leader", redis_url=proxy.url) as leader:
             client = ChatClient(leader.address, timeout_s=20)
             client.claim(f"writer_{unique}", "writer-claim-key-000001")
-            client.set_status(pb.PRESENCE_ONLINE, "first")  # Valkey knows the script now: one call, one reply
+            client.set_status(pb.PRESENCE_ONLINE, "first")  # Valkey knows the scripts now: one call, one reply
+            client.post("warm-up", "first", "first")
             peer = PeerStream(leader)
+            subscriber = ChatClient(leader.address)
+            subscriber.claim(f"reader_{unique}", "reader-claim-key-000001")
+            lobby: list[str] = []
+            stream = subscriber.subscribe("lobby")
+
+            def read() -> None:
+                try:
+                    for event in stream:
+                        lobby.append(event.message.body)
+                except grpc.RpcError:
+                    pass  # cancelled at the end of the test
+
+            threading.Thread(target=read, daemon=True).start()
             try:
-                yield Region(proxy, client, peer)
+                yield Region(proxy, client, peer, lobby)
             finally:
+                stream.cancel()
+                subscriber.close()
                 peer.close()
                 client.close()
     finally:
@@ -139,7 +165,7 @@ def region(own_valkey: EmbeddedValkey, tmp_path, unique) -> Iterator[Region]:
 
 def test_a_write_whose_retry_answers_is_shipped(region, own_valkey):
     with ThreadPoolExecutor(1) as pool:
-        call = held_write(region.proxy, own_valkey, region.client, pool, "ran twice")
+        call = held_status(region, own_valkey, pool, "ran twice")
 
         def release_and_cut() -> None:  # the leader retries on a new connection, which answers
             region.proxy.link.set("down", blackhole=False)
@@ -151,7 +177,7 @@ def test_a_write_whose_retry_answers_is_shipped(region, own_valkey):
 
 def test_a_write_whose_retry_fails_too_is_shipped_once_the_outbox_is_read(region, own_valkey):
     with ThreadPoolExecutor(1) as pool:
-        call = held_write(region.proxy, own_valkey, region.client, pool, "in doubt")
+        call = held_status(region, own_valkey, pool, "in doubt")
         while not call.done():  # every attempt's connection is cut, until the call fails
             region.proxy.do(region.proxy.link.reset)
             wait([call], timeout=0.05)  # returns as soon as the call is answered
@@ -160,3 +186,28 @@ def test_a_write_whose_retry_fails_too_is_shipped_once_the_outbox_is_read(region
             call.result()
         assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
     wait_until(lambda: region.shipped("in doubt"), 10, "the status shipped")
+
+
+def test_a_post_whose_retry_answers_reaches_the_regions_subscribers(region, own_valkey):
+    with ThreadPoolExecutor(1) as pool:
+        call = held_post(region, own_valkey, pool, "posted twice")
+
+        def release_and_cut() -> None:  # the leader retries on a new connection, which answers
+            region.proxy.link.set("down", blackhole=False)
+            region.proxy.link.reset()
+        region.proxy.do(release_and_cut)
+        assert call.result(timeout=20).message.body == "posted twice"
+    wait_until(lambda: region.lobby == ["posted twice"], 10, "the post delivered to the subscriber")
+
+
+def test_a_post_whose_retry_fails_too_reaches_the_regions_subscribers_once_the_outbox_is_read(region, own_valkey):
+    with ThreadPoolExecutor(1) as pool:
+        call = held_post(region, own_valkey, pool, "posted in doubt")
+        while not call.done():  # every attempt's connection is cut, until the call fails
+            region.proxy.do(region.proxy.link.reset)
+            wait([call], timeout=0.05)  # returns as soon as the call is answered
+        region.proxy.do(lambda: region.proxy.link.set("down", blackhole=False))
+        with pytest.raises(grpc.RpcError) as failed:
+            call.result()
+        assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
+    wait_until(lambda: region.lobby == ["posted in doubt"], 10, "the post delivered to the subscriber")
