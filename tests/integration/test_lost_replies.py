@@ -163,51 +163,46 @@ def region(own_valkey: EmbeddedValkey, tmp_path, unique) -> Iterator[Region]:
         proxy.close()
 
 
+def retry_answers(region: Region, call: Future) -> Any:
+    """Release the held reply and cut the connection: the leader retries on a new one, which answers."""
+    def release_and_cut() -> None:
+        region.proxy.link.set("down", blackhole=False)
+        region.proxy.link.reset()
+    region.proxy.do(release_and_cut)
+    return call.result(timeout=20)
+
+
+def retry_fails_too(region: Region, call: Future) -> None:
+    """Cut every attempt's connection until the call fails: it answers UNAVAILABLE."""
+    while not call.done():
+        region.proxy.do(region.proxy.link.reset)
+        wait([call], timeout=0.05)  # returns as soon as the call is answered
+    region.proxy.do(lambda: region.proxy.link.set("down", blackhole=False))
+    with pytest.raises(grpc.RpcError) as failed:
+        call.result()
+    assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
 def test_a_write_whose_retry_answers_is_shipped(region, own_valkey):
     with ThreadPoolExecutor(1) as pool:
-        call = held_status(region, own_valkey, pool, "ran twice")
-
-        def release_and_cut() -> None:  # the leader retries on a new connection, which answers
-            region.proxy.link.set("down", blackhole=False)
-            region.proxy.link.reset()
-        region.proxy.do(release_and_cut)
-        assert call.result(timeout=20).status.text == "ran twice"
+        assert retry_answers(region, held_status(region, own_valkey, pool, "ran twice")).status.text == "ran twice"
     wait_until(lambda: region.shipped("ran twice"), 10, "the status shipped")
 
 
 def test_a_write_whose_retry_fails_too_is_shipped_once_the_outbox_is_read(region, own_valkey):
     with ThreadPoolExecutor(1) as pool:
-        call = held_status(region, own_valkey, pool, "in doubt")
-        while not call.done():  # every attempt's connection is cut, until the call fails
-            region.proxy.do(region.proxy.link.reset)
-            wait([call], timeout=0.05)  # returns as soon as the call is answered
-        region.proxy.do(lambda: region.proxy.link.set("down", blackhole=False))
-        with pytest.raises(grpc.RpcError) as failed:
-            call.result()
-        assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
+        retry_fails_too(region, held_status(region, own_valkey, pool, "in doubt"))
     wait_until(lambda: region.shipped("in doubt"), 10, "the status shipped")
 
 
 def test_a_post_whose_retry_answers_reaches_the_regions_subscribers(region, own_valkey):
     with ThreadPoolExecutor(1) as pool:
-        call = held_post(region, own_valkey, pool, "posted twice")
-
-        def release_and_cut() -> None:  # the leader retries on a new connection, which answers
-            region.proxy.link.set("down", blackhole=False)
-            region.proxy.link.reset()
-        region.proxy.do(release_and_cut)
-        assert call.result(timeout=20).message.body == "posted twice"
+        posted = retry_answers(region, held_post(region, own_valkey, pool, "posted twice"))
+        assert posted.message.body == "posted twice"
     wait_until(lambda: region.lobby == ["posted twice"], 10, "the post delivered to the subscriber")
 
 
 def test_a_post_whose_retry_fails_too_reaches_the_regions_subscribers_once_the_outbox_is_read(region, own_valkey):
     with ThreadPoolExecutor(1) as pool:
-        call = held_post(region, own_valkey, pool, "posted in doubt")
-        while not call.done():  # every attempt's connection is cut, until the call fails
-            region.proxy.do(region.proxy.link.reset)
-            wait([call], timeout=0.05)  # returns as soon as the call is answered
-        region.proxy.do(lambda: region.proxy.link.set("down", blackhole=False))
-        with pytest.raises(grpc.RpcError) as failed:
-            call.result()
-        assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
+        retry_fails_too(region, held_post(region, own_valkey, pool, "posted in doubt"))
     wait_until(lambda: region.lobby == ["posted in doubt"], 10, "the post delivered to the subscriber")
