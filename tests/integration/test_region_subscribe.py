@@ -29,14 +29,17 @@ def test_live_messages_published_out_of_stream_order_all_reach_a_subscriber(own_
         region = Region(LeaderSettings("us-east", "127.0.0.1:0", tmp_path), store, 1, lambda: int(time.time() * 1000))
         try:
             await region.start()
+            check_access = region.check_access
+
+            async def published_once_subscribed(channel: str, user_id: str) -> None:
+                # The subscription joins the fan-out before it checks access: publish from there, in its order.
+                await check_access(channel, user_id)
+                region.fanout.publish("lobby", committed("1700000000002-0", "later in the stream"))
+                region.fanout.publish("lobby", committed("1700000000001-0", "earlier in the stream"))
+
+            region.check_access = published_once_subscribed  # type: ignore[method-assign]
             stream = region.subscribe("u1", "lobby", "")
-            first = asyncio.ensure_future(anext(stream))
-            async with asyncio.timeout(5):  # until the subscription is on the fan-out
-                for _ in iter(region.fanout.subscriber_count, 1):
-                    await asyncio.sleep(0.001)
-            region.fanout.publish("lobby", committed("1700000000002-0", "later in the stream"))
-            region.fanout.publish("lobby", committed("1700000000001-0", "earlier in the stream"))
-            got = [await asyncio.wait_for(first, 5), await asyncio.wait_for(anext(stream), 5)]
+            got = [await asyncio.wait_for(anext(stream), 5), await asyncio.wait_for(anext(stream), 5)]
             assert [c.entry.body for c in got] == ["later in the stream", "earlier in the stream"]
             await stream.aclose()
         finally:
