@@ -130,7 +130,7 @@ class CallRelay:
         if outcome.trailing_metadata:
             context.set_trailing_metadata(tuple((m.key, m.value) for m in outcome.trailing_metadata))
         if outcome.code:
-            await context.abort(grpc.StatusCode[_CODE_NAMES[outcome.code]], outcome.details)
+            await context.abort(_CODES[outcome.code], outcome.details)
         return outcome.response
 
     async def _send(self) -> None:
@@ -190,7 +190,7 @@ class CallRelay:
                 future.set_result(unavailable)
 
 
-_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 # What a gateway's subscribers of a channel are sent: a message (its stream cursor, and the SubscribeResponse
 # encoded once for all of them), or None where who may read the channel changed.
@@ -324,9 +324,11 @@ def _proxies(core: grpc.aio.Channel, relay: CallRelay, feeds: Feeds, region: str
 
     def relayed(method: str) -> Callable[..., Any]:
         async def handler(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            if len(request) > BATCH_BYTES:  # no batch carries it; the core holds smaller ones to its limit
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request of {len(request)} bytes is "
-                                    f"larger than the {limits.MAX_REQUEST_BYTES} bytes a client request may have")
+            try:
+                if len(request) > BATCH_BYTES:  # no batch carries it; the core holds smaller ones to its limit
+                    limits.request_size(len(request))
+            except MlchatError as err:
+                await context.abort(grpc.StatusCode[err.grpc_status], str(err))
             return await relay.call(method, request, context)
 
         return handler
