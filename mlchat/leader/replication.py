@@ -15,6 +15,7 @@ outbox what every member holds. Peers authenticate with a token signed by the cl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -45,6 +46,7 @@ from mlchat.v1 import replication_pb2 as rpb
 
 log = logging.getLogger(__name__)
 COMPRESS_ABOVE = 2048  # bytes: smaller deltas go out as they are
+READ_AHEAD = 100  # messages of a peer's stream received and not yet applied, at most
 
 
 class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
@@ -342,7 +344,7 @@ class Replicator:
             messages = _with_idle_timeout(stream, self.region.settings.peer_timeout_ms / 1000)
             while True:  # the catch-up: its last part carries the vector
                 part = await messages.__anext__()
-                await self._received(link, part)
+                await self._received(link, [part])
                 if part.vector:
                     return messages
 
@@ -354,9 +356,11 @@ class Replicator:
                 link.address = self._address(link.region)
                 try:
                     async with self._open_stream(link.address) as channel:
-                        async for message in await self._caught_up(link, channel, link.cursor):
-                            await self._received(link, message)
-                            backoff = 0.05
+                        live = await self._caught_up(link, channel, link.cursor)
+                        async with contextlib.aclosing(in_groups(live)) as groups:
+                            async for group in groups:
+                                await self._received(link, group)
+                                backoff = 0.05
                 except (grpc.aio.AioRpcError, TimeoutError, StopAsyncIteration) as e:
                     detail = e.details() if isinstance(e, grpc.aio.AioRpcError) else "silent too long or closed"
                     log.info("stream from %s ended: %s", link.region, detail)
@@ -382,27 +386,33 @@ class Replicator:
             except Exception:  # the live stream's reconnects report the link's trouble
                 log.info("comparing states with %s failed", link.region, exc_info=True)
 
-    async def _received(self, link: PeerLink, message: rpb.Delta) -> None:
-        link.connected, link.last_heard, link.backlog = True, time.monotonic(), message.backlog
-        if message.epoch:
-            link.term, link.voted = Term(message.epoch, message.primary), message.voted_epoch
-        delta = delta_from_pb(message)
-        await self.region.apply(delta, link.region)
-        if message.cursor:  # applied: this region holds the peer's outbox that far
-            link.cursor = later_position(link.cursor, message.cursor)
-        epoch, _, acked = delta.cursors.get(self.region.name, "").partition(":")
+    async def _received(self, link: PeerLink, messages: list[rpb.Delta]) -> None:
+        """Apply consecutive messages of a peer's stream as one change (see `in_groups`); only the last may be a
+        heartbeat."""
+        last = messages[-1]
+        link.connected, link.last_heard, link.backlog = True, time.monotonic(), last.backlog
+        if last.epoch:
+            link.term, link.voted = Term(last.epoch, last.primary), last.voted_epoch
+        deltas = [delta_from_pb(m) for m in messages]
+        for delta in combine(deltas):
+            await self.region.apply(delta, link.region)
+        if last.cursor:  # applied: this region holds the peer's outbox that far
+            link.cursor = later_position(link.cursor, last.cursor)
+        told = deltas[-1]
+        epoch, _, acked = told.cursors.get(self.region.name, "").partition(":")
         if epoch == self.region.epoch:
             link.acked = max(link.acked, acked)
-        await self._membership(delta)
-        if delta.members:  # a heartbeat: the peer's own view
-            await self.region.listed(link.region, delta.members)
-        link.applied += carries_changes(delta)
-        if delta.vector:
-            link.vector = vector.merge(link.vector, delta.vector)
+        await self._membership(told)
+        if told.members:  # a heartbeat: the peer's own view
+            await self.region.listed(link.region, told.members)
+        link.applied += sum(map(carries_changes, deltas))
+        moved = functools.reduce(vector.merge, (d.vector for d in deltas), {})
+        if moved:
+            link.vector = vector.merge(link.vector, moved)
             heard, self._heard = self._heard, asyncio.Event()
             heard.set()
-        if delta.shard_updates and delta.vector.get(link.region):
-            link.lag_ms = max(0, self.now_ms() - Hlc.decode(delta.vector[link.region]).wall_ms)
+        if any(d.shard_updates for d in deltas) and moved.get(link.region):
+            link.lag_ms = max(0, self.now_ms() - Hlc.decode(moved[link.region]).wall_ms)
 
     def peer_status(self) -> list[cluster_pb2.PeerStatus]:
         now = time.monotonic()
@@ -419,6 +429,43 @@ def later_position(held: str, told: str) -> str:
     if held.partition(":")[0] != told.partition(":")[0]:
         return told
     return max(held, told)
+
+
+async def in_groups(messages: AsyncIterator[rpb.Delta],
+                     limit: int = READ_AHEAD) -> AsyncGenerator[list[rpb.Delta], None]:
+    """A stream's messages, read ahead (at most `limit` waiting) and handed on in groups: each group is what
+    arrived while the one before was applied, so a receiver that lags applies fewer, larger changes. A
+    heartbeat ends its group: the membership it tells, and how far it says the receiver holds the sender's
+    outbox, hold once everything before it is applied."""
+    waiting: asyncio.Queue[rpb.Delta | Exception | None] = asyncio.Queue(limit)  # None: the stream ended
+
+    async def read() -> None:
+        try:
+            async for message in messages:
+                await waiting.put(message)
+        except Exception as e:  # the follower's to handle, after what came before it
+            await waiting.put(e)
+        else:
+            await waiting.put(None)
+
+    reader = asyncio.create_task(read())
+    try:
+        while True:
+            item = await waiting.get()
+            group: list[rpb.Delta] = []
+            while isinstance(item, rpb.Delta):
+                group.append(item)
+                if item.members or item.cursor or waiting.empty():
+                    break
+                item = waiting.get_nowait()
+            if group:
+                yield group
+            if item is None:
+                return
+            if isinstance(item, Exception):
+                raise item
+    finally:
+        reader.cancel()
 
 
 async def _with_idle_timeout(stream: AsyncIterator[rpb.Delta], timeout_s: float) -> AsyncGenerator[rpb.Delta, None]:

@@ -1,0 +1,76 @@
+"""How a region takes a peer's stream: what arrived while it was applying goes in one group, cut at heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from mlchat.leader.replication import in_groups
+from mlchat.v1 import replication_pb2 as rpb
+
+
+def change(n: int) -> rpb.Delta:
+    return rpb.Delta(from_region="a", vector={"a": f"{n:02}"})
+
+
+def heartbeat(n: int) -> rpb.Delta:
+    return rpb.Delta(from_region="a", vector={"a": f"{n:02}"}, members={"a": "a:1"}, cursor=f"e:{n:02}")
+
+
+async def stream(*items: rpb.Delta | Exception) -> AsyncIterator[rpb.Delta]:
+    for item in items:
+        if isinstance(item, Exception):
+            raise item
+        yield item
+
+
+async def groups_of(messages: AsyncIterator[rpb.Delta], limit: int = 100) -> list[list[rpb.Delta]]:
+    return [group async for group in in_groups(messages, limit)]
+
+
+def test_what_arrived_while_the_group_before_was_applied_is_one_group_ended_by_each_heartbeat():
+    messages = [change(1), change(2), heartbeat(3), change(4), heartbeat(5), heartbeat(6), change(7)]
+    groups = asyncio.run(groups_of(stream(*messages)))
+    assert groups == [messages[:3], messages[3:5], messages[5:6], messages[6:]]
+
+
+def test_a_group_never_holds_more_than_was_read_ahead():
+    messages = [change(n) for n in range(10)]
+    groups = asyncio.run(groups_of(stream(*messages), limit=3))
+    assert [m for g in groups for m in g] == messages
+    assert max(map(len, groups)) == 3
+
+
+def test_a_stream_that_fails_hands_on_what_came_before_then_the_failure():
+    async def consume() -> tuple[list[list[rpb.Delta]], Exception]:
+        got = []
+        with pytest.raises(TimeoutError) as failure:
+            async for group in in_groups(stream(change(1), change(2), TimeoutError("silent too long"))):
+                got.append(group)
+        return got, failure.value
+
+    groups, failure = asyncio.run(consume())
+    assert groups == [[change(1), change(2)]]
+    assert str(failure) == "silent too long"
+
+
+def test_a_consumer_that_stops_stops_the_reading():
+    async def forever() -> AsyncIterator[rpb.Delta]:
+        n = 0
+        while True:
+            n += 1
+            yield change(n)
+            await asyncio.sleep(0)
+
+    async def consume_one() -> list[asyncio.Task]:
+        groups = in_groups(forever(), limit=5)
+        await anext(groups)
+        readers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        await groups.aclose()
+        await asyncio.wait(readers, timeout=5)
+        return readers
+
+    readers = asyncio.run(consume_one())
+    assert len(readers) == 1 and readers[0].cancelled()
