@@ -1,7 +1,7 @@
 """Replication benchmark: lag between regions under load, and catch-up after a partition.
 
 Lag: three regions with the default WAN; in each, a writer posts 200 messages/s while subscribers in
-the other regions note when each message arrives. Lag = arrival - commit (the message's hlc) - the
+the other regions (a process of their own) note when each message arrives. Lag = arrival - commit (the message's hlc) - the
 link's one-way delay. Baseline, in the same run over a proxied link with the same delay: Valkey's own
 replication (a replica with REPLICAOF), the lag of an XADD on the primary to the wake-up of an XREAD
 BLOCK on the replica. Over the same run, the bytes the WAN links carried per message delivered to a region,
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import random
 import tempfile
 import threading
@@ -83,6 +84,43 @@ def wan_bytes(run_dir: Path) -> int:
     return sum(p["bytes"] for p in dcsim.control(run_dir, {"command": "status"})["paths"].values())
 
 
+def watch_lags(endpoints: dict[str, str], tokens: dict[str, str], one_way: dict[tuple[str, str], float],
+               expected: int, timeout_s: float, results: multiprocessing.Queue) -> None:
+    """Subscribe to the lag channel in every region and put, per (origin, receiving region), the lag of each
+    message from another region. Runs in a process of its own, so that the writers' work never delays the
+    noting of an arrival."""
+    async def run() -> dict[tuple[str, str], list[float]]:
+        lags: dict[tuple[str, str], list[float]] = {}
+        received = 0
+        all_in = asyncio.Event()
+
+        async def watch(region: str) -> None:
+            nonlocal received
+            async with grpc.aio.insecure_channel(endpoints[region]) as channel:
+                stream = chat_pb2_grpc.ChatServiceStub(channel).Subscribe(
+                    pb.SubscribeRequest(channel="lag"), metadata=(("authorization", f"Bearer {tokens[region]}"),))
+                async for event in stream:
+                    m = event.message
+                    if m.origin_region != region:
+                        lag = now_ms() - Hlc.decode(m.hlc).wall_ms - one_way[(m.origin_region, region)]
+                        lags.setdefault((m.origin_region, region), []).append(lag)
+                        received += 1
+                        if received == expected:
+                            all_in.set()
+
+        watchers = [asyncio.create_task(watch(region)) for region in endpoints]
+        try:
+            await asyncio.wait_for(all_in.wait(), timeout_s)
+        except TimeoutError:
+            pass  # reported as it is: fewer lags than messages
+        for watcher in watchers:
+            watcher.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
+        return lags
+
+    results.put(asyncio.run(run()))
+
+
 def mlchat_lag(status: dict, run_dir: Path, rate: float,
                seconds: float) -> tuple[dict[tuple[str, str], list[float]], float]:
     """The lags per (origin, receiving region), and the WAN bytes per message delivered to a region."""
@@ -92,26 +130,16 @@ def mlchat_lag(status: dict, run_dir: Path, rate: float,
     for region in REGIONS:
         clients[region] = ChatClient(endpoints[region])
         clients[region].claim(f"bench_{region.replace('-', '_')}", f"bench-key-{region}-000000")
-    lags: dict[tuple[str, str], list[float]] = {}
-    streams = []
-
-    def watch(region: str) -> None:
-        stream = clients[region].subscribe("lag")
-        streams.append(stream)
-        try:
-            for event in stream:
-                m = event.message
-                if m.origin_region != region:
-                    lag = now_ms() - Hlc.decode(m.hlc).wall_ms - one_way[(m.origin_region, region)]
-                    lags.setdefault((m.origin_region, region), []).append(lag)
-        except grpc.RpcError:
-            pass
 
     # Measure the steady state: every replication stream up, every subscriber live.
     while not all(p.state == cluster_pb2.PEER_STATE_UP for c in clients.values() for p in c.cluster_status().peers):
         time.sleep(0.05)
-    for region in REGIONS:
-        threading.Thread(target=watch, args=(region,), daemon=True).start()
+    expected = int(rate * seconds) * (len(REGIONS) - 1)
+    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no gRPC state inherited
+    results = spawn.Queue()
+    watcher = spawn.Process(target=watch_lags, args=(
+        endpoints, {r: c.token for r, c in clients.items()}, one_way, expected * len(REGIONS), seconds + 60, results))
+    watcher.start()
     while any(c.cluster_status().subscribers < 1 for c in clients.values()):
         time.sleep(0.01)
 
@@ -120,13 +148,9 @@ def mlchat_lag(status: dict, run_dir: Path, rate: float,
 
     sent_before = wan_bytes(run_dir)
     asyncio.run(load())
-    expected = int(rate * seconds) * (len(REGIONS) - 1)
-    deadline = time.monotonic() + 30
-    while sum(len(v) for v in lags.values()) < expected * len(REGIONS) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    lags = results.get()
+    watcher.join()
     per_delivery = (wan_bytes(run_dir) - sent_before) / (expected * len(REGIONS))
-    for stream in streams:
-        stream.cancel()
     for c in clients.values():
         c.close()
     return lags, per_delivery

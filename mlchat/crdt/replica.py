@@ -68,6 +68,9 @@ class Delta:
     cursor: str = ""
     # On heartbeats, region -> the cursor of that region's outbox the sender holds (opaque: "EPOCH:STAMP").
     cursors: dict[str, str] = field(default_factory=dict)
+    # On heartbeats, what the sender holds: `vector` as the sender's own state has it, where a stream may tell
+    # the receiver less (see `mlchat.geo.relay`).
+    holds: dict[str, str] = field(default_factory=dict)
 
 
 def carries_changes(delta: Delta) -> bool:
@@ -113,7 +116,8 @@ def combine(deltas: list[Delta]) -> list[Delta]:
             members={r: a for d in group for r, a in d.members.items()},
             departed=tuple(sorted({r for d in group for r in d.departed})),
             cursor=max(d.cursor for d in group),
-            cursors={r: c for d in group for r, c in d.cursors.items()}))
+            cursors={r: c for d in group for r, c in d.cursors.items()},
+            holds=functools.reduce(vector.merge, (d.holds for d in group), {})))
     return out
 
 

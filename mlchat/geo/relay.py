@@ -24,19 +24,24 @@ Pure: the caller passes `now_ms` and the peer's vector, and sends what comes bac
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import replace
 
 from mlchat.crdt import vector
 from mlchat.crdt.hlc import Hlc
-from mlchat.crdt.replica import Delta, Relayed
+from mlchat.crdt.replica import Delta, Relayed, carries_changes
 
 
 class RelayQueue:
-    def __init__(self, peer: str, delay_ms: int, capacity: int) -> None:
+    def __init__(self, peer: str, delay_ms: int, capacity: int, pace_ms: int = 0, ack_delay_ms: int = 0) -> None:
         self.peer = peer
         self.delay_ms = delay_ms
         self.capacity = capacity  # held relays beyond it go out at once: memory stays bounded
+        self.pace_ms = pace_ms
+        self.ack_delay_ms = ack_delay_ms
+        self._waiting: list[Delta] = []  # what waits to be sent (see `_paced`)
+        self._due: int | None = None  # when it goes
+        self._sent_ms = -pace_ms  # when the stream last sent changes
         self._held: deque[tuple[int, int, Delta]] = deque()  # (number, due, delta), in feed order
         self._number = 0
         # Per origin, the smallest `before` among held relays of it, first, then the smallest among those
@@ -45,6 +50,7 @@ class RelayQueue:
         self._stamps: deque[tuple[int, str]] = deque()  # the same for held relays' outbox stamps
         self._told: dict[str, str] = {}  # the vector as this stream told it the peer
         self._told_cursor = ""
+        self.outcomes: Counter[str] = Counter()  # relays held that were "sent", or "dropped" (the peer held them)
 
     @property
     def held(self) -> int:
@@ -68,6 +74,36 @@ class RelayQueue:
                 self._hold(now_ms + self.delay_ms, delta)
                 while len(self._held) > self.capacity:
                     out.append(self._capped(self._pop()))
+                    self.outcomes["sent"] += 1
+        return self._paced(out, now_ms)
+
+    def wait_ms(self, now_ms: int) -> int | None:
+        """How long until what waits to be sent is due (None: nothing waits); the caller then calls `next` with
+        what the feed has by then, if anything."""
+        return None if self._due is None else max(0, self._due - now_ms)
+
+    def _paced(self, out: list[Delta], now_ms: int) -> list[Delta]:
+        """`out` after what still waits, if it is due. A stream sends at most one message every `pace_ms`:
+        changes that come sooner after the one before wait until then and go together, so a busy stream sends
+        fewer, larger messages, and every hop (gRPC, the WAN, the peer's apply) pays per message, not per
+        change. What only acknowledges (vector entries) waits up to `ack_delay_ms` for a change to ride with:
+        in a busy mesh, half of what a stream sends would otherwise say only "I hold it". A heartbeat goes at
+        once, with whatever waits."""
+        for delta in out:
+            if delta.members:
+                due = now_ms
+            elif carries_changes(delta):
+                due = max(now_ms, self._sent_ms + self.pace_ms)
+            else:
+                due = now_ms + self.ack_delay_ms
+            self._due = due if self._due is None else min(self._due, due)
+        out = self._waiting + out
+        if out and now_ms < (self._due or 0):
+            self._waiting = out
+            return []
+        if any(map(carries_changes, out)):  # only changes set the pace: a heartbeat or an acknowledgement
+            self._sent_ms = now_ms          # sent alone must not shift when the next change may go
+        self._waiting, self._due = [], None
         return out
 
     def told(self, deltas: list[Delta]) -> list[Delta]:
@@ -94,8 +130,10 @@ class RelayQueue:
             _, due, delta = self._held[0]
             if vector.covers(peer_vector, delta.relayed.origins or {}):  # type: ignore[union-attr]
                 self._pop()
+                self.outcomes["dropped"] += 1
             elif due <= now_ms:
                 out.append(self._capped(self._pop()))
+                self.outcomes["sent"] += 1
             else:
                 break
         return out

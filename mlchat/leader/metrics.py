@@ -141,7 +141,15 @@ class LeaderCollector(Collector):
                                    "(by this process)", labels=["peer"])
         for peer, count in sorted(self.replication.sent.items()):
             sent.add_metric([peer], count)
-        yield from (up, lag, applied, backlog, sent, catch_ups, catch_up_seconds, outbox)
+        relays = CounterMetricFamily("mlchat_relays", "Changes from other regions held back for the peer (it "
+                                     "may have them by the direct path), by outcome: sent to it, or dropped "
+                                     "because it said it held them", labels=["peer", "outcome"])
+        for (peer, outcome), count in sorted(self.replication.relays.items()):
+            relays.add_metric([peer, outcome], count)
+        held = GaugeMetricFamily("mlchat_relays_held", "Changes held back for the peer now", labels=["peer"])
+        for peer in sorted({*links, *queues}):
+            held.add_metric([peer], self.replication.relays_held[peer])
+        yield from (up, lag, applied, backlog, sent, relays, held, catch_ups, catch_up_seconds, outbox)
 
         conflicts = CounterMetricFamily("mlchat_conflicts", "Values from peers that met a different one held "
                                         "here: a status or membership that lost, a claim or private channel "

@@ -299,8 +299,9 @@ class Region:
             log.warning("storing the clock floor failed", exc_info=True)
         self._vector_moved()
         advertised = {self.name: self.settings.peer_address}
-        return Delta(vector=self.told_vector(), members={**self.members, **advertised},
-                     departed=tuple(sorted(self.departed)), cursor=self.cursor())
+        told = self.told_vector()
+        return Delta(vector=told, members={**self.members, **advertised},
+                     departed=tuple(sorted(self.departed)), cursor=self.cursor(), holds=told)
 
     def causal_token(self, *seen: tuple[str, str]) -> bytes:
         """The token of what a response reflects: this region's vector, and the (origin, hlc) of any

@@ -56,6 +56,8 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
         self.replicator = replicator
         self.consensus = consensus
         self.sent: Counter[str] = Counter()  # per peer: deltas with changes sent on its streams
+        self.relays: Counter[tuple[str, str]] = Counter()  # per (peer, "sent" or "dropped"): see `RelayQueue`
+        self.relays_held: Counter[str] = Counter()  # per peer, on its open streams
         self.catch_ups: Counter[tuple[str, str]] = Counter()  # per (peer, "outbox" or "states")
         self.catch_up_seconds: Counter[tuple[str, str]] = Counter()  # the same: time from request to last part
         # Per peer, what each of its open streams has yet to send (a reconnect, or a comparison of states,
@@ -99,6 +101,7 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
         self.auth.principal(context, peer=True)
         context.set_compression(grpc.Compression.Gzip)  # WAN links are paid by the byte
         peer = request.region
+        relays: RelayQueue | None = None
         with self.region.feed.subscribe(FEED) as changes:  # first: nothing changed from now is missed
             self.queues.setdefault(peer, []).append(changes)
             try:
@@ -112,17 +115,27 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
                     self.sent[peer] += carries_changes(part)
                     yield self._message(part)
                 self.catch_up_seconds[peer, kind] += time.monotonic() - started
-                relays = RelayQueue(peer, self.region.settings.relay_delay_ms, changes.capacity)
+                settings = self.region.settings
+                relays = RelayQueue(peer, settings.relay_delay_ms, changes.capacity, *settings.pace_ms)
                 while True:
-                    batch = await changes.next_batch()  # heartbeats come at least every heartbeat_ms
-                    if not batch:
+                    wait_ms = relays.wait_ms(self.replicator.now_ms())
+                    try:
+                        async with asyncio.timeout(None if wait_ms is None else wait_ms / 1000):
+                            batch = await changes.next_batch()  # heartbeats come at least every heartbeat_ms
+                    except TimeoutError:  # what waits is due
+                        batch = None
+                    if batch == []:
                         if changes.overflowed:
                             raise ResourceExhausted(f"peer {peer} fell more than {changes.capacity} changes "
                                                     "behind: reconnect to catch up")
                         return
                     # A peer that lags gets fewer, larger messages.
-                    parts = relays.told(combine(relays.next(batch, self.replicator.peer_vector(peer),
+                    self.relays_held[peer] -= relays.held
+                    parts = relays.told(combine(relays.next(batch or [], self.replicator.peer_vector(peer),
                                                             self.replicator.now_ms())))
+                    self.relays_held[peer] += relays.held
+                    self.relays.update({(peer, outcome): n for outcome, n in relays.outcomes.items()})
+                    relays.outcomes.clear()
                     for i, delta in enumerate(parts):
                         message = self._message(delta)
                         message.backlog = changes.pending + relays.held + len(parts) - i - 1
@@ -131,6 +144,8 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
                         self.sent[peer] += carries_changes(delta)
                         yield message
             finally:
+                if relays is not None:
+                    self.relays_held[peer] -= relays.held
                 self.queues[peer].remove(changes)
                 if not self.queues[peer]:
                     del self.queues[peer]
@@ -147,7 +162,8 @@ class PeerLink:
     lag_ms: int = 0  # commit there to applied here, for the latest change that carried messages
     backlog: int = 0  # changes the peer still had queued for this region, at its latest message
     applied: int = 0  # deltas with changes received and applied (new here or not)
-    vector: dict[str, str] = field(default_factory=dict)  # what the peer holds, as it last said
+    vector: dict[str, str] = field(default_factory=dict)  # what the peer's stream says this region holds
+    holds: dict[str, str] = field(default_factory=dict)  # what the peer holds itself, as its heartbeats said
     term: Term | None = None  # single-leader mode: the primary the peer follows, as it last said
     voted: int = 0  # single-leader mode: the latest epoch the peer voted for, as it last said
     cursor: str = ""  # how far this region holds the peer's outbox ("EPOCH:STAMP"), as its stream told it
@@ -224,7 +240,7 @@ class Replicator:
     def peer_vector(self, region: str) -> dict[str, str]:
         """What a member holds, as it last told this region."""
         link = self.links.get(region)
-        return link.vector if link is not None else {}
+        return vector.merge(link.vector, link.holds) if link is not None else {}
 
     def holders(self, origin: str, hlc: str) -> list[str]:
         """The members known to hold the write stamped `hlc` in region `origin`."""
@@ -405,6 +421,7 @@ class Replicator:
         await self._membership(told)
         if told.members:  # a heartbeat: the peer's own view
             await self.region.listed(link.region, told.members)
+            link.holds = vector.merge(link.holds, told.holds)
         link.applied += sum(map(carries_changes, deltas))
         moved = functools.reduce(vector.merge, (d.vector for d in deltas), {})
         if moved:

@@ -10,6 +10,8 @@ from mlchat.geo.modes import Mode, SyncAcks
 from mlchat.leader import limits
 from mlchat.tls import TlsFiles
 
+PACE_MS, ACK_DELAY_MS = 8, 20  # see `LeaderSettings.pace_ms`
+
 
 @dataclass(frozen=True)
 class LeaderSettings:
@@ -73,6 +75,13 @@ class LeaderSettings:
         suffice. In single-leader mode relays go at once: a region's vote waits on hearing the primary's
         stamps by any path, and the failover timing counts on that."""
         return 0 if self.mode is Mode.SINGLE_LEADER else 2 * self.heartbeat_ms
+
+    @property
+    def pace_ms(self) -> tuple[int, int]:
+        """How a stream to a peer paces what it sends (`mlchat.geo.relay`): at most one message every PACE_MS,
+        and acknowledgements held up to ACK_DELAY_MS for a change to ride with. None where writes wait on
+        other regions' copies (sync, single-leader): there, each one's latency is what the mode is about."""
+        return (0, 0) if self.mode in (Mode.SYNC, Mode.SINGLE_LEADER) else (PACE_MS, ACK_DELAY_MS)
 
     @property
     def peer_address(self) -> str:

@@ -21,7 +21,8 @@ def delta_pb(region: str, delta: Delta) -> rpb.Delta:
                   for c in delta.channels],
         channel_members=[rpb.MembershipRecord(channel=m.channel, user_id=m.user_id, member=m.member, hlc=m.hlc,
                                               region=m.region) for m in delta.memberships],
-        vector=delta.vector, members=delta.members, departed=delta.departed, cursors=delta.cursors)
+        vector=delta.vector, members=delta.members, departed=delta.departed, cursors=delta.cursors,
+        holds=delta.holds)
 
 
 def delta_from_pb(message: rpb.Delta) -> Delta:
@@ -34,7 +35,7 @@ def delta_from_pb(message: rpb.Delta) -> Delta:
         memberships=tuple(MemberValue(m.channel, m.user_id, m.member, m.hlc, m.region)
                           for m in message.channel_members),
         vector=dict(message.vector), members=dict(message.members), departed=tuple(message.departed),
-        cursors=dict(message.cursors))
+        cursors=dict(message.cursors), holds=dict(message.holds))
 
 
 def outbox_entry(change: Delta, source: str, origins: dict[str, str] | None) -> bytes:

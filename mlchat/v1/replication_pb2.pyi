@@ -558,6 +558,26 @@ class Delta(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class HoldsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     FROM_REGION_FIELD_NUMBER: _builtins.int
     SHARDS_FIELD_NUMBER: _builtins.int
     STATUSES_FIELD_NUMBER: _builtins.int
@@ -573,6 +593,7 @@ class Delta(_message.Message):
     CHANNEL_MEMBERS_FIELD_NUMBER: _builtins.int
     CURSOR_FIELD_NUMBER: _builtins.int
     CURSORS_FIELD_NUMBER: _builtins.int
+    HOLDS_FIELD_NUMBER: _builtins.int
     from_region: _builtins.str
     backlog: _builtins.int
     """Changes the sender still has queued for this receiver after this one: how far behind it is."""
@@ -615,6 +636,12 @@ class Delta(_message.Message):
         trims from its outbox what every member holds.
         """
 
+    @_builtins.property
+    def holds(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """On heartbeats: what the sender itself holds (its vector, where `vector` may be held back by
+        changes it has yet to relay to this receiver). The receiver relays to the sender nothing it covers.
+        """
+
     def __init__(
         self,
         *,
@@ -633,10 +660,11 @@ class Delta(_message.Message):
         channel_members: _abc.Iterable[Global___MembershipRecord] | None = ...,
         cursor: _builtins.str = ...,
         cursors: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        holds: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "channel_members", b"channel_members", "channels", b"channels", "claims", b"claims", "cursor", b"cursor", "cursors", b"cursors", "departed", b"departed", "epoch", b"epoch", "from_region", b"from_region", "members", b"members", "primary", b"primary", "shards", b"shards", "statuses", b"statuses", "vector", b"vector", "voted_epoch", b"voted_epoch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "channel_members", b"channel_members", "channels", b"channels", "claims", b"claims", "cursor", b"cursor", "cursors", b"cursors", "departed", b"departed", "epoch", b"epoch", "from_region", b"from_region", "holds", b"holds", "members", b"members", "primary", b"primary", "shards", b"shards", "statuses", b"statuses", "vector", b"vector", "voted_epoch", b"voted_epoch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -6,9 +6,10 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from support import dcsim_run, wait_until
+from support import dcsim_run, sample, wait_until
 
 from dcsim import cli as dcsim
+from dcsim.prometheus import scrape
 from mlchat.crdt import vector
 from mlchat.geo.client import ChatClient
 from mlchat.v1 import chat_pb2 as pb
@@ -48,6 +49,36 @@ def converged(cluster: dict) -> bool:
 
 def bodies(c: ChatClient, channel: str) -> list[str]:
     return [m.body for m in c.list(channel, limit=500).messages]
+
+
+def test_in_a_healthy_mesh_a_change_is_not_relayed_to_a_region_that_holds_it(cluster):
+    """Each region holds a change it got from its origin as a relay for the third region, and while it holds
+    one its stream tells a vector short of it; its heartbeats say what it holds all the same, so both relays
+    of a change are dropped rather than sent over the WAN a second time. (First in the module: no partition
+    has left relays that must go.)"""
+    between = [("eu-west", "ap-northeast"), ("ap-northeast", "eu-west")]
+
+    def relays(outcome: str) -> dict[tuple[str, str], float]:
+        return {(r, p): sample(scrape(cluster["regions"][r]["metrics"]), "mlchat_relays_total", peer=p,
+                               outcome=outcome) for r, p in between}
+
+    def resolved() -> dict[tuple[str, str], float]:
+        dropped, sent = relays("dropped"), relays("sent")
+        return {link: dropped[link] + sent[link] for link in between}
+
+    def after(before: dict[tuple[str, str], float], what: str) -> None:
+        wait_until(lambda: all(n > before[link] for link, n in resolved().items()), 30, what)
+
+    wait_until(lambda: all(sample(scrape(cluster["regions"][r]["metrics"]), "mlchat_peer_up", peer=p) == 1
+                           for r in REGIONS for p in REGIONS if p != r), 30, "every stream up")
+    start = resolved()
+    east = client(cluster, "us-east", "mesh_east")  # a claim: us-east's change, held by the others as a relay
+    after(start, "the claim's relays resolved")
+    before = resolved()
+    east.post("mesh", "once per link", "m1")
+    after(before, "the message's relays resolved")
+    assert relays("sent") == dict.fromkeys(between, 0.0)
+    assert all(n >= 2 for n in relays("dropped").values())
 
 
 def test_a_message_posted_in_any_region_is_visible_in_all(cluster, tmp_path):

@@ -139,3 +139,44 @@ def test_the_cursor_goes_on_heartbeats_once_each_time_it_moves():
     sent = queue.told(queue.next([back, beat, beat], {}, now_ms=0))
     assert [d.cursor for d in sent] == ["", stamp(40), ""]
     assert queue.told([replace(heartbeat({}), cursor=stamp(39))])[0].cursor == ""  # never backwards
+
+
+PACE, ACK_DELAY = 8, 20
+
+
+def test_a_paced_stream_sends_a_change_at_once_and_the_next_ones_together_a_pace_later():
+    queue = RelayQueue("c", DELAY, 100, PACE, ACK_DELAY)
+    first, second, third = (own(f"0{i}", {"b": f"0{i}"}) for i in (1, 2, 3))
+    assert queue.next([first], {}, now_ms=100) == [first]
+    assert queue.next([second], {}, now_ms=103) == []
+    assert queue.wait_ms(103) == PACE - 3
+    assert queue.next([third], {}, now_ms=105) == []
+    assert queue.next([], {}, now_ms=100 + PACE) == [second, third]
+    assert queue.wait_ms(100 + PACE) is None  # nothing waits
+    # A change that comes a pace or more after the last one sent goes at once.
+    later = own("09", {"b": "09"})
+    assert queue.next([later], {}, now_ms=100 + 2 * PACE) == [later]
+
+
+def test_an_acknowledgement_rides_with_the_next_change_or_goes_alone_when_due():
+    queue = RelayQueue("a", DELAY, 100, PACE, ACK_DELAY)
+    ack = relayed("a", {"a": "03"}, {}, {"a": "03", "b": "05"})
+    assert queue.next([ack], {}, now_ms=0) == []
+    assert queue.wait_ms(5) == ACK_DELAY - 5
+    mine = own("06", {"b": "06"})
+    assert queue.next([mine], {}, now_ms=5) == [Delta(vector={"a": "03"}), mine]
+    assert queue.next([ack], {}, now_ms=10) == []
+    assert queue.next([], {}, now_ms=10 + ACK_DELAY) == [Delta(vector={"a": "03"})]
+
+
+def test_a_heartbeat_goes_at_once_with_whatever_waits_and_does_not_set_the_pace():
+    queue = RelayQueue("c", DELAY, 100, PACE, ACK_DELAY)
+    queue.next([own("01", {"b": "01"})], {}, now_ms=0)
+    waiting = own("02", {"b": "02"})
+    assert queue.next([waiting], {}, now_ms=2) == []
+    beat = heartbeat({"b": "02"})
+    assert queue.next([beat], {}, now_ms=3) == [waiting, beat]
+    after = own("03", {"b": "03"})
+    assert queue.next([after], {}, now_ms=4) == []  # paced from the last change sent, at 3
+    assert queue.wait_ms(4) == PACE - 1
+
