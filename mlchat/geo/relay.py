@@ -5,12 +5,13 @@ a change reaches every region by any path that works (A to C through B while A-C
 mesh the direct path has delivered a change before any relay of it does, and relaying everything at once
 triples a cluster's WAN traffic (each of n regions receives each message n-1 times). So, per stream:
 
-- the region's own changes, and changes whose origins are not known, go at once;
+- the region's own changes, and changes whose origins are not known, go at once (paced: see below);
 - a change the peer sent us, or that only the peer wrote, is never sent back: the peer holds it. Only the
   vector's entries for its origins go, which tell the peer at once that this region holds it too (sync acks,
   claim confirmation and causal tokens wait on that);
-- any other relay is held for `delay_ms`, then dropped if the peer's vector (as it last told this region)
-  covers it, else sent. A peer cut off from a change's origin therefore gets it from here, late.
+- any other relay is held for `delay_ms`, then dropped if the peer holds it (as it last told this region:
+  the vectors its stream told, and what its heartbeats say it holds, `Delta.holds`), else sent. A peer cut
+  off from a change's origin therefore gets it from here, late.
 
 Every message carries the sender's vector, which the receiver adopts as a promise that it holds what the
 vector covers; it merges what it is told, in order, so a message need only carry the entries that moved
@@ -18,6 +19,12 @@ since the last one on its stream (`told`). While relays are held, the vector tol
 origin, at what this region held of that origin before the oldest held change arrived, so it never covers a
 change the peer was not sent. The same goes for the sender's outbox cursor (`Delta.cursor`, told on
 heartbeats), which the peer resumes from after a restart: it stays below every held relay's outbox stamp.
+Since the peer holds back the vector it tells this region the same way, what a relay is checked against
+is what the peer says it holds on heartbeats; with its told vector alone, both regions holding a change as
+a relay for each other would each wait on the other, and both send it.
+
+What goes out is paced (`pace_ms`, `ack_delay_ms`; see `_paced`): a busy stream sends fewer, larger
+messages.
 
 Pure: the caller passes `now_ms` and the peer's vector, and sends what comes back, in order.
 """
