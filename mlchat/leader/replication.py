@@ -373,7 +373,10 @@ class Replicator:
                 try:
                     async with self._open_stream(link.address) as channel:
                         live = await self._caught_up(link, channel, link.cursor)
-                        async with contextlib.aclosing(in_groups(live)) as groups:
+                        # Where writes wait on other regions' copies, an acknowledgement must not wait
+                        # behind the changes after it: each message alone.
+                        async with contextlib.aclosing(in_groups(live) if self.region.settings.paced
+                                                       else _singly(live)) as groups:
                             async for group in groups:
                                 await self._received(link, group)
                                 backoff = 0.05
@@ -421,7 +424,7 @@ class Replicator:
         await self._membership(told)
         if told.members:  # a heartbeat: the peer's own view
             await self.region.listed(link.region, told.members)
-            link.holds = vector.merge(link.holds, told.holds)
+            link.holds = told.holds  # the latest: a peer whose Redis lost its data holds less than it said
         link.applied += sum(map(carries_changes, deltas))
         moved = functools.reduce(vector.merge, (d.vector for d in deltas), {})
         if moved:
@@ -460,6 +463,10 @@ async def in_groups(messages: AsyncIterator[rpb.Delta],
         try:
             async for message in messages:
                 await waiting.put(message)
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # type: ignore[union-attr]  # in_groups is done with it
+                raise
+            await waiting.put(ConnectionError("the stream's call was cancelled"))  # its channel closed under it
         except Exception as e:  # the follower's to handle, after what came before it
             await waiting.put(e)
         else:
@@ -483,6 +490,12 @@ async def in_groups(messages: AsyncIterator[rpb.Delta],
                 raise item
     finally:
         reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+
+
+async def _singly(messages: AsyncIterator[rpb.Delta]) -> AsyncGenerator[list[rpb.Delta], None]:
+    async for message in messages:
+        yield [message]
 
 
 async def _with_idle_timeout(stream: AsyncIterator[rpb.Delta], timeout_s: float) -> AsyncGenerator[rpb.Delta, None]:

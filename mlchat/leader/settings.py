@@ -10,7 +10,7 @@ from mlchat.geo.modes import Mode, SyncAcks
 from mlchat.leader import limits
 from mlchat.tls import TlsFiles
 
-PACE_MS, ACK_DELAY_MS = 8, 20  # see `LeaderSettings.pace_ms`
+PACE_MS, ACK_DELAY_MS = 8, 20  # see `LeaderSettings.paced`
 
 
 @dataclass(frozen=True)
@@ -77,11 +77,18 @@ class LeaderSettings:
         return 0 if self.mode is Mode.SINGLE_LEADER else 2 * self.heartbeat_ms
 
     @property
+    def paced(self) -> bool:
+        """Whether replication streams trade a few milliseconds for fewer, larger messages: a stream sends at
+        most one message every PACE_MS and holds acknowledgements up to ACK_DELAY_MS for a change to ride
+        with (`mlchat.geo.relay`), and a receiver applies what arrived while it was applying as one change.
+        Not where writes wait on other regions' copies (sync, single-leader): each one's latency is what
+        the mode is about."""
+        return self.mode not in (Mode.SYNC, Mode.SINGLE_LEADER)
+
+    @property
     def pace_ms(self) -> tuple[int, int]:
-        """How a stream to a peer paces what it sends (`mlchat.geo.relay`): at most one message every PACE_MS,
-        and acknowledgements held up to ACK_DELAY_MS for a change to ride with. None where writes wait on
-        other regions' copies (sync, single-leader): there, each one's latency is what the mode is about."""
-        return (0, 0) if self.mode in (Mode.SYNC, Mode.SINGLE_LEADER) else (PACE_MS, ACK_DELAY_MS)
+        """(pace, acknowledgement delay) of a stream to a peer: see `paced`."""
+        return (PACE_MS, ACK_DELAY_MS) if self.paced else (0, 0)
 
     @property
     def peer_address(self) -> str:

@@ -169,7 +169,7 @@ def test_an_acknowledgement_rides_with_the_next_change_or_goes_alone_when_due():
     assert queue.next([], {}, now_ms=10 + ACK_DELAY) == [Delta(vector={"a": "03"})]
 
 
-def test_a_heartbeat_goes_at_once_with_whatever_waits_and_does_not_set_the_pace():
+def test_a_heartbeat_goes_at_once_with_whatever_waits():
     queue = RelayQueue("c", DELAY, 100, PACE, ACK_DELAY)
     queue.next([own("01", {"b": "01"})], {}, now_ms=0)
     waiting = own("02", {"b": "02"})
@@ -179,4 +179,15 @@ def test_a_heartbeat_goes_at_once_with_whatever_waits_and_does_not_set_the_pace(
     after = own("03", {"b": "03"})
     assert queue.next([after], {}, now_ms=4) == []  # paced from the last change sent, at 3
     assert queue.wait_ms(4) == PACE - 1
+
+
+def test_only_changes_set_the_pace_not_a_heartbeat_or_an_acknowledgement_sent_alone():
+    queue = RelayQueue("a", DELAY, 100, PACE, ACK_DELAY)
+    beat = heartbeat({"b": "01"})
+    assert queue.next([beat], {}, now_ms=100) == [beat]
+    ack = relayed("a", {"a": "03"}, {}, {"a": "03", "b": "01"})
+    assert queue.next([ack], {}, now_ms=101) == []
+    assert queue.next([], {}, now_ms=101 + ACK_DELAY) == [Delta(vector={"a": "03"})]
+    change = own("02", {"b": "02"})
+    assert queue.next([change], {}, now_ms=102 + ACK_DELAY) == [change]
 

@@ -19,9 +19,9 @@ def heartbeat(n: int) -> rpb.Delta:
     return rpb.Delta(from_region="a", vector={"a": f"{n:02}"}, members={"a": "a:1"}, cursor=f"e:{n:02}")
 
 
-async def stream(*items: rpb.Delta | Exception) -> AsyncIterator[rpb.Delta]:
+async def stream(*items: rpb.Delta | BaseException) -> AsyncIterator[rpb.Delta]:
     for item in items:
-        if isinstance(item, Exception):
+        if isinstance(item, BaseException):
             raise item
         yield item
 
@@ -54,6 +54,19 @@ def test_a_stream_that_fails_hands_on_what_came_before_then_the_failure():
     groups, failure = asyncio.run(consume())
     assert groups == [[change(1), change(2)]]
     assert str(failure) == "silent too long"
+
+
+def test_a_stream_whose_call_is_cancelled_under_it_ends_with_an_error_the_follower_reconnects_on():
+    async def consume() -> tuple[list[list[rpb.Delta]], Exception]:
+        got = []
+        with pytest.raises(ConnectionError) as failure:
+            async for group in in_groups(stream(change(1), asyncio.CancelledError())):
+                got.append(group)
+        return got, failure.value
+
+    groups, failure = asyncio.run(consume())
+    assert groups == [[change(1)]]
+    assert "cancelled" in str(failure)
 
 
 def test_a_consumer_that_stops_stops_the_reading():
