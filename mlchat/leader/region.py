@@ -129,6 +129,7 @@ class Region:
         self.feed: Fanout[Delta] = Fanout(settings.feed_buffer)
         self._shards: OrderedDict[str, MessageShard] = OrderedDict()
         self._pending_updates: dict[str, int] = {}  # per hot shard: updates stored since its snapshot
+        self._compacting: dict[str, asyncio.Task[None]] = {}  # per shard: its snapshot being stored
         # Posts waiting for their channel's writer, the writers, and every post not yet answered.
         self._queue: dict[str, list[_Pending]] = {}
         self._writers: dict[str, asyncio.Task[None]] = {}
@@ -420,7 +421,7 @@ class Region:
                         self._queue.setdefault(e.channel, []).append(
                             _Pending(e.id, e.user_id, e.body, e.client_msg_id))
                 return
-            await self._stored_update(name, shard)
+            self._stored_update(name, shard)
         self._settle_stamps([e.hlc for e in entries])  # so that the published vector covers them
         self._publish(Delta(shard_updates={name: update}))
         for entry in entries:
@@ -458,16 +459,24 @@ class Region:
             raise Unavailable(f"message {msg_id} is being stored; retry")
         return entry
 
-    async def _stored_update(self, name: str, shard: MessageShard) -> None:
-        """Count an update stored for a shard; snapshot the shard when enough have piled up. Called
-        with the shard's lock held, so the snapshot holds exactly what Redis holds."""
-        self._pending_updates[name] = self._pending_updates.get(name, 0) + 1
-        if self._pending_updates[name] >= self.settings.compact_after:
-            try:
-                await self.store.compact_shard(name, shard.snapshot(), self._pending_updates[name])
-                self._pending_updates[name] = 0
-            except Exception:  # the updates stay in their list; compaction is tried again later
-                log.warning("compacting shard %s failed", name, exc_info=True)
+    def _stored_update(self, name: str, shard: MessageShard) -> None:
+        """Count an update stored for a shard; when enough have piled up, snapshot the shard and store the
+        snapshot in their place. Called with the shard's lock held, so the snapshot holds exactly the updates
+        Redis holds; it is stored after the lock is let go: a large shard's snapshot (megabytes) takes Redis
+        a while, and posts to the shard need not wait for it (it replaces only the updates it covers)."""
+        covered = self._pending_updates[name] = self._pending_updates.get(name, 0) + 1
+        if covered >= self.settings.compact_after and name not in self._compacting:
+            self._compacting[name] = asyncio.create_task(self._compact(name, shard.snapshot(), covered))
+
+    async def _compact(self, name: str, snapshot: bytes, covered: int) -> None:
+        try:
+            await self.store.compact_shard(name, snapshot, covered)
+            if name in self._pending_updates:  # (reloaded since: it may count fewer; it compacts later then)
+                self._pending_updates[name] = max(0, self._pending_updates[name] - covered)
+        except Exception:  # the updates stay in their list; compaction is tried again at the next update
+            log.warning("compacting shard %s failed", name, exc_info=True)
+        finally:
+            del self._compacting[name]
 
     @contextlib.asynccontextmanager
     async def _dropped_on_failure(self, name: str) -> AsyncIterator[None]:
@@ -862,7 +871,7 @@ class Region:
             async with self._dropped_on_failure(name):
                 new = await self.store.apply(name, added, update, shard.state_vector(),
                                              self.settings.stream_retention, shipped(added))
-            await self._stored_update(name, shard)
+            self._stored_update(name, shard)
         for entry in added:
             if entry.id in new:
                 self.fanout.publish(entry.channel, Committed(entry, new[entry.id],

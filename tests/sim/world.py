@@ -123,7 +123,8 @@ class Inbound:
     session: int
     expected: int = 0
     heard_at: int = 0  # step
-    vector: dict[str, str] = field(default_factory=dict)  # what the peer holds, as its stream last said
+    vector: dict[str, str] = field(default_factory=dict)  # what the peer's stream says this region holds
+    holds: dict[str, str] = field(default_factory=dict)  # what the peer holds itself, as its last heartbeat said
 
 
 @dataclass
@@ -268,7 +269,8 @@ class World:
                               *(m.hlc for m in delta.memberships)])
         for peer, out in node.outbound.items():
             inbound = node.inbound.get(peer)
-            for delta in out.relays.told(out.relays.next(feed, inbound.vector if inbound else {}, self.now_ms(node))):
+            held = vector.merge(inbound.vector, inbound.holds) if inbound else {}  # `Replicator.peer_vector`
+            for delta in out.relays.told(out.relays.next(feed, held, self.now_ms(node))):
                 self.send(node.name, peer, Part(out.session, out.seq, delta))
                 out.seq += 1
 
@@ -297,7 +299,7 @@ class World:
             node.disk.trimmed = node.disk.outbox[-self.outbox_keep - 1][0]
             del node.disk.outbox[:-self.outbox_keep]
         replica.feed.append(Delta(vector=replica.vector, members={**membership.members, node.name: node.name},
-                                  departed=tuple(sorted(membership.departed))))
+                                  departed=tuple(sorted(membership.departed)), holds=replica.vector))
         self.store_and_ship(node)
 
     def admit(self, node: Node, region: str) -> None:
@@ -347,6 +349,8 @@ class World:
             inbound.expected += 1
             inbound.heard_at = self.step_no
             inbound.vector = vector.merge(inbound.vector, msg.delta.vector)
+            if msg.delta.members:  # a heartbeat
+                inbound.holds = dict(msg.delta.holds)
             replica.apply(msg.delta, self.now_ms(node), src)
             self.store_and_ship(node)
             if msg.delta.cursor:  # applied: this region holds the peer's outbox that far
