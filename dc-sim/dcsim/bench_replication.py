@@ -1,11 +1,12 @@
 """Replication benchmark: lag between regions under load, and catch-up after a partition.
 
 Lag: three regions with the default WAN; in each, a writer posts 200 messages/s while subscribers in
-the other regions (a process of their own) note when each message arrives. Lag = arrival - commit (the message's hlc) - the
-link's one-way delay. Baseline, in the same run over a proxied link with the same delay: Valkey's own
-replication (a replica with REPLICAOF), the lag of an XADD on the primary to the wake-up of an XREAD
-BLOCK on the replica. Over the same run, the bytes the WAN links carried per message delivered to a region,
-against the message's raw payload.
+the other regions (in a process of their own) note when each message arrives. Lag = arrival - commit (the
+message's hlc) - the link's one-way delay. Baseline, in the same run over a proxied link with the same
+delay: Valkey's own replication (a replica with REPLICAOF), the lag of an XADD on the primary to the
+wake-up of an XREAD BLOCK on the replica. The ratio is given both for the lag beyond the one-way delay
+and for the whole time from commit to visible. Over the same run, the bytes the WAN links carried per
+message delivered to a region, against the message's raw payload.
 
 Catch-up: one region cut off while another posts a backlog; after the heal, the time until the cut
 region holds it all, and the bytes sent to it per message against the raw message payload.
@@ -42,6 +43,7 @@ from mlchat.v1 import chat_pb2 as pb
 from mlchat.v1 import chat_pb2_grpc, cluster_pb2
 
 REGIONS = ("us-east", "eu-west", "ap-northeast")
+ONE_WAY_MS = 40.25  # us-east -> eu-west in the default WAN matrix: the native baseline's link
 PAYLOAD = 100 + len("u") + 16 + len("b12345")  # a message's raw bytes: body, user id, client_msg_id
 WORDS = ("the deploy is done so we can ship today lunch at noon anyone around for a quick call "
          "review my change please the build is green again thanks everyone see you tomorrow").split()
@@ -335,15 +337,19 @@ def main() -> None:
             elapsed, per_message = catch_up(status, run_dir, args.backlog)
         finally:
             dcsim.down(run_dir)
-        native = native_lag(40.25, args.rate, args.seconds, Path(tmp))
+        native = native_lag(ONE_WAY_MS, args.rate, args.seconds, Path(tmp))
     everything = [lag for values in lags.values() for lag in values]
     east_west = lags.get(("us-east", "eu-west"), [])
     print("| measure | mlchat | baseline (same run) | ratio |\n|---|---|---|---|")
     for label, values in (("lag us-east -> eu-west, minus the one-way delay", east_west),
                           ("lag over all six directed links, minus each one-way delay", everything)):
+        # Commit to visible, one-way delay included, on the baseline's own link only.
+        whole = (f"; commit to visible {(ONE_WAY_MS + pct(values, .99)) / (ONE_WAY_MS + pct(native, .99)):.2f}x"
+                 if values is east_west else "")
         print(f"| {label} | p50 {pct(values, .5):.1f} ms, p99 {pct(values, .99):.1f} ms | Valkey REPLICAOF over "
               f"the us-east -> eu-west link: p50 {pct(native, .5):.1f} ms, p99 {pct(native, .99):.1f} ms | "
-              f"p99 {pct(values, .99) / max(pct(native, .99), 0.1):.1f}x (targets: p99 <= 25 ms, <= 1.5x) |")
+              f"p99 beyond the one-way delay {pct(values, .99) / max(pct(native, .99), 0.1):.1f}x{whole} "
+              "(targets: p99 <= 25 ms, <= 1.5x) |")
     print(f"| WAN bytes per message delivered to a region, at {args.rate:g} messages/s per region | "
           f"{per_delivery:.0f} B | raw payload {PAYLOAD} B | {per_delivery / PAYLOAD:.2f}x |")
     print(f"| catch-up of {args.backlog} messages after a partition | {elapsed:.1f} s, {per_message:.0f} B sent "
