@@ -40,7 +40,8 @@ from mlchat.crdt.replica import Delta, Relayed, carries_changes
 
 
 class RelayQueue:
-    def __init__(self, peer: str, delay_ms: int, capacity: int, pace_ms: int = 0, ack_delay_ms: int = 0) -> None:
+    def __init__(self, peer: str, delay_ms: int, capacity: int, pace_ms: int = 0, ack_delay_ms: int = 0,
+                 outcomes: Counter[tuple[str, str]] | None = None) -> None:
         self.peer = peer
         self.delay_ms = delay_ms
         self.capacity = capacity  # held relays beyond it go out at once: memory stays bounded
@@ -57,7 +58,8 @@ class RelayQueue:
         self._stamps: deque[tuple[int, str]] = deque()  # the same for held relays' outbox stamps
         self._told: dict[str, str] = {}  # the vector as this stream told it the peer
         self._told_cursor = ""
-        self.outcomes: Counter[str] = Counter()  # relays held that were "sent", or "dropped" (the peer held them)
+        # Counted into, per (peer, outcome): relays held that were "sent", or "dropped" (the peer held them).
+        self.outcomes: Counter[tuple[str, str]] = Counter() if outcomes is None else outcomes
 
     @property
     def held(self) -> int:
@@ -81,7 +83,7 @@ class RelayQueue:
                 self._hold(now_ms + self.delay_ms, delta)
                 while len(self._held) > self.capacity:
                     out.append(self._capped(self._pop()))
-                    self.outcomes["sent"] += 1
+                    self.outcomes[self.peer, "sent"] += 1
         return self._paced(out, now_ms)
 
     def wait_ms(self, now_ms: int) -> int | None:
@@ -137,10 +139,10 @@ class RelayQueue:
             _, due, delta = self._held[0]
             if vector.covers(peer_vector, delta.relayed.origins or {}):  # type: ignore[union-attr]
                 self._pop()
-                self.outcomes["dropped"] += 1
+                self.outcomes[self.peer, "dropped"] += 1
             elif due <= now_ms:
                 out.append(self._capped(self._pop()))
-                self.outcomes["sent"] += 1
+                self.outcomes[self.peer, "sent"] += 1
             else:
                 break
         return out

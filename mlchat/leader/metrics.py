@@ -124,7 +124,7 @@ class LeaderCollector(Collector):
         backlog = GaugeMetricFamily("mlchat_replication_backlog", "Changes queued here for the peer, not yet "
                                     "sent on its stream", labels=["peer"])
         for peer in sorted({*links, *queues}):
-            backlog.add_metric([peer], max((q.pending for q in queues.get(peer, ())), default=0))
+            backlog.add_metric([peer], max((changes.pending for changes, _ in queues.get(peer, ())), default=0))
         catch_ups = CounterMetricFamily("mlchat_catch_ups", "Streams the peer opened here, by how they caught up: "
                                         "from the outbox after the peer's cursor, or by comparing states",
                                         labels=["peer", "kind"])
@@ -148,7 +148,7 @@ class LeaderCollector(Collector):
             relays.add_metric([peer, outcome], count)
         held = GaugeMetricFamily("mlchat_relays_held", "Changes held back for the peer now", labels=["peer"])
         for peer in sorted({*links, *queues}):
-            held.add_metric([peer], self.replication.relays_held[peer])
+            held.add_metric([peer], sum(relays.held for _, relays in queues.get(peer, ())))
         yield from (up, lag, applied, backlog, sent, relays, held, catch_ups, catch_up_seconds, outbox)
 
         conflicts = CounterMetricFamily("mlchat_conflicts", "Values from peers that met a different one held "

@@ -57,12 +57,11 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
         self.consensus = consensus
         self.sent: Counter[str] = Counter()  # per peer: deltas with changes sent on its streams
         self.relays: Counter[tuple[str, str]] = Counter()  # per (peer, "sent" or "dropped"): see `RelayQueue`
-        self.relays_held: Counter[str] = Counter()  # per peer, on its open streams
         self.catch_ups: Counter[tuple[str, str]] = Counter()  # per (peer, "outbox" or "states")
         self.catch_up_seconds: Counter[tuple[str, str]] = Counter()  # the same: time from request to last part
-        # Per peer, what each of its open streams has yet to send (a reconnect, or a comparison of states,
-        # may overlap the stream before it).
-        self.queues: dict[str, list[Subscription[Delta]]] = {}
+        # Per peer, what each of its open streams has yet to send, and holds back (a reconnect, or a comparison
+        # of states, may overlap the stream before it).
+        self.queues: dict[str, list[tuple[Subscription[Delta], RelayQueue]]] = {}
 
     @unary
     async def Join(self, request, context):  # type: ignore[no-untyped-def]
@@ -101,9 +100,11 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
         self.auth.principal(context, peer=True)
         context.set_compression(grpc.Compression.Gzip)  # WAN links are paid by the byte
         peer = request.region
-        relays: RelayQueue | None = None
+        settings = self.region.settings
         with self.region.feed.subscribe(FEED) as changes:  # first: nothing changed from now is missed
-            self.queues.setdefault(peer, []).append(changes)
+            relays = RelayQueue(peer, settings.relay_delay_ms, changes.capacity, *settings.pace_ms, self.relays)
+            stream = (changes, relays)
+            self.queues.setdefault(peer, []).append(stream)
             try:
                 state = ReplicaState({s.shard: s.state_vector for s in request.shards}, dict(request.vector))
                 started = time.monotonic()
@@ -115,8 +116,6 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
                     self.sent[peer] += carries_changes(part)
                     yield self._message(part)
                 self.catch_up_seconds[peer, kind] += time.monotonic() - started
-                settings = self.region.settings
-                relays = RelayQueue(peer, settings.relay_delay_ms, changes.capacity, *settings.pace_ms)
                 while True:
                     wait_ms = relays.wait_ms(self.replicator.now_ms())
                     try:
@@ -130,12 +129,8 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
                                                     "behind: reconnect to catch up")
                         return
                     # A peer that lags gets fewer, larger messages.
-                    self.relays_held[peer] -= relays.held
                     parts = relays.told(combine(relays.next(batch or [], self.replicator.peer_vector(peer),
                                                             self.replicator.now_ms())))
-                    self.relays_held[peer] += relays.held
-                    self.relays.update({(peer, outcome): n for outcome, n in relays.outcomes.items()})
-                    relays.outcomes.clear()
                     for i, delta in enumerate(parts):
                         message = self._message(delta)
                         message.backlog = changes.pending + relays.held + len(parts) - i - 1
@@ -144,9 +139,7 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
                         self.sent[peer] += carries_changes(delta)
                         yield message
             finally:
-                if relays is not None:
-                    self.relays_held[peer] -= relays.held
-                self.queues[peer].remove(changes)
+                self.queues[peer].remove(stream)
                 if not self.queues[peer]:
                     del self.queues[peer]
 
@@ -413,7 +406,8 @@ class Replicator:
         if last.epoch:
             link.term, link.voted = Term(last.epoch, last.primary), last.voted_epoch
         deltas = [delta_from_pb(m) for m in messages]
-        for delta in combine(deltas):
+        combined = combine(deltas)  # each with the merge of its deltas' vectors
+        for delta in combined:
             await self.region.apply(delta, link.region)
         if last.cursor:  # applied: this region holds the peer's outbox that far
             link.cursor = later_position(link.cursor, last.cursor)
@@ -426,12 +420,12 @@ class Replicator:
             await self.region.listed(link.region, told.members)
             link.holds = told.holds  # the latest: a peer whose Redis lost its data holds less than it said
         link.applied += sum(map(carries_changes, deltas))
-        moved = functools.reduce(vector.merge, (d.vector for d in deltas), {})
+        moved = functools.reduce(vector.merge, (d.vector for d in combined), {})
         if moved:
             link.vector = vector.merge(link.vector, moved)
             heard, self._heard = self._heard, asyncio.Event()
             heard.set()
-        if any(d.shard_updates for d in deltas) and moved.get(link.region):
+        if any(d.shard_updates for d in combined) and moved.get(link.region):
             link.lag_ms = max(0, self.now_ms() - Hlc.decode(moved[link.region]).wall_ms)
 
     def peer_status(self) -> list[cluster_pb2.PeerStatus]:

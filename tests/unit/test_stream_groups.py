@@ -74,8 +74,7 @@ def test_a_consumer_that_stops_stops_the_reading():
         n = 0
         while True:
             n += 1
-            yield change(n)
-            await asyncio.sleep(0)
+            yield change(n)  # never waits: the reader stops only on its full queue
 
     async def consume_one() -> list[asyncio.Task]:
         groups = in_groups(forever(), limit=5)
