@@ -165,6 +165,16 @@ class PeerLink:
     def state(self, now: float, timeout_s: float) -> PeerState:
         return peer_state(self.connected, now - self.last_heard, timeout_s)
 
+    def told_cursor(self, told: str) -> None:
+        """Keep the later cursor of the peer's outbox ("EPOCH:STAMP"). A cursor of another outbox means the peer's
+        Redis lost or restored its data: it holds only what it tells from now on, not what it told before."""
+        if self.cursor.partition(":")[0] == told.partition(":")[0]:
+            self.cursor = max(self.cursor, told)
+            return
+        if self.cursor:
+            self.vector = {}
+        self.cursor = told
+
 
 class Replicator:
     """Opens and keeps a stream to every peer, applying what arrives; sends heartbeats to the feed."""
@@ -410,7 +420,7 @@ class Replicator:
         for delta in combined:
             await self.region.apply(delta, link.region)
         if last.cursor:  # applied: this region holds the peer's outbox that far
-            link.cursor = later_position(link.cursor, last.cursor)
+            link.told_cursor(last.cursor)
         told = deltas[-1]
         epoch, _, acked = told.cursors.get(self.region.name, "").partition(":")
         if epoch == self.region.epoch:
@@ -435,14 +445,6 @@ class Replicator:
                                        state=int(link.state(now, timeout_s)), replication_lag_ms=link.lag_ms,
                                        replication_lag_entries=link.backlog)
                 for link in self.links.values()]
-
-
-def later_position(held: str, told: str) -> str:
-    """The cursor of a peer's outbox to keep, given the one held and one its stream told ("EPOCH:STAMP"): the
-    later of the two, or the told one if it names another outbox (the peer's Redis lost or restored its data)."""
-    if held.partition(":")[0] != told.partition(":")[0]:
-        return told
-    return max(held, told)
 
 
 async def in_groups(messages: AsyncIterator[rpb.Delta],
