@@ -158,6 +158,8 @@ class LeaderCollector(Collector):
             conflicts.add_metric([kind], region.conflicts[kind])
         yield conflicts
 
+        yield CounterMetricFamily("mlchat_post_commits", "Batches of posts committed, each in one Redis round trip "
+                                  "(posts per commit: PostMessage calls / commits)", value=region.commits)
         yield GaugeMetricFamily("mlchat_subscribers", "Open Subscribe streams (on the gateways too)",
                                 value=region.subscriber_count())
         sizes = region.hot_shard_sizes()

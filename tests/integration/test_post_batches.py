@@ -1,0 +1,51 @@
+"""Posts to a channel commit in batches: calls on their way to the queue join the batch being taken."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from mlchat.leader.region import Region
+from mlchat.leader.server import redis_client
+from mlchat.leader.settings import LeaderSettings
+from mlchat.leader.store import Store
+from mlchat.leader.valkey import EmbeddedValkey
+
+
+def run_posts(valkey: EmbeddedValkey, tmp_path, turns_on_the_way: int) -> tuple[int, list[str], int]:
+    """16 posts to one channel: the first at once, the others after `turns_on_the_way` turns of the event loop
+    (as a call's request is read and its token checked). Returns (commits, ids committed, messages stored)."""
+    settings = LeaderSettings("us-east", "127.0.0.1:0", tmp_path)
+
+    async def main() -> tuple[int, list[str], int]:
+        store = Store(redis_client(valkey.url))
+        region = Region(settings, store, 1, lambda: int(time.time() * 1000))
+        try:
+            await region.start()
+
+            async def post(i: int) -> str:
+                if i:
+                    for _ in range(turns_on_the_way):
+                        await asyncio.sleep(0)
+                return (await region.post("u1", "lobby", f"message {i}", f"c{i}"))[0].id
+
+            ids = await asyncio.gather(*(post(i) for i in range(16)))
+            return region.commits, ids, len((await store.page("lobby", "", 100, False, "u1")).entries)
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
+
+
+def test_posts_still_on_their_way_join_the_batch_and_commit_in_one_round_trip(own_valkey: EmbeddedValkey, tmp_path):
+    commits, ids, stored = run_posts(own_valkey, tmp_path, turns_on_the_way=3)
+    assert (len(set(ids)), stored) == (16, 16)
+    assert commits == 1
+
+
+def test_a_batch_waits_no_longer_than_the_turns_it_is_allowed(own_valkey: EmbeddedValkey, tmp_path):
+    # Posts that take longer than GATHER_TURNS turns to arrive go in a later batch: a busy loop never holds a
+    # commit back for long.
+    commits, ids, stored = run_posts(own_valkey, tmp_path, turns_on_the_way=100)
+    assert (len(set(ids)), stored) == (16, 16)
+    assert commits == 2
