@@ -26,6 +26,7 @@ import functools
 import hashlib
 import itertools
 import logging
+import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -64,7 +65,9 @@ OUTBOX_PAGE = 500  # outbox entries sent at a time (merged) to a peer that resum
 NAMED_ABOVE = 16 * 1024  # bytes: a larger shard update applied from a peer is kept in the outbox by name
 RECENT_IDS = 10_000
 REFUSING_CHANNELS = 1_000
-GATHER_TURNS = 20  # at most this many turns of the event loop for posts on their way to join a batch
+# A batch waits at most GATHER_TURNS turns of the event loop for posts on their way, GATHER_ROUNDS times over
+# when its channel is busy (`Region._gathered`).
+GATHER_TURNS, GATHER_ROUNDS = 20, 6
 T = TypeVar("T")
 
 
@@ -370,7 +373,9 @@ class Region:
     async def _write(self, channel: str) -> None:
         """Commit a channel's queued posts, in batches: one Redis round trip serves many posts."""
         try:
-            while batch := await self._gathered(channel):
+            busy = False  # posts came while a batch was committed
+            while batch := await self._gathered(channel, busy):
+                busy = True
                 try:
                     await self._commit_batch(channel, batch)
                 except Exception as e:
@@ -379,17 +384,26 @@ class Region:
         finally:
             del self._writers[channel]
 
-    async def _gathered(self, channel: str) -> list[_Pending] | None:
-        """The channel's queued posts, once the event loop has nothing else ready to run (or after
-        GATHER_TURNS turns). Under load, calls that arrived with the queued posts are still on their way to
-        the queue (their requests read, tokens checked): a commit that waits for them serves them too, where
-        each would otherwise pay a Redis round trip of its own. When nothing else is ready, as with a lone
-        post, nothing waits."""
+    async def _gathered(self, channel: str, busy: bool) -> list[_Pending] | None:
+        """The channel's queued posts, once calls on their way to the queue have joined them. Under load,
+        calls that arrived with the queued posts are still being read and checked: a commit that waits for
+        them serves them too, where each would otherwise pay a Redis round trip of its own. So the batch is
+        taken once the event loop has nothing else ready to run; and when the channel is busy, also once
+        rounds of letting go of the GIL (so that gRPC's poller thread hands the loop the calls that arrived)
+        bring no more posts. A lone post waits for nothing: nothing else is ready."""
         loop = asyncio.get_running_loop()
-        for _ in range(GATHER_TURNS):
-            if not getattr(loop, "_ready", None):  # the loop's callbacks ready to run (CPython's event loop)
+        for _ in range(GATHER_ROUNDS if busy else 1):
+            queued = len(self._queue.get(channel, ()))
+            if busy:
+                # Blocks nothing: it lets go of the GIL. The calls handed over are seen at the loop's next turn.
+                time.sleep(0)  # noqa: ASYNC251
+                await asyncio.sleep(0)
+            for _ in range(GATHER_TURNS):
+                if not getattr(loop, "_ready", None):  # the loop's callbacks ready to run (CPython's event loop)
+                    break
+                await asyncio.sleep(0)
+            if len(self._queue.get(channel, ())) == queued:
                 break
-            await asyncio.sleep(0)
         self.commits += channel in self._queue
         return self._queue.pop(channel, None)
 
