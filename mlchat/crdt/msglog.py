@@ -30,6 +30,7 @@ from mlchat.crdt.hlc import Hlc, is_encoded_hlc
 ROOT = "log"
 EMPTY_UPDATE = b"\x00\x00"  # an update that changes nothing
 ID_LENGTH = 16
+_compact_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # made once: not per call
 
 
 def message_id(user_id: str, channel: str, client_msg_id: str) -> str:
@@ -67,7 +68,7 @@ class LogEntry:
     @property
     def payload(self) -> str:
         """What the order key and the channel do not already say."""
-        return json.dumps([self.user_id, self.body, self.client_msg_id], separators=(",", ":"), ensure_ascii=False)
+        return _compact_json([self.user_id, self.body, self.client_msg_id])
 
     @classmethod
     def from_parts(cls, channel: str, key: str, payload: str) -> LogEntry:

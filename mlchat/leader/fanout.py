@@ -75,6 +75,9 @@ class Fanout(Generic[T]):
         for sub in self._subs.get(topic, ()):
             sub.offer(item)
 
+    def has_subscribers(self, topic: str) -> bool:
+        return topic in self._subs
+
     def close(self, topic: str) -> None:
         """End every subscription of `topic` cleanly."""
         for sub in self._subs.get(topic, ()):

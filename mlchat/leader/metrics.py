@@ -64,21 +64,31 @@ class RpcMetrics:
                                   for m in service.methods})
 
     def _measured(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        # The method's series, made at its first call (a method never called has none) and then kept: looking
+        # them up by label values costs more than the rest of the measuring.
+        series: dict[str, tuple[Any, Any]] = {}  # final code -> (its counter, the method's histogram)
+
+        def counted(code: str) -> tuple[Any, Any]:
+            if code not in series:
+                series[code] = (self.calls.labels(method, code), self.seconds.labels(method))
+            return series[code]
+
         # Streaming handlers either yield their responses or write them (health's Watch): keep the shape.
         if inspect.isasyncgenfunction(behavior):
             async def streamed(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                with self._recorded(method, context):
+                with self._recorded(counted, context):
                     async for response in behavior(request, context):
                         yield response
             return streamed
 
         async def awaited(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            with self._recorded(method, context):
+            with self._recorded(counted, context):
                 return await behavior(request, context)
         return awaited
 
+    @staticmethod
     @contextlib.contextmanager
-    def _recorded(self, method: str, context: grpc.aio.ServicerContext) -> Iterator[None]:
+    def _recorded(counted: Callable[[str], tuple[Any, Any]], context: grpc.aio.ServicerContext) -> Iterator[None]:
         started = time.perf_counter()
         failure = None
         try:
@@ -90,8 +100,9 @@ class RpcMetrics:
             failure = grpc.StatusCode.UNKNOWN
             raise
         finally:
-            self.calls.labels(method, final_code(context.code(), failure).name).inc()
-            self.seconds.labels(method).observe(time.perf_counter() - started)
+            calls, seconds = counted(final_code(context.code(), failure).name)
+            calls.inc()
+            seconds.observe(time.perf_counter() - started)
 
 
 class LeaderCollector(Collector):

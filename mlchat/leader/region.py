@@ -466,6 +466,8 @@ class Region:
 
     def _deliver(self, entries: list[LogEntry], stream_ids: dict[str, str]) -> None:
         """Send stored messages to local subscribers, by their ids in their channel's stream."""
+        if not self.fanout.has_subscribers(entries[0].channel):  # all of one channel: no message to build
+            return
         for entry in entries:
             if entry.id in stream_ids:
                 self.fanout.publish(entry.channel, Committed(entry, stream_ids[entry.id],
