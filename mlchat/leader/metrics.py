@@ -10,10 +10,9 @@ about Prometheus, and a gauge never goes stale.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
@@ -64,45 +63,56 @@ class RpcMetrics:
                                   for m in service.methods})
 
     def _measured(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
-        # The method's series, made at its first call (a method never called has none) and then kept: looking
-        # them up by label values costs more than the rest of the measuring.
-        series: dict[str, tuple[Any, Any]] = {}  # final code -> (its counter, the method's histogram)
-
-        def counted(code: str) -> tuple[Any, Any]:
-            if code not in series:
-                series[code] = (self.calls.labels(method, code), self.seconds.labels(method))
-            return series[code]
-
+        recorded = _Recorded(self, method)
         # Streaming handlers either yield their responses or write them (health's Watch): keep the shape.
         if inspect.isasyncgenfunction(behavior):
             async def streamed(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                with self._recorded(counted, context):
+                with _Call(recorded, context):
                     async for response in behavior(request, context):
                         yield response
             return streamed
 
         async def awaited(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            with self._recorded(counted, context):
+            with _Call(recorded, context):
                 return await behavior(request, context)
         return awaited
 
-    @staticmethod
-    @contextlib.contextmanager
-    def _recorded(counted: Callable[[str], tuple[Any, Any]], context: grpc.aio.ServicerContext) -> Iterator[None]:
-        started = time.perf_counter()
+
+class _Recorded:
+    """One method's calls, each counted by its final status code and timed as it ends. The method's series are
+    made at its first call (a method never called has none) and then kept: looking them up by label values
+    costs more than the rest of the measuring."""
+
+    def __init__(self, metrics: RpcMetrics, method: str) -> None:
+        self.metrics, self.method = metrics, method
+        self.series: dict[str, tuple[Any, Any]] = {}  # final code -> (its counter, the method's histogram)
+
+    def ended(self, code: str, seconds: float) -> None:
+        if code not in self.series:
+            self.series[code] = (self.metrics.calls.labels(self.method, code), self.metrics.seconds.labels(self.method))
+        calls, latency = self.series[code]
+        calls.inc()
+        latency.observe(seconds)
+
+
+class _Call:
+    """A call being measured (a context manager: a class, not a generator, as it runs on every call)."""
+
+    __slots__ = ("recorded", "context", "started")
+
+    def __init__(self, recorded: _Recorded, context: grpc.aio.ServicerContext) -> None:
+        self.recorded, self.context, self.started = recorded, context, time.perf_counter()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, *_: Any) -> None:
         failure = None
-        try:
-            yield
-        except (asyncio.CancelledError, GeneratorExit):  # the client went away, or the server stops
-            failure = grpc.StatusCode.CANCELLED
-            raise
-        except Exception:
+        if kind is not None and issubclass(kind, (asyncio.CancelledError, GeneratorExit)):
+            failure = grpc.StatusCode.CANCELLED  # the client went away, or the server stops
+        elif kind is not None and issubclass(kind, Exception):
             failure = grpc.StatusCode.UNKNOWN
-            raise
-        finally:
-            calls, seconds = counted(final_code(context.code(), failure).name)
-            calls.inc()
-            seconds.observe(time.perf_counter() - started)
+        self.recorded.ended(final_code(self.context.code(), failure).name, time.perf_counter() - self.started)
 
 
 class LeaderCollector(Collector):

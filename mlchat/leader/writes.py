@@ -51,7 +51,7 @@ class Writes:
 
     def _copies(self) -> int:
         settings = self.region.settings
-        return copies_needed(settings.mode, settings.sync_acks, len(self.region.regions))
+        return copies_needed(settings.mode, settings.sync_acks, len(self.region.members) + 1)
 
     def _timeout(self, time_remaining: float | None) -> float:
         """How long to wait on other regions: keep a margin of the caller's deadline to answer it."""
