@@ -1,16 +1,20 @@
-"""Helpers shared by the test tiers: waiting on conditions, and looking at processes."""
+"""Helpers shared by the test tiers: waiting on conditions, looking at processes, a region in the test's process."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from dcsim import cli as dcsim
 from mlchat.leader.process import free_port
+from mlchat.leader.region import Region
+from mlchat.leader.server import redis_client
+from mlchat.leader.settings import LeaderSettings
+from mlchat.leader.store import Store
 
 
 @contextlib.contextmanager
@@ -22,6 +26,20 @@ def dcsim_run(run_dir: Path, regions: tuple[str, ...], **up: Any) -> Iterator[di
         yield state
     finally:
         dcsim.down(run_dir)
+
+
+@contextlib.asynccontextmanager
+async def started_region(redis_url: str, data_dir: Path, **settings: Any) -> AsyncIterator[Region]:
+    """A region "us-east" of one leader in this process, on the Redis at `redis_url`, started; its store
+    closed after. `settings`: of `LeaderSettings`, beyond its region, address and data directory."""
+    store = Store(redis_client(redis_url))
+    region = Region(LeaderSettings("us-east", "127.0.0.1:0", data_dir, **settings), store, 1,
+                    lambda: int(time.time() * 1000))
+    try:
+        await region.start()
+        yield region
+    finally:
+        await store.close()
 
 
 def wait_until(condition: Callable[[], bool], deadline_s: float = 10.0, what: str = "condition") -> None:

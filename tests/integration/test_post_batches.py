@@ -3,36 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
-from mlchat.leader.region import Region
-from mlchat.leader.server import redis_client
-from mlchat.leader.settings import LeaderSettings
-from mlchat.leader.store import Store
+from support import started_region
+
 from mlchat.leader.valkey import EmbeddedValkey
 
 
 def run_posts(valkey: EmbeddedValkey, tmp_path, turns_on_the_way: int) -> tuple[int, list[str], int]:
     """16 posts to one channel: the first at once, the others after `turns_on_the_way` turns of the event loop
     (as a call's request is read and its token checked). Returns (commits, ids committed, messages stored)."""
-    settings = LeaderSettings("us-east", "127.0.0.1:0", tmp_path)
-
     async def main() -> tuple[int, list[str], int]:
-        store = Store(redis_client(valkey.url))
-        region = Region(settings, store, 1, lambda: int(time.time() * 1000))
-        try:
-            await region.start()
-
+        async with started_region(valkey.url, tmp_path) as region:
             async def post(i: int) -> str:
                 if i:
                     for _ in range(turns_on_the_way):
-                        await asyncio.sleep(0)
+                        await asyncio.sleep(0)  # one turn of the event loop, not a wait
                 return (await region.post("u1", "lobby", f"message {i}", f"c{i}"))[0].id
 
             ids = await asyncio.gather(*(post(i) for i in range(16)))
-            return region.commits, ids, len((await store.page("lobby", "", 100, False, "u1")).entries)
-        finally:
-            await store.close()
+            return region.commits, ids, len((await region.store.page("lobby", "", 100, False, "u1")).entries)
 
     return asyncio.run(main())
 

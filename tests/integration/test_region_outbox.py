@@ -6,13 +6,14 @@ import asyncio
 import time
 from pathlib import Path
 
+from support import started_region
+
 from mlchat.crdt.hlc import Hlc
 from mlchat.crdt.msglog import LogEntry, MessageShard, message_id, shard_name
 from mlchat.crdt.replica import Delta, ReplicaState
-from mlchat.leader.region import NAMED_ABOVE, Region
-from mlchat.leader.server import redis_client
+from mlchat.leader.region import NAMED_ABOVE
 from mlchat.leader.settings import LeaderSettings
-from mlchat.leader.store import Store, past, split_entry
+from mlchat.leader.store import past, split_entry
 from mlchat.leader.valkey import EmbeddedValkey
 from mlchat.leader.wire import from_outbox
 
@@ -34,10 +35,8 @@ def test_a_large_update_is_kept_by_name_and_a_resuming_peer_gets_the_shard(own_v
     """A catch-up applied from a peer can be a whole shard: the outbox keeps its name, not a copy, and a
     peer that resumes past it is sent what it lacks of that shard."""
     async def main() -> None:
-        store = Store(redis_client(own_valkey.url))
-        region = Region(LeaderSettings("us-east", "127.0.0.1:0", tmp_path), store, 1, now_ms)
-        try:
-            await region.start()
+        async with started_region(own_valkey.url, tmp_path) as region:
+            store = region.store
             cursor = region.cursor()
             name, update = written_in("eu-west", "lobby", 300)
             assert len(update) > NAMED_ABOVE
@@ -52,7 +51,5 @@ def test_a_large_update_is_kept_by_name_and_a_resuming_peer_gets_the_shard(own_v
                     received.apply(bytes_)
             assert len(received) == 300
             assert parts[-1].cursor == region.cursor() and parts[-1].vector
-        finally:
-            await store.close()
 
     asyncio.run(main())

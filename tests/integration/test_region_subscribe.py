@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import time
 
+from support import started_region
+
 from mlchat.crdt.hlc import Hlc
 from mlchat.crdt.msglog import LogEntry, message_id
-from mlchat.leader.region import Committed, Region
-from mlchat.leader.server import redis_client
-from mlchat.leader.settings import LeaderSettings
-from mlchat.leader.store import Store
+from mlchat.leader.region import Committed
 from mlchat.leader.valkey import EmbeddedValkey
 
 
@@ -25,10 +24,7 @@ def test_live_messages_published_out_of_stream_order_all_reach_a_subscriber(own_
     one) do not wait on each other: the later one in the channel's stream may be published first. Both
     are live messages, and both must reach the subscriber."""
     async def main() -> None:
-        store = Store(redis_client(own_valkey.url))
-        region = Region(LeaderSettings("us-east", "127.0.0.1:0", tmp_path), store, 1, lambda: int(time.time() * 1000))
-        try:
-            await region.start()
+        async with started_region(own_valkey.url, tmp_path) as region:
             check_access = region.check_access
 
             async def published_once_subscribed(channel: str, user_id: str) -> None:
@@ -42,7 +38,5 @@ def test_live_messages_published_out_of_stream_order_all_reach_a_subscriber(own_
             got = [await asyncio.wait_for(anext(stream), 5), await asyncio.wait_for(anext(stream), 5)]
             assert [c.entry.body for c in got] == ["later in the stream", "earlier in the stream"]
             await stream.aclose()
-        finally:
-            await store.close()
 
     asyncio.run(main())
