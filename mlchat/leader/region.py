@@ -54,6 +54,7 @@ from mlchat.geo.membership import Membership
 from mlchat.geo.modes import names_by_consensus
 from mlchat.leader.fanout import Fanout
 from mlchat.leader.limits import MAX_CHANNEL_MEMBERS
+from mlchat.leader.locks import KeyedLocks
 from mlchat.leader.settings import LeaderSettings
 from mlchat.leader.store import Page, Shipped, Store, parse_stream_id, past, split_entry, stream_id_key
 from mlchat.leader.wire import from_outbox, outbox_entry
@@ -144,7 +145,12 @@ class Region:
         # Private channels where posts were refused lately: there, posts are checked before they are
         # queued, so that non-members cannot make the hot shard be dropped and reloaded at every post.
         self._refusing: OrderedDict[str, None] = OrderedDict()
-        self._shard_locks: dict[str, asyncio.Lock] = {}
+        self._shard_locks = KeyedLocks()
+        # Held from storing a channel's new messages (which appends them to its stream) until they are published:
+        # subscribers get each channel's messages in stream order, so one that resumes from the last cursor it
+        # received misses nothing. Commits to one channel in different shards (a peer's message of the hour
+        # before, a post of this one) would otherwise publish in the order their replies came back.
+        self._stream_order = KeyedLocks()
         # Per apply in flight (or failed, in doubt), by the stamp of its outbox entries: the vector told when
         # it started.
         self._applying: dict[str, dict[str, str]] = {}
@@ -417,9 +423,10 @@ class Region:
         entries = [LogEntry(p.msg_id, channel, p.user_id, p.body, p.client_msg_id, self._stamp(), self.name)
                    for p in fresh]
         try:
-            for name, group in itertools.groupby(entries,
-                                                 lambda e: shard_name(channel, e.hlc, self.settings.bucket_ms)):
-                await self._commit_shard(name, list(group))
+            async with self._stream_order.held(channel):
+                for name, group in itertools.groupby(entries,
+                                                     lambda e: shard_name(channel, e.hlc, self.settings.bucket_ms)):
+                    await self._commit_shard(name, list(group))
         finally:  # those committed are settled already
             self._settle_stamps([e.hlc for e in entries], stored=False)
 
@@ -524,7 +531,7 @@ class Region:
     async def _locked_shard(self, name: str) -> AsyncIterator[MessageShard]:
         """A shard, held while the caller changes or reads it: one holder at a time, so what anyone
         reads of a shard in memory (to store, ship or snapshot it) is what Redis holds."""
-        async with self._shard_locks.setdefault(name, asyncio.Lock()):
+        async with self._shard_locks.held(name):
             yield await self._shard(name)
 
     async def _shard(self, name: str) -> MessageShard:
@@ -895,7 +902,7 @@ class Region:
         """Apply a pycrdt update to a shard; if anything in it was new here, store it (for other peers to
         be sent as it came) and return the entries it added. The update is stored as it came: pycrdt holds
         back items whose predecessors have not arrived yet, and the stored update keeps them until they do."""
-        async with self._locked_shard(name) as shard:
+        async with self._stream_order.held(split_shard_name(name)[0]), self._locked_shard(name) as shard:
             before = shard.state_vector()
             added = shard.apply(update)
             if not added and shard.state_vector() == before:
@@ -904,10 +911,10 @@ class Region:
                 new = await self.store.apply(name, added, update, shard.state_vector(),
                                              self.settings.stream_retention, shipped(added))
             self._stored_update(name, shard)
-        for entry in added:
-            if entry.id in new:
-                self.fanout.publish(entry.channel, Committed(entry, new[entry.id],
-                                                             self.causal_token((entry.region, entry.hlc))))
+            for entry in added:
+                if entry.id in new:
+                    self.fanout.publish(entry.channel, Committed(entry, new[entry.id],
+                                                                 self.causal_token((entry.region, entry.hlc))))
         return added
 
     # Region-wide --------------------------------------------------------------------------------
@@ -925,8 +932,8 @@ class Region:
 
 def is_live(stream_id: str, live_after: str) -> bool:
     """Whether a message published to a channel's subscribers is new to one whose backlog (or start) ended at
-    `live_after`. Each is published once, but not always in stream order (commits to one channel in different
-    shards do not wait on each other), so it is not compared with the last one sent."""
+    `live_after`. Each is published once, and in stream order but for one case (a commit in doubt is published
+    when its doubt is resolved, after later ones), so it is not compared with the last one sent."""
     return stream_id_key(stream_id) > stream_id_key(live_after)
 
 

@@ -8,8 +8,10 @@ import time
 from support import started_region
 
 from mlchat.crdt.hlc import Hlc
-from mlchat.crdt.msglog import LogEntry, message_id
+from mlchat.crdt.msglog import LogEntry, MessageShard, message_id, shard_name
+from mlchat.crdt.replica import Delta
 from mlchat.leader.region import Committed
+from mlchat.leader.store import stream_id_key
 from mlchat.leader.valkey import EmbeddedValkey
 
 
@@ -20,9 +22,8 @@ def committed(stream_id: str, body: str) -> Committed:
 
 
 def test_live_messages_published_out_of_stream_order_all_reach_a_subscriber(own_valkey: EmbeddedValkey, tmp_path):
-    """Two commits to one channel in different shards (a peer's message of an earlier hour, a post of this
-    one) do not wait on each other: the later one in the channel's stream may be published first. Both
-    are live messages, and both must reach the subscriber."""
+    """A message can be published after one later in the channel's stream (a commit in doubt is published when
+    its doubt is resolved). Both are live messages, and both must reach the subscriber."""
     async def main() -> None:
         async with started_region(own_valkey.url, tmp_path) as region:
             check_access = region.check_access
@@ -37,6 +38,57 @@ def test_live_messages_published_out_of_stream_order_all_reach_a_subscriber(own_
             stream = region.subscribe("u1", "lobby", "")
             got = [await asyncio.wait_for(anext(stream), 5), await asyncio.wait_for(anext(stream), 5)]
             assert [c.entry.body for c in got] == ["later in the stream", "earlier in the stream"]
+            await stream.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_channels_messages_are_published_in_stream_order_across_its_shards(own_valkey: EmbeddedValkey, tmp_path):
+    """A peer's message of the hour before and a post of this hour go to different shards of one channel. The
+    peer's is stored first, so it is earlier in the channel's stream; the post, committed while the peer's
+    message is stored but not yet published, must not reach subscribers before it. Otherwise a subscriber that
+    received only the post, and resumes from its cursor, would never get the peer's message."""
+    async def main() -> None:
+        async with started_region(own_valkey.url, tmp_path) as region:
+            store = region.store
+            live, stored, publish = asyncio.Event(), asyncio.Event(), asyncio.Event()
+            last_stream_id, apply = store.last_stream_id, store.apply
+
+            async def live_from_here(channel: str) -> str:  # where the subscription's live messages begin
+                last = await last_stream_id(channel)
+                live.set()
+                return last
+
+            async def stored_then_held(*args, **kwargs):  # the peer's message is in the stream, not yet published
+                new = await apply(*args, **kwargs)
+                stored.set()
+                await publish.wait()
+                return new
+
+            store.last_stream_id, store.apply = live_from_here, stored_then_held  # type: ignore[method-assign]
+            stream = region.subscribe("u1", "lobby", "")
+            first = asyncio.create_task(anext(stream))
+            await asyncio.wait_for(live.wait(), 5)
+
+            hour_ago = int(time.time() * 1000) - 3_600_000
+            entry = LogEntry(message_id("u2", "lobby", "m-peer"), "lobby", "u2", "from a peer, an hour ago", "m-peer",
+                             Hlc(hour_ago, 0).encode(), "eu-west")
+            update = MessageShard("lobby", 7).add([entry])
+            name = shard_name("lobby", entry.hlc, region.settings.bucket_ms)
+            applying = asyncio.create_task(region.apply(Delta(shard_updates={name: update}), "eu-west"))
+            await asyncio.wait_for(stored.wait(), 5)
+            posting = asyncio.create_task(region.post("u1", "lobby", "posted this hour", "m-now"))
+            deadline = time.monotonic() + 5
+            # Until the post is answered, or waits for the peer's message to be published.
+            while not (posting.done() or region._stream_order.callers("lobby") == 2):
+                assert time.monotonic() < deadline, "the post neither finished nor waited"
+                await asyncio.sleep(0.001)  # noqa: ASYNC110 (a state of the region, which signals nothing)
+            publish.set()
+            await asyncio.wait_for(asyncio.gather(applying, posting), 5)
+
+            got = [await asyncio.wait_for(first, 5), await asyncio.wait_for(anext(stream), 5)]
+            assert [c.entry.body for c in got] == ["from a peer, an hour ago", "posted this hour"]
+            assert stream_id_key(got[0].stream_id) < stream_id_key(got[1].stream_id)
             await stream.aclose()
 
     asyncio.run(main())
