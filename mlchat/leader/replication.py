@@ -47,6 +47,7 @@ from mlchat.v1 import replication_pb2 as rpb
 log = logging.getLogger(__name__)
 COMPRESS_ABOVE = 2048  # bytes: smaller deltas go out as they are
 READ_AHEAD = 100  # messages of a peer's stream received and not yet applied, at most
+READ_AHEAD_BYTES = 16 * 1024 * 1024  # and their bytes (a relayed catch-up can be one large message)
 
 
 class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
@@ -447,18 +448,23 @@ class Replicator:
                 for link in self.links.values()]
 
 
-async def in_groups(messages: AsyncIterator[rpb.Delta],
-                     limit: int = READ_AHEAD) -> AsyncGenerator[list[rpb.Delta], None]:
-    """A stream's messages, read ahead (at most `limit` waiting) and handed on in groups: each group is what
-    arrived while the one before was applied, so a receiver that lags applies fewer, larger changes. A
-    heartbeat ends its group: the membership it tells, and how far it says the receiver holds the sender's
-    outbox, hold once everything before it is applied."""
-    waiting: asyncio.Queue[rpb.Delta | Exception | None] = asyncio.Queue(limit)  # None: the stream ended
+async def in_groups(messages: AsyncIterator[rpb.Delta], limit: int = READ_AHEAD,
+                    limit_bytes: int = READ_AHEAD_BYTES) -> AsyncGenerator[list[rpb.Delta], None]:
+    """A stream's messages, read ahead and handed on in groups: each group is what arrived while the one
+    before was applied, so a receiver that lags applies fewer, larger changes. At most `limit` wait, and those
+    waiting and being applied hold at most `limit_bytes` (or are one larger message alone). A heartbeat ends
+    its group: the membership it tells, and how far it says the receiver holds the sender's outbox, hold once
+    everything before it is applied."""
+    # A message with its size; None: the stream ended.
+    waiting: asyncio.Queue[tuple[rpb.Delta, int] | Exception | None] = asyncio.Queue(limit)
+    held = _Held(limit_bytes)  # until its group is applied
 
     async def read() -> None:
         try:
             async for message in messages:
-                await waiting.put(message)
+                size = message.ByteSize()
+                await held.add(size)
+                await waiting.put((message, size))
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():  # type: ignore[union-attr]  # in_groups is done with it
                 raise
@@ -473,13 +479,17 @@ async def in_groups(messages: AsyncIterator[rpb.Delta],
         while True:
             item = await waiting.get()
             group: list[rpb.Delta] = []
-            while isinstance(item, rpb.Delta):
-                group.append(item)
-                if item.members or item.cursor or waiting.empty():
+            size = 0
+            while isinstance(item, tuple):
+                message, message_size = item
+                group.append(message)
+                size += message_size
+                if message.members or message.cursor or waiting.empty():
                     break
                 item = waiting.get_nowait()
             if group:
                 yield group
+                held.release(size)
             if item is None:
                 return
             if isinstance(item, Exception):
@@ -487,6 +497,25 @@ async def in_groups(messages: AsyncIterator[rpb.Delta],
     finally:
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
+
+
+class _Held:
+    """Bytes of a stream's messages read ahead and not yet handed on."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.bytes = limit, 0
+        self._released = asyncio.Event()
+
+    async def add(self, size: int) -> None:
+        """Count a message in, once it fits (a larger one, once nothing else is held)."""
+        while self.bytes and self.bytes + size > self.limit:
+            self._released.clear()
+            await self._released.wait()
+        self.bytes += size
+
+    def release(self, size: int) -> None:
+        self.bytes -= size
+        self._released.set()
 
 
 async def _singly(messages: AsyncIterator[rpb.Delta]) -> AsyncGenerator[list[rpb.Delta], None]:

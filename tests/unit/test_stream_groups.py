@@ -86,3 +86,32 @@ def test_a_consumer_that_stops_stops_the_reading():
 
     readers = asyncio.run(consume_one())
     assert len(readers) == 1 and readers[0].cancelled()
+
+
+def test_the_reading_ahead_holds_at_most_its_bytes_but_for_one_larger_message():
+    """Messages are read ahead only while those held (waiting, or in the group being applied) fit the byte
+    limit: the next one received waits for room. One larger than the limit is still taken, alone."""
+    small, large = change(1), rpb.Delta(from_region="a", vector={"a": "09"}, cursor="x" * 500)
+    budget = 3 * small.ByteSize()
+
+    async def consume() -> list[tuple[list[rpb.Delta], int]]:
+        read = 0
+
+        async def counted() -> AsyncIterator[rpb.Delta]:
+            nonlocal read
+            for message in [small] * 6 + [large, small]:
+                read += 1
+                yield message
+
+        seen = []
+        async for group in in_groups(counted(), limit=100, limit_bytes=budget):
+            for _ in range(5):  # turns enough for the reader to go as far as it may
+                await asyncio.sleep(0)
+            seen.append((group, read))
+        return seen
+
+    seen = asyncio.run(consume())
+    assert [m for group, _ in seen for m in group] == [small] * 6 + [large, small]
+    assert all(sum(m.ByteSize() for m in group) <= budget or group == [large] for group, _ in seen)
+    # While the first group (three small ones, the whole budget) is applied, the fourth is received and waits.
+    assert seen[0] == ([small] * 3, 4)
