@@ -91,11 +91,13 @@ class RegionClock:
         """The vector a causal token carries, with the (origin, hlc) of writes a response carries. The
         own entry stops at the last write: idle ticks beyond it hold nothing to read, and a region that
         dies before it ships a tick must not leave tokens no one can satisfy."""
-        current = self.vector
+        current = dict(self.remote)
         if self.last_settled:
-            current[self.region] = min(current[self.region], self.last_settled)
-        else:
-            del current[self.region]
+            # min(own, last_settled), without decoding stamps in the common case: the last settled write is at
+            # or below the clock and the floor, so only an unsettled stamp below it holds it back.
+            lowest = min(self._unsettled, default=None)
+            current[self.region] = (self.last_settled if lowest is None or self.last_settled < lowest
+                                    else Hlc.decode(lowest).previous().encode())
         return vector.merge(current, dict(seen))
 
     def watermark(self, regions: Iterable[str]) -> str:
