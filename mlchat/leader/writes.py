@@ -62,21 +62,20 @@ class Writes:
                   respond: Callable[[T, bytes], Any]) -> Any:
         """A write call, as every mode asks: forwarded to the primary, or admitted, committed (`commit`), and
         confirmed held by enough regions; then answered (`respond`, given the result and its causal token)."""
-        if (answer := await self.forwarded(method, request, context)) is not None:
-            return answer
+        if self.leadership is not None and not self.leadership.may_write():
+            return await self.forwarded(method, request, context)
         self.admit()
         result = await commit()
         stamp = stamped(result)
         if not stamp.hlc:  # nothing was written
             return respond(result, self.region.causal_token())
-        await self.confirm(stamp.region, stamp.hlc, context.time_remaining())
+        if self.leadership is not None or self._copies():  # (async mode asks nothing: no call to wait on)
+            await self.confirm(stamp.region, stamp.hlc, context.time_remaining())
         return respond(result, self.region.causal_token((stamp.region, stamp.hlc)))
 
     async def forwarded(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        """single-leader mode, in a region that is not the primary: the primary's answer to the call.
-        None when this region takes the write itself."""
-        if self.leadership is None or self.leadership.may_write():
-            return None
+        """single-leader mode, in a region that is not the primary: the primary's answer to the call."""
+        assert self.leadership is not None
         term = self.leadership.term
         metadata = context.invocation_metadata() or ()
         if term.primary == self.region.name:
