@@ -69,6 +69,7 @@ REFUSING_CHANNELS = 1_000
 # A batch waits at most GATHER_TURNS turns of the event loop for posts on their way, GATHER_ROUNDS times over
 # when its channel is busy (`Region._gathered`).
 GATHER_TURNS, GATHER_ROUNDS = 20, 6
+COMPACT_RATIO = 2  # a shard's updates since its snapshot are replaced by a new one once they weigh half of it
 T = TypeVar("T")
 
 
@@ -106,6 +107,22 @@ class _Pending:
     client_msg_id: str
 
 
+@dataclass(slots=True)
+class _SinceSnapshot:
+    """What a hot shard holds in Redis beside its snapshot: the updates stored since (how many, their bytes)."""
+
+    updates: int = 0
+    update_bytes: int = 0
+    snapshot_bytes: int = 0
+
+    def due(self, min_updates: int) -> bool:
+        """Whether to snapshot the shard now: once at least `min_updates` piled up, and they weigh at least
+        1/COMPACT_RATIO of the snapshot. A snapshot costs the whole shard's size, so a large shard is
+        snapshotted less often: each byte stored is snapshotted a bounded number of times, however large
+        the shard grows, and Redis holds at most 1 + 1/COMPACT_RATIO times the shard (plus `min_updates`)."""
+        return self.updates >= min_updates and self.update_bytes * COMPACT_RATIO >= self.snapshot_bytes
+
+
 @dataclass(frozen=True, slots=True)
 class UserView:
     user_id: str
@@ -133,7 +150,7 @@ class Region:
         self.membership = Membership(self.name, settings.peers)
         self.feed: Fanout[Delta] = Fanout(settings.feed_buffer)
         self._shards: OrderedDict[str, MessageShard] = OrderedDict()
-        self._pending_updates: dict[str, int] = {}  # per hot shard: updates stored since its snapshot
+        self._since_snapshot: dict[str, _SinceSnapshot] = {}  # per hot shard
         self._compacting: dict[str, asyncio.Task[None]] = {}  # per shard: its snapshot being stored
         # Posts waiting for their channel's writer, the writers, and every post not yet answered.
         self._queue: dict[str, list[_Pending]] = {}
@@ -458,7 +475,7 @@ class Region:
                         self._queue.setdefault(e.channel, []).append(
                             _Pending(e.id, e.user_id, e.body, e.client_msg_id))
                 return
-            self._stored_update(name, shard)
+            self._stored_update(name, shard, update)
         self._settle_stamps([e.hlc for e in entries])  # so that the published vector covers them
         self._publish(Delta(shard_updates={name: update}))
         for entry in entries:
@@ -498,20 +515,26 @@ class Region:
             raise Unavailable(f"message {msg_id} is being stored; retry")
         return entry
 
-    def _stored_update(self, name: str, shard: MessageShard) -> None:
-        """Count an update stored for a shard; when enough have piled up, snapshot the shard and store the
-        snapshot in their place. Called with the shard's lock held, so the snapshot holds exactly the updates
-        Redis holds; it is stored after the lock is let go: a large shard's snapshot (megabytes) takes Redis
-        a while, and posts to the shard need not wait for it (it replaces only the updates it covers)."""
-        covered = self._pending_updates[name] = self._pending_updates.get(name, 0) + 1
-        if covered >= self.settings.compact_after and name not in self._compacting:
-            self._compacting[name] = asyncio.create_task(self._compact(name, shard.snapshot(), covered))
+    def _stored_update(self, name: str, shard: MessageShard, update: bytes) -> None:
+        """Count an update stored for a shard; when enough have piled up (`_SinceSnapshot.due`), snapshot the
+        shard and store the snapshot in their place. Called with the shard's lock held, so the snapshot holds
+        exactly the updates Redis holds; it is stored after the lock is let go: a large shard's snapshot
+        (megabytes) takes Redis a while, and posts to the shard need not wait for it (it replaces only the
+        updates it covers)."""
+        since = self._since_snapshot.setdefault(name, _SinceSnapshot())
+        since.updates += 1
+        since.update_bytes += len(update)
+        if since.due(self.settings.compact_after) and name not in self._compacting:
+            self._compacting[name] = asyncio.create_task(
+                self._compact(name, shard.snapshot(), _SinceSnapshot(since.updates, since.update_bytes)))
 
-    async def _compact(self, name: str, snapshot: bytes, covered: int) -> None:
+    async def _compact(self, name: str, snapshot: bytes, covered: _SinceSnapshot) -> None:
         try:
-            await self.store.compact_shard(name, snapshot, covered)
-            if name in self._pending_updates:  # (reloaded since: it may count fewer; it compacts later then)
-                self._pending_updates[name] = max(0, self._pending_updates[name] - covered)
+            await self.store.compact_shard(name, snapshot, covered.updates)
+            if since := self._since_snapshot.get(name):  # (reloaded since: it may count fewer; it compacts later)
+                since.updates = max(0, since.updates - covered.updates)
+                since.update_bytes = max(0, since.update_bytes - covered.update_bytes)
+                since.snapshot_bytes = len(snapshot)
         except Exception:  # the updates stay in their list; compaction is tried again at the next update
             log.warning("compacting shard %s failed", name, exc_info=True)
         finally:
@@ -540,10 +563,10 @@ class Region:
             snapshot, updates = await self.store.shard_updates(name)
             shard = MessageShard(split_shard_name(name)[0], self._client_id, ([snapshot] if snapshot else []) + updates)
             self._shards[name] = shard
-            self._pending_updates[name] = len(updates)
+            self._since_snapshot[name] = _SinceSnapshot(len(updates), sum(map(len, updates)), len(snapshot or b""))
             while len(self._shards) > self.settings.hot_shards:
                 evicted, _ = self._shards.popitem(last=False)
-                self._pending_updates.pop(evicted, None)
+                self._since_snapshot.pop(evicted, None)
         self._shards.move_to_end(name)
         return shard
 
@@ -910,7 +933,7 @@ class Region:
             async with self._dropped_on_failure(name):
                 new = await self.store.apply(name, added, update, shard.state_vector(),
                                              self.settings.stream_retention, shipped(added))
-            self._stored_update(name, shard)
+            self._stored_update(name, shard, update)
             for entry in added:
                 if entry.id in new:
                     self.fanout.publish(entry.channel, Committed(entry, new[entry.id],

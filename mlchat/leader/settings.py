@@ -27,7 +27,7 @@ class LeaderSettings:
     token_ttl_ms: int = 24 * 3600 * 1000
     bucket_ms: int = HOUR_MS  # width of a message-log shard; the same in every region
     hot_shards: int = 64  # pycrdt shards kept in memory (least recently used leave)
-    compact_after: int = 2000  # pycrdt updates in a shard's list before it is snapshotted
+    compact_after: int = 2000  # pycrdt updates in a shard's list, at least, before it is snapshotted again
     user_rate: float = limits.USER_RATE  # calls a second per user on this leader (0: no limit)
     user_burst: int = limits.USER_BURST
     subscriber_buffer: int = limits.SUBSCRIBER_BUFFER

@@ -7,6 +7,7 @@ import asyncio
 from support import started_region
 
 from mlchat.crdt.msglog import MessageShard
+from mlchat.leader.region import COMPACT_RATIO
 from mlchat.leader.valkey import EmbeddedValkey
 
 
@@ -22,5 +23,37 @@ def test_a_shard_compacted_while_posts_go_on_keeps_every_message(own_valkey: Emb
             assert snapshot is not None and len(updates) <= 12 - region.settings.compact_after
             reloaded = MessageShard("lobby", 2, [snapshot, *updates])
             assert [e.id for e in reloaded.entries()] == [e.id for e in posted]
+
+    asyncio.run(main())
+
+
+
+def test_a_large_shard_is_snapshotted_once_its_updates_weigh_enough_not_at_every_few(own_valkey: EmbeddedValkey,
+                                                                                     tmp_path):
+    """A snapshot costs the whole shard: a large one waits until the updates since weigh 1/COMPACT_RATIO of it,
+    not only `compact_after` updates, so each message is snapshotted a bounded number of times however large the
+    hour's shard grows."""
+    async def main() -> None:
+        async with started_region(own_valkey.url, tmp_path, compact_after=5) as region:
+            store = region.store
+            await region.post("u1", "lobby", "x" * 60_000, "big")  # the first snapshot (at 5 updates) holds it
+            for i in range(4):
+                await region.post("u1", "lobby", f"message {i}", f"c{i}")
+            await asyncio.gather(*region._compacting.values())
+            (name,) = await store.shard_states()
+            first, updates = await store.shard_updates(name)
+            assert first is not None and len(first) > 60_000 and updates == []
+            posts, weighed = 0, 0  # small posts since the snapshot, and what their updates weighed before the last
+            while (await store.shard_updates(name))[0] == first:
+                assert posts < 5_000, "the shard was never snapshotted again"
+                weighed = sum(map(len, (await store.shard_updates(name))[1]))
+                await region.post("u1", "lobby", f"small {posts}", f"s{posts}")
+                posts += 1
+                await asyncio.gather(*region._compacting.values())
+            assert posts > 5 * 10  # far more than compact_after
+            assert weighed * COMPACT_RATIO < len(first)  # not due before the last post
+            snapshot, updates = await store.shard_updates(name)
+            reloaded = MessageShard("lobby", 2, [snapshot, *updates])
+            assert len(reloaded) == 5 + posts
 
     asyncio.run(main())
