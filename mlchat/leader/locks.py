@@ -31,6 +31,3 @@ class KeyedLocks:
     def callers(self, key: str) -> int:
         """How many callers hold or await the lock of `key`."""
         return self._locks[key][1] if key in self._locks else 0
-
-    def __len__(self) -> int:
-        return len(self._locks)

@@ -166,7 +166,9 @@ class Region:
         # Held from storing a channel's new messages (which appends them to its stream) until they are published:
         # subscribers get each channel's messages in stream order, so one that resumes from the last cursor it
         # received misses nothing. Commits to one channel in different shards (a peer's message of the hour
-        # before, a post of this one) would otherwise publish in the order their replies came back.
+        # before, a post of this one) would otherwise publish in the order their replies came back. Taken after
+        # the shard's lock, once the shard is loaded and changed in memory: a cold shard being loaded (a peer's
+        # catch-up of an old hour) does not hold up posts to the channel's other shards.
         self._stream_order = KeyedLocks()
         # Per apply in flight (or failed, in doubt), by the stamp of its outbox entries: the vector told when
         # it started.
@@ -440,15 +442,14 @@ class Region:
         entries = [LogEntry(p.msg_id, channel, p.user_id, p.body, p.client_msg_id, self._stamp(), self.name)
                    for p in fresh]
         try:
-            async with self._stream_order.held(channel):
-                for name, group in itertools.groupby(entries,
-                                                     lambda e: shard_name(channel, e.hlc, self.settings.bucket_ms)):
-                    await self._commit_shard(name, list(group))
+            for name, group in itertools.groupby(entries,
+                                                 lambda e: shard_name(channel, e.hlc, self.settings.bucket_ms)):
+                await self._commit_shard(name, list(group))
         finally:  # those committed are settled already
             self._settle_stamps([e.hlc for e in entries], stored=False)
 
     async def _commit_shard(self, name: str, entries: list[LogEntry]) -> None:
-        async with self._locked_shard(name) as shard:
+        async with self._locked_shard(name) as shard, self._stream_order.held(entries[0].channel):
             update = shard.add(entries)
             async with self._dropped_on_failure(name):
                 outcome = await self._doubted_on_failure([e.hlc for e in entries], self.store.post(
@@ -461,7 +462,7 @@ class Region:
                 # Retries of messages stored before (by an earlier process, or another process of this
                 # region), or posts to a private channel by non-members. Nothing was stored: drop the
                 # shard, which holds what Redis does not, answer those, and queue the other posts again.
-                self._shards.pop(name, None)
+                self._dropped(name)
                 if outcome.refused:
                     self._refusing[entries[0].channel] = None
                     while len(self._refusing) > REFUSING_CHANNELS:
@@ -476,17 +477,17 @@ class Region:
                             _Pending(e.id, e.user_id, e.body, e.client_msg_id))
                 return
             self._stored_update(name, shard, update)
-        self._settle_stamps([e.hlc for e in entries])  # so that the published vector covers them
-        self._publish(Delta(shard_updates={name: update}))
-        for entry in entries:
-            self._recent[entry.id] = None
-            self._settle(entry.id, (entry, True))
-        while len(self._recent) > RECENT_IDS:
-            self._recent.popitem(last=False)
-        if outcome.stream_ids:
-            self._deliver(entries, dict(zip((e.id for e in entries), outcome.stream_ids, strict=True)))
-        else:  # the script had run before, its reply lost: the messages are in the channel's stream already
-            await self._deliver_stored(entries)
+            self._settle_stamps([e.hlc for e in entries])  # so that the published vector covers them
+            self._publish(Delta(shard_updates={name: update}))
+            for entry in entries:
+                self._recent[entry.id] = None
+                self._settle(entry.id, (entry, True))
+            while len(self._recent) > RECENT_IDS:
+                self._recent.popitem(last=False)
+            if outcome.stream_ids:
+                self._deliver(entries, dict(zip((e.id for e in entries), outcome.stream_ids, strict=True)))
+            else:  # the script had run before, its reply lost: the messages are in the channel's stream already
+                await self._deliver_stored(entries)
 
     def _deliver(self, entries: list[LogEntry], stream_ids: dict[str, str]) -> None:
         """Send stored messages to local subscribers, by their ids in their channel's stream."""
@@ -526,14 +527,15 @@ class Region:
         since.update_bytes += len(update)
         if since.due(self.settings.compact_after) and name not in self._compacting:
             self._compacting[name] = asyncio.create_task(
-                self._compact(name, shard.snapshot(), _SinceSnapshot(since.updates, since.update_bytes)))
+                self._compact(name, shard.snapshot(), since.updates, since.update_bytes))
 
-    async def _compact(self, name: str, snapshot: bytes, covered: _SinceSnapshot) -> None:
+    async def _compact(self, name: str, snapshot: bytes, updates: int, update_bytes: int) -> None:
+        """Store `snapshot` in place of the shard's first `updates` updates (`update_bytes` of them)."""
         try:
-            await self.store.compact_shard(name, snapshot, covered.updates)
+            await self.store.compact_shard(name, snapshot, updates)
             if since := self._since_snapshot.get(name):  # (reloaded since: it may count fewer; it compacts later)
-                since.updates = max(0, since.updates - covered.updates)
-                since.update_bytes = max(0, since.update_bytes - covered.update_bytes)
+                since.updates = max(0, since.updates - updates)
+                since.update_bytes = max(0, since.update_bytes - update_bytes)
                 since.snapshot_bytes = len(snapshot)
         except Exception:  # the updates stay in their list; compaction is tried again at the next update
             log.warning("compacting shard %s failed", name, exc_info=True)
@@ -547,8 +549,13 @@ class Region:
         try:
             yield
         except BaseException:
-            self._shards.pop(name, None)
+            self._dropped(name)
             raise
+
+    def _dropped(self, name: str) -> None:
+        """Forget a hot shard: it is loaded again from Redis when next needed."""
+        self._shards.pop(name, None)
+        self._since_snapshot.pop(name, None)
 
     @contextlib.asynccontextmanager
     async def _locked_shard(self, name: str) -> AsyncIterator[MessageShard]:
@@ -925,19 +932,18 @@ class Region:
         """Apply a pycrdt update to a shard; if anything in it was new here, store it (for other peers to
         be sent as it came) and return the entries it added. The update is stored as it came: pycrdt holds
         back items whose predecessors have not arrived yet, and the stored update keeps them until they do."""
-        async with self._stream_order.held(split_shard_name(name)[0]), self._locked_shard(name) as shard:
+        async with self._locked_shard(name) as shard:
             before = shard.state_vector()
             added = shard.apply(update)
             if not added and shard.state_vector() == before:
                 return None
-            async with self._dropped_on_failure(name):
-                new = await self.store.apply(name, added, update, shard.state_vector(),
-                                             self.settings.stream_retention, shipped(added))
+            async with self._stream_order.held(split_shard_name(name)[0]):
+                async with self._dropped_on_failure(name):
+                    new = await self.store.apply(name, added, update, shard.state_vector(),
+                                                 self.settings.stream_retention, shipped(added))
+                if added:
+                    self._deliver(added, new)
             self._stored_update(name, shard, update)
-            for entry in added:
-                if entry.id in new:
-                    self.fanout.publish(entry.channel, Committed(entry, new[entry.id],
-                                                                 self.causal_token((entry.region, entry.hlc))))
         return added
 
     # Region-wide --------------------------------------------------------------------------------
@@ -955,8 +961,8 @@ class Region:
 
 def is_live(stream_id: str, live_after: str) -> bool:
     """Whether a message published to a channel's subscribers is new to one whose backlog (or start) ended at
-    `live_after`. Each is published once, and in stream order but for one case (a commit in doubt is published
-    when its doubt is resolved, after later ones), so it is not compared with the last one sent."""
+    `live_after`. Each is published at most once, and in stream order but for one case (a post in doubt is
+    published when its doubt is resolved, after later ones), so it is not compared with the last one sent."""
     return stream_id_key(stream_id) > stream_id_key(live_after)
 
 

@@ -452,7 +452,8 @@ async def in_groups(messages: AsyncIterator[rpb.Delta], limit: int = READ_AHEAD,
                     limit_bytes: int = READ_AHEAD_BYTES) -> AsyncGenerator[list[rpb.Delta], None]:
     """A stream's messages, read ahead and handed on in groups: each group is what arrived while the one
     before was applied, so a receiver that lags applies fewer, larger changes. At most `limit` wait, and those
-    waiting and being applied hold at most `limit_bytes` (or are one larger message alone). A heartbeat ends
+    waiting and being applied hold at most `limit_bytes` (or are one larger message alone), plus the next
+    message received, which waits for room. A heartbeat ends
     its group: the membership it tells, and how far it says the receiver holds the sender's outbox, hold once
     everything before it is applied."""
     # A message with its size; None: the stream ended.
