@@ -176,6 +176,8 @@ class Region:
         # Stamps of changes whose storing failed: they may be in the outbox all the same (Redis ran the script
         # and the reply was lost), and hold the cursor back until the outbox is read (`_resolve_doubts`).
         self._in_doubt: set[str] = set()
+        # Per apply in doubt: the messages it would have added, published if the doubt resolves to stored.
+        self._unpublished: dict[str, list[LogEntry]] = {}
         self.epoch = ""  # names the outbox (`Store.outbox_epoch`)
         self.fanout: Fanout[Committed | AccessChanged] = Fanout(settings.subscriber_buffer)
         # Per feed of a channel to a gateway (which is one subscription of `fanout`): the subscribers it feeds.
@@ -279,6 +281,8 @@ class Region:
                     for e in MessageShard(split_shard_name(name)[0], self._client_id).apply(update)])
         for stamp in doubts:
             self._applying.pop(stamp, None)
+            # An apply's messages stored after all (those in the channel's stream; older copies were published).
+            await self._deliver_stored(self._unpublished.pop(stamp, []))
         self._in_doubt.difference_update(doubts)
         if found:
             self.clocks.floor_saved(max(stamp for stamp, _ in found))  # their scripts raised the clock floor
@@ -938,9 +942,14 @@ class Region:
             if not added and shard.state_vector() == before:
                 return None
             async with self._stream_order.held(split_shard_name(name)[0]):
-                async with self._dropped_on_failure(name):
-                    new = await self.store.apply(name, added, update, shard.state_vector(),
-                                                 self.settings.stream_retention, shipped(added))
+                shipping = shipped(added)
+                try:
+                    async with self._dropped_on_failure(name):
+                        new = await self.store.apply(name, added, update, shard.state_vector(),
+                                                     self.settings.stream_retention, shipping)
+                except BaseException:  # in doubt: Redis may have stored them all the same (`_resolve_doubts`)
+                    self._unpublished.setdefault(shipping.stamp, []).extend(added)
+                    raise
                 if added:
                     self._deliver(added, new)
             self._stored_update(name, shard, update)
@@ -961,8 +970,8 @@ class Region:
 
 def is_live(stream_id: str, live_after: str) -> bool:
     """Whether a message published to a channel's subscribers is new to one whose backlog (or start) ended at
-    `live_after`. Each is published at most once, and in stream order but for one case (a post in doubt is
-    published when its doubt is resolved, after later ones), so it is not compared with the last one sent."""
+    `live_after`. Each is published once, and in stream order but for one case (a change in doubt is published
+    when its doubt is resolved, after later ones), so it is not compared with the last one sent."""
     return stream_id_key(stream_id) > stream_id_key(live_after)
 
 

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 
+import pytest
+import redis
 from support import started_region
 
 from mlchat.crdt.hlc import Hlc
 from mlchat.crdt.msglog import LogEntry, MessageShard, message_id, shard_name
 from mlchat.crdt.replica import Delta
-from mlchat.leader.region import Committed
+from mlchat.leader.region import Committed, Region
+from mlchat.leader.settings import LeaderSettings
 from mlchat.leader.store import stream_id_key
 from mlchat.leader.valkey import EmbeddedValkey
 
@@ -43,6 +48,33 @@ def test_live_messages_published_out_of_stream_order_all_reach_a_subscriber(own_
     asyncio.run(main())
 
 
+async def live_subscription(region: Region, channel: str) -> tuple[AsyncIterator[Committed], asyncio.Task]:
+    """A subscription to `channel` (from now on), once it takes live messages; and the task awaiting its first."""
+    live = asyncio.Event()
+    last_stream_id = region.store.last_stream_id
+
+    async def live_from_here(channel: str) -> str:  # where the subscription's live messages begin
+        last = await last_stream_id(channel)
+        live.set()
+        return last
+
+    region.store.last_stream_id = live_from_here  # type: ignore[method-assign]
+    stream = region.subscribe("u1", channel, "")
+    first = asyncio.create_task(anext(stream))
+    await asyncio.wait_for(live.wait(), 5)
+    region.store.last_stream_id = last_stream_id  # type: ignore[method-assign]
+    return stream, first
+
+
+def from_a_peer(body: str, ms_ago: int = 0) -> tuple[str, bytes]:
+    """(shard name, pycrdt update) of one message of "lobby" written in eu-west `ms_ago` ms ago."""
+    client_msg_id = "".join(c if c.isalnum() else "-" for c in body)
+    entry = LogEntry(message_id("u2", "lobby", client_msg_id), "lobby", "u2", body, client_msg_id,
+                     Hlc(int(time.time() * 1000) - ms_ago, 0).encode(), "eu-west")
+    name = shard_name("lobby", entry.hlc, LeaderSettings("r", "", Path()).bucket_ms)
+    return name, MessageShard("lobby", 7).add([entry])
+
+
 def test_a_channels_messages_are_published_in_stream_order_across_its_shards(own_valkey: EmbeddedValkey, tmp_path):
     """A peer's message of the hour before and a post of this hour go to different shards of one channel. The
     peer's is stored first, so it is earlier in the channel's stream; the post, committed while the peer's
@@ -51,13 +83,8 @@ def test_a_channels_messages_are_published_in_stream_order_across_its_shards(own
     async def main() -> None:
         async with started_region(own_valkey.url, tmp_path) as region:
             store = region.store
-            live, stored, publish = asyncio.Event(), asyncio.Event(), asyncio.Event()
-            last_stream_id, apply = store.last_stream_id, store.apply
-
-            async def live_from_here(channel: str) -> str:  # where the subscription's live messages begin
-                last = await last_stream_id(channel)
-                live.set()
-                return last
+            stored, publish = asyncio.Event(), asyncio.Event()
+            apply = store.apply
 
             async def stored_then_held(*args, **kwargs):  # the peer's message is in the stream, not yet published
                 new = await apply(*args, **kwargs)
@@ -65,16 +92,9 @@ def test_a_channels_messages_are_published_in_stream_order_across_its_shards(own
                 await publish.wait()
                 return new
 
-            store.last_stream_id, store.apply = live_from_here, stored_then_held  # type: ignore[method-assign]
-            stream = region.subscribe("u1", "lobby", "")
-            first = asyncio.create_task(anext(stream))
-            await asyncio.wait_for(live.wait(), 5)
-
-            hour_ago = int(time.time() * 1000) - 3_600_000
-            entry = LogEntry(message_id("u2", "lobby", "m-peer"), "lobby", "u2", "from a peer, an hour ago", "m-peer",
-                             Hlc(hour_ago, 0).encode(), "eu-west")
-            update = MessageShard("lobby", 7).add([entry])
-            name = shard_name("lobby", entry.hlc, region.settings.bucket_ms)
+            store.apply = stored_then_held  # type: ignore[method-assign]
+            stream, first = await live_subscription(region, "lobby")
+            name, update = from_a_peer("from a peer, an hour ago", ms_ago=3_600_000)
             applying = asyncio.create_task(region.apply(Delta(shard_updates={name: update}), "eu-west"))
             await asyncio.wait_for(stored.wait(), 5)
             posting = asyncio.create_task(region.post("u1", "lobby", "posted this hour", "m-now"))
@@ -89,6 +109,34 @@ def test_a_channels_messages_are_published_in_stream_order_across_its_shards(own
             got = [await asyncio.wait_for(first, 5), await asyncio.wait_for(anext(stream), 5)]
             assert [c.entry.body for c in got] == ["from a peer, an hour ago", "posted this hour"]
             assert stream_id_key(got[0].stream_id) < stream_id_key(got[1].stream_id)
+            await stream.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_peers_messages_stored_by_an_apply_whose_reply_was_lost_reach_subscribers(own_valkey: EmbeddedValkey,
+                                                                                   tmp_path):
+    """Redis stored a peer's message, and the reply was lost: the apply is in doubt, and the peer's resend adds
+    nothing (the shard reloaded from Redis has it). Once the region finds the change stored, at its next
+    heartbeat, subscribers get the message."""
+    async def main() -> None:
+        async with started_region(own_valkey.url, tmp_path) as region:
+            store = region.store
+            apply = store.apply
+
+            async def stored_reply_lost(*args, **kwargs):
+                await apply(*args, **kwargs)
+                raise redis.exceptions.ConnectionError("the reply was lost")
+
+            stream, first = await live_subscription(region, "lobby")
+            store.apply = stored_reply_lost  # type: ignore[method-assign]
+            name, update = from_a_peer("from a peer")
+            with pytest.raises(redis.exceptions.ConnectionError):
+                await region.apply(Delta(shard_updates={name: update}), "eu-west")
+            store.apply = apply  # type: ignore[method-assign]
+            await region.apply(Delta(shard_updates={name: update}), "eu-west")  # the resend: nothing new here
+            await region.heartbeat()
+            assert (await asyncio.wait_for(first, 5)).entry.body == "from a peer"
             await stream.aclose()
 
     asyncio.run(main())
