@@ -281,7 +281,7 @@ class Region:
                     for e in MessageShard(split_shard_name(name)[0], self._client_id).apply(update)])
         for stamp in doubts:
             self._applying.pop(stamp, None)
-            # An apply's messages stored after all (those in the channel's stream; older copies were published).
+            # An apply's messages, if it stored them after all: those now in the channel's stream.
             await self._deliver_stored(self._unpublished.pop(stamp, []))
         self._in_doubt.difference_update(doubts)
         if found:
