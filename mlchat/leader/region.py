@@ -176,8 +176,9 @@ class Region:
         # Stamps of changes whose storing failed: they may be in the outbox all the same (Redis ran the script
         # and the reply was lost), and hold the cursor back until the outbox is read (`_resolve_doubts`).
         self._in_doubt: set[str] = set()
-        # Per apply in doubt: the messages it would have added, published if the doubt resolves to stored.
-        self._unpublished: dict[str, list[LogEntry]] = {}
+        # Per shard an apply in doubt changed, by (stamp, shard): the messages it would have added, published if
+        # the outbox shows the shard's script ran.
+        self._unpublished: dict[tuple[str, str], list[LogEntry]] = {}
         self.epoch = ""  # names the outbox (`Store.outbox_epoch`)
         self.fanout: Fanout[Committed | AccessChanged] = Fanout(settings.subscriber_buffer)
         # Per feed of a channel to a gateway (which is one subscription of `fanout`): the subscribers it feeds.
@@ -274,6 +275,8 @@ class Region:
             relayed = change.relayed
             if relayed and relayed.source:  # a failed apply's: held where it started, as it would have been
                 self._publish(replace(change, relayed=replace(relayed, before=self._applying.get(stamp, {}))))
+                for name in change.shard_updates:  # the shards whose script ran: their messages are new here
+                    await self._deliver_stored(self._unpublished.pop((stamp, name), []))
             else:
                 self._publish(replace(change, relayed=None))
                 await self._deliver_stored([  # a post's: its messages, read from its update
@@ -281,8 +284,10 @@ class Region:
                     for e in MessageShard(split_shard_name(name)[0], self._client_id).apply(update)])
         for stamp in doubts:
             self._applying.pop(stamp, None)
-            # An apply's messages, if it stored them after all: those now in the channel's stream.
-            await self._deliver_stored(self._unpublished.pop(stamp, []))
+        # Shards whose script did not run: a resend may have stored (and published) their messages since.
+        resolved = set(doubts)
+        for key in [k for k in self._unpublished if k[0] in resolved]:
+            del self._unpublished[key]
         self._in_doubt.difference_update(doubts)
         if found:
             self.clocks.floor_saved(max(stamp for stamp, _ in found))  # their scripts raised the clock floor
@@ -948,7 +953,7 @@ class Region:
                         new = await self.store.apply(name, added, update, shard.state_vector(),
                                                      self.settings.stream_retention, shipping)
                 except BaseException:  # in doubt: Redis may have stored them all the same (`_resolve_doubts`)
-                    self._unpublished.setdefault(shipping.stamp, []).extend(added)
+                    self._unpublished[(shipping.stamp, name)] = added
                     raise
                 if added:
                     self._deliver(added, new)

@@ -140,3 +140,31 @@ def test_a_peers_messages_stored_by_an_apply_whose_reply_was_lost_reach_subscrib
             await stream.aclose()
 
     asyncio.run(main())
+
+
+def test_a_peers_messages_that_an_apply_in_doubt_did_not_store_are_published_once_by_the_resend(
+        own_valkey: EmbeddedValkey, tmp_path):
+    """The connection broke before Redis ran the apply's script: the peer's resend stores the message and
+    publishes it, and resolving the doubt at the next heartbeat publishes nothing more."""
+    async def main() -> None:
+        async with started_region(own_valkey.url, tmp_path) as region:
+            store = region.store
+            apply = store.apply
+
+            async def never_sent(*args, **kwargs):
+                raise redis.exceptions.ConnectionError("the connection broke before the call was sent")
+
+            stream, first = await live_subscription(region, "lobby")
+            store.apply = never_sent  # type: ignore[method-assign]
+            name, update = from_a_peer("from a peer")
+            with pytest.raises(redis.exceptions.ConnectionError):
+                await region.apply(Delta(shard_updates={name: update}), "eu-west")
+            store.apply = apply  # type: ignore[method-assign]
+            await region.apply(Delta(shard_updates={name: update}), "eu-west")  # the resend stores it
+            assert (await asyncio.wait_for(first, 5)).entry.body == "from a peer"
+            await region.heartbeat()
+            await region.post("u1", "lobby", "posted after", "m-after")
+            assert (await asyncio.wait_for(anext(stream), 5)).entry.body == "posted after"  # not the peer's again
+            await stream.aclose()
+
+    asyncio.run(main())
