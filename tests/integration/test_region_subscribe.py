@@ -129,6 +129,24 @@ def test_a_channels_messages_are_published_in_stream_order_across_its_shards(own
     asyncio.run(main())
 
 
+async def applied_in_doubt(region: Region, stored: bool) -> None:
+    """Apply a peer's message "from a peer" of "lobby" while the connection to Redis breaks: after Redis ran
+    the script (`stored`, its reply lost) or before. Then the peer's resend, applied as usual."""
+    apply = region.store.apply
+
+    async def broken(*args, **kwargs):
+        if stored:
+            await apply(*args, **kwargs)
+        raise redis.exceptions.ConnectionError("the connection broke")
+
+    name, update = from_a_peer("from a peer")
+    region.store.apply = broken  # type: ignore[method-assign]
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await region.apply(Delta(shard_updates={name: update}), "eu-west")
+    region.store.apply = apply  # type: ignore[method-assign]
+    await region.apply(Delta(shard_updates={name: update}), "eu-west")
+
+
 def test_a_peers_messages_stored_by_an_apply_whose_reply_was_lost_reach_subscribers(own_valkey: EmbeddedValkey,
                                                                                    tmp_path):
     """Redis stored a peer's message, and the reply was lost: the apply is in doubt, and the peer's resend adds
@@ -136,20 +154,8 @@ def test_a_peers_messages_stored_by_an_apply_whose_reply_was_lost_reach_subscrib
     heartbeat, subscribers get the message."""
     async def main() -> None:
         async with started_region(own_valkey.url, tmp_path) as region:
-            store = region.store
-            apply = store.apply
-
-            async def stored_reply_lost(*args, **kwargs):
-                await apply(*args, **kwargs)
-                raise redis.exceptions.ConnectionError("the reply was lost")
-
             stream, first = await live_subscription(region, "lobby")
-            store.apply = stored_reply_lost  # type: ignore[method-assign]
-            name, update = from_a_peer("from a peer")
-            with pytest.raises(redis.exceptions.ConnectionError):
-                await region.apply(Delta(shard_updates={name: update}), "eu-west")
-            store.apply = apply  # type: ignore[method-assign]
-            await region.apply(Delta(shard_updates={name: update}), "eu-west")  # the resend: nothing new here
+            await applied_in_doubt(region, stored=True)
             await region.heartbeat()
             assert (await asyncio.wait_for(first, 5)).entry.body == "from a peer"
             await stream.aclose()
@@ -163,19 +169,8 @@ def test_a_peers_messages_that_an_apply_in_doubt_did_not_store_are_published_onc
     publishes it, and resolving the doubt at the next heartbeat publishes nothing more."""
     async def main() -> None:
         async with started_region(own_valkey.url, tmp_path) as region:
-            store = region.store
-            apply = store.apply
-
-            async def never_sent(*args, **kwargs):
-                raise redis.exceptions.ConnectionError("the connection broke before the call was sent")
-
             stream, first = await live_subscription(region, "lobby")
-            store.apply = never_sent  # type: ignore[method-assign]
-            name, update = from_a_peer("from a peer")
-            with pytest.raises(redis.exceptions.ConnectionError):
-                await region.apply(Delta(shard_updates={name: update}), "eu-west")
-            store.apply = apply  # type: ignore[method-assign]
-            await region.apply(Delta(shard_updates={name: update}), "eu-west")  # the resend stores it
+            await applied_in_doubt(region, stored=False)
             assert (await asyncio.wait_for(first, 5)).entry.body == "from a peer"
             await region.heartbeat()
             await region.post("u1", "lobby", "posted after", "m-after")
