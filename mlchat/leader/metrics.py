@@ -198,8 +198,8 @@ class LeaderCollector(Collector):
                                 value=region.subscriber_count())
         sizes = region.hot_shard_sizes()
         yield GaugeMetricFamily("mlchat_hot_shards", "Message-log shards held in memory", value=len(sizes))
-        yield GaugeMetricFamily("mlchat_hot_shard_bytes", "Memory of the hot shards, estimated as the size of "
-                                "their encoded state", value=sum(sizes))
+        yield GaugeMetricFamily("mlchat_hot_shard_bytes", "Memory of the hot shards, estimated as the bytes Redis "
+                                "holds of them (snapshot and updates since)", value=sum(sizes))
 
 
 class GatewaysCollector(Collector):

@@ -109,11 +109,15 @@ class _Pending:
 
 @dataclass(slots=True)
 class _SinceSnapshot:
-    """What a hot shard holds in Redis beside its snapshot: the updates stored since (how many, their bytes)."""
+    """What a hot shard holds in Redis: its snapshot's bytes, and the updates stored since (how many, their bytes)."""
 
     updates: int = 0
     update_bytes: int = 0
     snapshot_bytes: int = 0
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.snapshot_bytes + self.update_bytes
 
     def due(self, min_updates: int) -> bool:
         """Whether to snapshot the shard now: once at least `min_updates` piled up, and they weigh at least
@@ -963,8 +967,10 @@ class Region:
     # Region-wide --------------------------------------------------------------------------------
 
     def hot_shard_sizes(self) -> list[int]:
-        """For each shard held in memory, an estimate of its memory: the size of its encoded state."""
-        return [len(shard.snapshot()) for shard in self._shards.values()]
+        """For each shard held in memory, an estimate of its memory: the bytes Redis holds of it (its snapshot
+        and the updates since), counted as they are stored. Encoding the shards instead would cost a scrape
+        the whole of each (tens of milliseconds for a busy hour), while posts wait."""
+        return [self._since_snapshot.get(name, _SinceSnapshot()).stored_bytes for name in self._shards]
 
     async def digest(self) -> str:
         store = self.store

@@ -27,6 +27,31 @@ def test_a_shard_compacted_while_posts_go_on_keeps_every_message(own_valkey: Emb
     asyncio.run(main())
 
 
+def test_a_hot_shards_size_is_what_redis_holds_of_it_through_compactions_and_reloads(own_valkey: EmbeddedValkey,
+                                                                                   tmp_path):
+    """`hot_shard_sizes` (the mlchat_hot_shard_bytes metric) is counted as updates are stored and compacted, not
+    by encoding each shard at every scrape: it must still be the bytes Redis holds of the shard."""
+    async def main() -> None:
+        async with started_region(own_valkey.url, tmp_path, compact_after=5) as region:
+            store = region.store
+
+            async def held_in_redis() -> int:
+                snapshot, updates = await store.shard_updates(name)
+                return len(snapshot or b"") + sum(map(len, updates))
+
+            await region.post("u1", "lobby", "message 0", "c0")
+            (name,) = await store.shard_states()
+            for i in range(1, 12):
+                await region.post("u1", "lobby", f"message {i}", f"c{i}")
+                await asyncio.gather(*region._compacting.values())
+                assert region.hot_shard_sizes() == [await held_in_redis()]
+            assert (await store.shard_updates(name))[0] is not None  # compacted
+            region._dropped(name)
+            await region.post("u1", "lobby", "after a reload", "c-reload")
+            assert region.hot_shard_sizes() == [await held_in_redis()]
+
+    asyncio.run(main())
+
 
 def test_a_large_shard_is_snapshotted_once_its_updates_weigh_enough_not_at_every_few(own_valkey: EmbeddedValkey,
                                                                                      tmp_path):
