@@ -11,7 +11,6 @@ import contextlib
 import logging
 import random
 import secrets
-import tempfile
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from mlchat.leader.region import Region
 from mlchat.leader.replication import ReplicationServicer, Replicator
 from mlchat.leader.servicer import Authenticator, ChatServicer, ClusterServicer, wall_ms
 from mlchat.leader.settings import LeaderSettings
+from mlchat.leader.sockdir import private_socket_dir
 from mlchat.leader.store import Store
 from mlchat.leader.tokens import TokenSigner
 from mlchat.leader.valkey import EmbeddedValkey
@@ -146,9 +146,9 @@ async def serve(settings: LeaderSettings) -> None:
         raise SystemExit(f"--redis: {e}") from None
     store = Store(client)
     supervisor = asyncio.create_task(_supervise(embedded)) if embedded is not None else None
-    # With gateways, the core's socket for them: Unix socket paths are limited to ~100 bytes, so it lives in a
-    # short directory of its own (only this user may enter it), removed whatever happens.
-    sockets = tempfile.TemporaryDirectory(prefix="mlg-") if settings.processes > 1 else contextlib.nullcontext()
+    # With gateways, the core's socket for them, in a short directory of its own (`mlchat.leader.sockdir`).
+    sockets = (private_socket_dir("mlg-", settings.data_dir) if settings.processes > 1
+               else contextlib.nullcontext())
     try:
         with sockets as socket_dir:
             await _serve(settings, store, client_tls, peer_tls, Path(socket_dir) if socket_dir else None)

@@ -14,11 +14,12 @@ import os
 import secrets
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import redis
+
+from mlchat.leader.sockdir import made_private, socket_dir
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
@@ -76,8 +77,7 @@ class EmbeddedValkey:
         self.data_dir = data_dir
         self.port = port
         self.extra_conf = extra_conf
-        # Socket paths are limited to ~100 bytes, so the socket lives in a short temporary dir.
-        self._sock_dir = Path(tempfile.mkdtemp(prefix="mlv-"))
+        self._sock_dir = socket_dir("mlv-", data_dir)  # (created by `start`, and only without a port)
         self.socket = self._sock_dir / "valkey.sock"
         self._proc: subprocess.Popen[bytes] | None = None
         self.password = password or secrets.token_hex(16)
@@ -99,7 +99,8 @@ class EmbeddedValkey:
         if self._proc is not None:
             raise RuntimeError("embedded Valkey already started")
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._sock_dir.mkdir(exist_ok=True)
+        if not self.port:
+            made_private(self._sock_dir)
         # The password goes in a file only the owner reads, not on the command line (visible in ps);
         # where it listens goes there too, so that `mlchat backup --data-dir` finds a running server.
         conf = self.data_dir / AUTH_CONF
@@ -143,8 +144,9 @@ class EmbeddedValkey:
             self._proc.kill()
             self._proc.wait()
         self._proc = None
-        self.socket.unlink(missing_ok=True)
-        self._sock_dir.rmdir()
+        if not self.port:
+            self.socket.unlink(missing_ok=True)
+            self._sock_dir.rmdir()
 
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None

@@ -10,6 +10,8 @@ import pytest
 import redis
 from support import wait_until
 
+from mlchat.leader.valkey import EmbeddedValkey
+
 
 def test_it_refuses_clients_without_its_password(own_valkey):
     assert redis.Redis.from_url(own_valkey.url).ping()
@@ -32,3 +34,20 @@ def test_restarted_after_a_crash_it_holds_what_it_had(own_valkey):
     wait_until(lambda: not own_valkey.alive(), 5, "the server gone")
     own_valkey.restart()
     assert redis.Redis.from_url(own_valkey.url).get("kept") == b"yes"
+
+
+def test_started_again_on_its_data_after_a_crash_it_takes_over_its_socket_directory(tmp_path):
+    """A server killed before it removed its socket directory leaves it behind; the next one on the same data
+    takes it over, so crashes do not pile directories up, and a clean stop removes it."""
+    first = EmbeddedValkey(tmp_path / "data")
+    first.start()
+    first.kill()
+    assert first.socket.parent.is_dir()  # left behind
+    second = EmbeddedValkey(tmp_path / "data")
+    assert second.socket.parent == first.socket.parent
+    second.start()
+    try:
+        assert redis.Redis.from_url(second.url).ping()
+    finally:
+        second.stop()
+    assert not second.socket.parent.exists()
