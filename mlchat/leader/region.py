@@ -66,9 +66,11 @@ OUTBOX_PAGE = 500  # outbox entries sent at a time (merged) to a peer that resum
 NAMED_ABOVE = 16 * 1024  # bytes: a larger shard update applied from a peer is kept in the outbox by name
 RECENT_IDS = 10_000
 REFUSING_CHANNELS = 1_000
-# A batch waits at most GATHER_TURNS turns of the event loop for posts on their way, GATHER_ROUNDS times over
-# when its channel is busy (`Region._gathered`).
-GATHER_TURNS, GATHER_ROUNDS = 20, 6
+# A batch waits at most GATHER_TURNS turns of the event loop for posts on their way; when its channel is busy,
+# until none has come for GATHER_GAPS times the usual gap between them, at most GATHER_QUIET_S, and at most
+# GATHER_MAX_S in all (`Region._gathered`, `_Arrivals`).
+GATHER_TURNS = 20
+GATHER_GAPS, GATHER_QUIET_S, GATHER_MAX_S = 3, 400e-6, 2e-3
 COMPACT_RATIO = 2  # a shard's updates since its snapshot are replaced by a new one once they weigh half of it
 T = TypeVar("T")
 
@@ -105,6 +107,22 @@ class _Pending:
     user_id: str
     body: str
     client_msg_id: str
+
+
+class _Arrivals:
+    """The pace at which posts reach a busy channel's queue while its writer gathers a batch: a moving mean of
+    the gap between them."""
+
+    def __init__(self) -> None:
+        self.gap_s = GATHER_QUIET_S / GATHER_GAPS  # until measured
+
+    def quiet_s(self) -> float:
+        """How long without a post ends the gathering: a few usual gaps, but not long."""
+        return min(GATHER_QUIET_S, GATHER_GAPS * self.gap_s)
+
+    def came(self, count: int, waited_s: float) -> None:
+        """`count` posts came after `waited_s` without any (each such wait weighs 1/8 in the mean)."""
+        self.gap_s += (waited_s / count - self.gap_s) / 8
 
 
 @dataclass(slots=True)
@@ -411,37 +429,40 @@ class Region:
     async def _write(self, channel: str) -> None:
         """Commit a channel's queued posts, in batches: one Redis round trip serves many posts."""
         try:
-            busy = False  # posts came while a batch was committed
-            while batch := await self._gathered(channel, busy):
-                busy = True
+            arrivals, busy = _Arrivals(), False
+            while batch := await self._gathered(channel, arrivals if busy else None):
                 try:
                     await self._commit_batch(channel, batch)
                 except Exception as e:
                     for p in batch:
                         self._settle(p.msg_id, e)
+                busy = channel in self._queue  # posts came while it was committed: more are likely on their way
         finally:
             del self._writers[channel]
 
-    async def _gathered(self, channel: str, busy: bool) -> list[_Pending] | None:
+    async def _gathered(self, channel: str, arrivals: _Arrivals | None) -> list[_Pending] | None:
         """The channel's queued posts, once calls on their way to the queue have joined them. Under load,
         calls that arrived with the queued posts are still being read and checked: a commit that waits for
         them serves them too, where each would otherwise pay a Redis round trip of its own. So the batch is
-        taken once the event loop has nothing else ready to run; and when the channel is busy, also once
-        rounds of letting go of the GIL (so that gRPC's poller thread hands the loop the calls that arrived)
-        bring no more posts. A lone post waits for nothing: nothing else is ready."""
-        loop = asyncio.get_running_loop()
-        for _ in range(GATHER_ROUNDS if busy else 1):
-            queued = len(self._queue.get(channel, ()))
-            if busy:
-                # Blocks nothing: it lets go of the GIL. The calls handed over are seen at the loop's next turn.
-                time.sleep(0)  # noqa: ASYNC251
-                await asyncio.sleep(0)
+        taken once the event loop has nothing else ready to run; and when the channel is busy, once posts
+        stop coming at the pace they came (`_Arrivals`). Meanwhile the loop keeps turning, so that each call
+        is read as soon as gRPC hands it over (sleeping instead left calls waiting, and the loop idle). A lone
+        post waits for nothing: nothing else is ready."""
+        if arrivals is None:
+            loop = asyncio.get_running_loop()
             for _ in range(GATHER_TURNS):
                 if not getattr(loop, "_ready", None):  # the loop's callbacks ready to run (CPython's event loop)
                     break
                 await asyncio.sleep(0)
-            if len(self._queue.get(channel, ())) == queued:
-                break
+        else:
+            now = start = last = time.perf_counter()
+            queued = len(self._queue.get(channel, ()))
+            while now - last < arrivals.quiet_s() and now - start < GATHER_MAX_S:
+                await asyncio.sleep(0)
+                now = time.perf_counter()
+                if (count := len(self._queue.get(channel, ()))) > queued:
+                    arrivals.came(count - queued, now - last)
+                    queued, last = count, now
         self.commits += channel in self._queue
         return self._queue.pop(channel, None)
 

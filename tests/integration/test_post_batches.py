@@ -38,3 +38,19 @@ def test_a_batch_waits_no_longer_than_the_turns_it_is_allowed(own_valkey: Embedd
     commits, ids, stored = run_posts(own_valkey, tmp_path, turns_on_the_way=100)
     assert (len(set(ids)), stored) == (16, 16)
     assert commits == 2
+
+
+def test_a_busy_channel_whose_posts_never_stop_coming_still_commits(own_valkey: EmbeddedValkey, tmp_path):
+    """While posts keep coming, a batch gathers them, but for GATHER_MAX_S at most: it is committed all the same."""
+    async def main() -> tuple[int, int]:
+        async with started_region(own_valkey.url, tmp_path) as region:
+            posts = []
+            while region.commits < 4:  # a new post at every turn of the event loop
+                assert len(posts) < 100_000, "a batch was never committed while posts kept coming"
+                posts.append(asyncio.ensure_future(region.post("u1", "lobby", f"m{len(posts)}", f"c{len(posts)}")))
+                await asyncio.sleep(0)
+            await asyncio.gather(*posts)
+            return region.commits, len(posts)
+
+    commits, posted = asyncio.run(main())
+    assert posted > 10 * commits  # gathered into batches, not committed one by one
