@@ -164,7 +164,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=4.0, help="per concurrency level")
     parser.add_argument("--messages", type=int, default=100_000, help="size of the big channel")
-    parser.add_argument("--rounds", type=int, default=3, help="PostMessage: alternating rounds per level")
+    parser.add_argument("--rounds", type=int, default=5, help="PostMessage: alternating rounds per level")
     args = parser.parse_args()
 
     rows: list[tuple[str, str, str, str]] = []
