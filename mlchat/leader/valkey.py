@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -77,8 +78,7 @@ class EmbeddedValkey:
         self.data_dir = data_dir
         self.port = port
         self.extra_conf = extra_conf
-        self._sock_dir = socket_dir("mlv-", data_dir)  # (created by `start`, and only without a port)
-        self.socket = self._sock_dir / "valkey.sock"
+        self.socket = socket_dir("mlv-", data_dir) / "valkey.sock"  # (made by `start`, and only without a port)
         self._proc: subprocess.Popen[bytes] | None = None
         self.password = password or secrets.token_hex(16)
 
@@ -100,7 +100,7 @@ class EmbeddedValkey:
             raise RuntimeError("embedded Valkey already started")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if not self.port:
-            made_private(self._sock_dir)
+            self.socket = made_private("mlv-", self.data_dir) / "valkey.sock"
         # The password goes in a file only the owner reads, not on the command line (visible in ps);
         # where it listens goes there too, so that `mlchat backup --data-dir` finds a running server.
         conf = self.data_dir / AUTH_CONF
@@ -145,8 +145,7 @@ class EmbeddedValkey:
             self._proc.wait()
         self._proc = None
         if not self.port:
-            self.socket.unlink(missing_ok=True)
-            self._sock_dir.rmdir()
+            shutil.rmtree(self.socket.parent, ignore_errors=True)
 
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
