@@ -66,9 +66,9 @@ OUTBOX_PAGE = 500  # outbox entries sent at a time (merged) to a peer that resum
 NAMED_ABOVE = 16 * 1024  # bytes: a larger shard update applied from a peer is kept in the outbox by name
 RECENT_IDS = 10_000
 REFUSING_CHANNELS = 1_000
-# A batch waits at most GATHER_TURNS turns of the event loop for posts on their way; when its channel is busy,
-# until none has come for GATHER_GAPS times the usual gap between them, at most GATHER_QUIET_S, and at most
-# GATHER_MAX_S in all (`Region._gathered`, `_Arrivals`).
+# A batch waits at most GATHER_TURNS turns of the event loop for posts on their way; when its channel is busy
+# and its last wait caught some, until none has come for GATHER_GAPS times the usual gap between them, at most
+# GATHER_QUIET_S, and at most GATHER_MAX_S in all (`Region._gathered`, `_Arrivals`).
 GATHER_TURNS = 20
 GATHER_GAPS, GATHER_QUIET_S, GATHER_MAX_S = 3, 400e-6, 2e-3
 COMPACT_RATIO = 2  # a shard's updates since its snapshot are replaced by a new one once they weigh half of it
@@ -115,6 +115,7 @@ class _Arrivals:
 
     def __init__(self) -> None:
         self.gap_s = GATHER_QUIET_S / GATHER_GAPS  # until measured
+        self.caught = True  # whether the last gathering caught any post that came during it
 
     def quiet_s(self) -> float:
         """How long without a post ends the gathering: a few usual gaps, but not long."""
@@ -446,23 +447,28 @@ class Region:
         them serves them too, where each would otherwise pay a Redis round trip of its own. So the batch is
         taken once the event loop has nothing else ready to run; and when the channel is busy, once posts
         stop coming at the pace they came (`_Arrivals`). Meanwhile the loop keeps turning, so that each call
-        is read as soon as gRPC hands it over (sleeping instead left calls waiting, and the loop idle). A lone
-        post waits for nothing: nothing else is ready."""
-        if arrivals is None:
-            loop = asyncio.get_running_loop()
-            for _ in range(GATHER_TURNS):
-                if not getattr(loop, "_ready", None):  # the loop's callbacks ready to run (CPython's event loop)
-                    break
-                await asyncio.sleep(0)
-        else:
+        is read as soon as gRPC hands it over (sleeping instead left calls waiting, and the loop idle). After
+        a wait that caught no post, the next batch is taken as a first one is, until one catches some again:
+        turning the loop for posts that do not come only burns CPU. A lone post waits for nothing: nothing
+        else is ready."""
+        queued = len(self._queue.get(channel, ()))
+        if arrivals is not None and arrivals.caught:
             now = start = last = time.perf_counter()
-            queued = len(self._queue.get(channel, ()))
             while now - last < arrivals.quiet_s() and now - start < GATHER_MAX_S:
                 await asyncio.sleep(0)
                 now = time.perf_counter()
                 if (count := len(self._queue.get(channel, ()))) > queued:
                     arrivals.came(count - queued, now - last)
                     queued, last = count, now
+            arrivals.caught = last > start
+        else:
+            loop = asyncio.get_running_loop()
+            for _ in range(GATHER_TURNS):
+                if not getattr(loop, "_ready", None):  # the loop's callbacks ready to run (CPython's event loop)
+                    break
+                await asyncio.sleep(0)
+            if arrivals is not None:
+                arrivals.caught = len(self._queue.get(channel, ())) > queued
         self.commits += channel in self._queue
         return self._queue.pop(channel, None)
 

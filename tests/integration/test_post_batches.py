@@ -6,6 +6,7 @@ import asyncio
 
 from support import started_region
 
+from mlchat.leader.region import GATHER_TURNS, _Arrivals, _Pending
 from mlchat.leader.valkey import EmbeddedValkey
 
 
@@ -53,4 +54,50 @@ def test_a_busy_channel_whose_posts_never_stop_coming_still_commits(own_valkey: 
             return region.commits, len(posts)
 
     commits, posted = asyncio.run(main())
-    assert posted > 10 * commits  # gathered into batches, not committed one by one
+    # Gathered into batches, not committed one by one: the first alone takes a post at each of its turns.
+    assert posted > commits + GATHER_TURNS // 2
+
+
+def test_a_writer_whose_channel_went_quiet_while_it_committed_ends_at_once(own_valkey: EmbeddedValkey, tmp_path):
+    """Posts one at a time: nothing came while each was committed, so its writer waits for no more (it would
+    only turn the event loop for nothing) and ends within the turns a first batch is allowed."""
+    async def main() -> None:
+        async with started_region(own_valkey.url, tmp_path) as region:
+            for i in range(5):
+                await region.post("u1", "lobby", f"message {i}", f"c{i}")
+                for _ in range(GATHER_TURNS + 2):
+                    if "lobby" not in region._writers:
+                        break
+                    await asyncio.sleep(0)  # one turn of the event loop, not a wait
+                assert "lobby" not in region._writers
+            assert region.commits == 5
+
+    asyncio.run(main())
+
+
+def test_a_writer_whose_last_wait_caught_nothing_waits_no_longer_than_a_first_batch(own_valkey: EmbeddedValkey,
+                                                                                    tmp_path):
+    """Turning the event loop for posts that do not come only burns CPU: after a gathering that caught none, the
+    next takes only what comes within the turns a first batch is allowed, and waits again once that is some."""
+    async def main() -> None:
+        async with started_region(own_valkey.url, tmp_path) as region:
+            arrivals = _Arrivals()
+            arrivals.caught = False
+            region._queue["lobby"] = [_Pending("m1", "u1", "queued while the last batch was committed", "c1")]
+            gathering = asyncio.ensure_future(region._gathered("lobby", arrivals))
+            for _ in range(GATHER_TURNS + 2):
+                if gathering.done():
+                    break
+                await asyncio.sleep(0)  # one turn of the event loop, not a wait
+            assert gathering.done() and len(gathering.result()) == 1 and not arrivals.caught
+
+            async def comes_on_its_way() -> None:
+                await asyncio.sleep(0)
+                region._queue.setdefault("lobby", []).append(_Pending("m3", "u1", "on its way", "c3"))
+
+            region._queue["lobby"] = [_Pending("m2", "u1", "queued", "c2")]
+            coming = asyncio.ensure_future(comes_on_its_way())
+            assert len(await region._gathered("lobby", arrivals)) == 2 and arrivals.caught
+            await coming
+
+    asyncio.run(main())
