@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import random
 import secrets
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,6 +134,31 @@ async def serve(settings: LeaderSettings) -> None:
         client_tls, peer_tls = (tls.load(f) if f else None for f in (settings.tls, settings.peer_tls))
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    with _held(settings.data_dir):
+        await _on_storage(settings, client_tls, peer_tls)
+
+
+@contextlib.contextmanager
+def _held(data_dir: Path) -> Iterator[None]:
+    """The data directory, for this leader alone while it runs: a second leader on it would run a second Valkey
+    on the same files, and take over the first one's sockets. The kernel lets go of the lock when the process
+    ends, however it ends, so a leader killed with SIGKILL does not keep its successor out."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / "leader.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise SystemExit(f"--data-dir {data_dir} is in use by another leader (pid {lock.read().strip() or '?'}): "
+                             "each leader needs a data directory of its own") from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
+
+
+async def _on_storage(settings: LeaderSettings, client_tls: tls.TlsMaterial | None,
+                      peer_tls: tls.TlsMaterial | None) -> None:
     embedded = None
     url = settings.redis_url
     if url is None:
