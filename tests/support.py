@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
@@ -40,6 +41,22 @@ async def started_region(redis_url: str, data_dir: Path, **settings: Any) -> Asy
         yield region
     finally:
         await store.close()
+
+
+def after_turns(turns: int, then: Callable[[], object]) -> None:
+    """Call `then` once the running event loop has gone round `turns` more times: work that is on its way (a
+    call's request being read, its token checked), scheduled rather than slept for."""
+    if turns:
+        asyncio.get_running_loop().call_soon(after_turns, turns - 1, then)
+    else:
+        then()
+
+
+def turned(turns: int) -> asyncio.Future[None]:
+    """A future done once the running event loop has gone round `turns` more times."""
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    after_turns(turns, lambda: done.set_result(None))
+    return done
 
 
 def wait_until(condition: Callable[[], bool], deadline_s: float = 10.0, what: str = "condition") -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from support import started_region
+from support import after_turns, started_region, turned
 
 from mlchat.leader.region import GATHER_TURNS, _Arrivals, _Pending
 from mlchat.leader.valkey import EmbeddedValkey
@@ -17,8 +17,7 @@ def run_posts(valkey: EmbeddedValkey, tmp_path, turns_on_the_way: int) -> tuple[
         async with started_region(valkey.url, tmp_path) as region:
             async def post(i: int) -> str:
                 if i:
-                    for _ in range(turns_on_the_way):
-                        await asyncio.sleep(0)  # one turn of the event loop, not a wait
+                    await turned(turns_on_the_way)
                 return (await region.post("u1", "lobby", f"message {i}", f"c{i}"))[0].id
 
             ids = await asyncio.gather(*(post(i) for i in range(16)))
@@ -45,11 +44,19 @@ def test_a_busy_channel_whose_posts_never_stop_coming_still_commits(own_valkey: 
     """While posts keep coming, a batch gathers them, but for GATHER_MAX_S at most: it is committed all the same."""
     async def main() -> tuple[int, int]:
         async with started_region(own_valkey.url, tmp_path) as region:
-            posts = []
-            while region.commits < 4:  # a new post at every turn of the event loop
-                assert len(posts) < 100_000, "a batch was never committed while posts kept coming"
+            posts: list[asyncio.Future] = []
+            enough = asyncio.Event()
+
+            def post_one() -> None:  # a new post at every turn of the event loop, until 4 batches are committed
+                if region.commits >= 4 or len(posts) >= 100_000:
+                    enough.set()
+                    return
                 posts.append(asyncio.ensure_future(region.post("u1", "lobby", f"m{len(posts)}", f"c{len(posts)}")))
-                await asyncio.sleep(0)
+                after_turns(1, post_one)
+
+            post_one()
+            await enough.wait()
+            assert region.commits >= 4, "a batch was never committed while posts kept coming"
             await asyncio.gather(*posts)
             return region.commits, len(posts)
 
@@ -65,10 +72,7 @@ def test_a_writer_whose_channel_went_quiet_while_it_committed_ends_at_once(own_v
         async with started_region(own_valkey.url, tmp_path) as region:
             for i in range(5):
                 await region.post("u1", "lobby", f"message {i}", f"c{i}")
-                for _ in range(GATHER_TURNS + 2):
-                    if "lobby" not in region._writers:
-                        break
-                    await asyncio.sleep(0)  # one turn of the event loop, not a wait
+                await turned(GATHER_TURNS + 2)
                 assert "lobby" not in region._writers
             assert region.commits == 5
 
@@ -85,19 +89,12 @@ def test_a_writer_whose_last_wait_caught_nothing_waits_no_longer_than_a_first_ba
             arrivals.caught = False
             region._queue["lobby"] = [_Pending("m1", "u1", "queued while the last batch was committed", "c1")]
             gathering = asyncio.ensure_future(region._gathered("lobby", arrivals))
-            for _ in range(GATHER_TURNS + 2):
-                if gathering.done():
-                    break
-                await asyncio.sleep(0)  # one turn of the event loop, not a wait
+            await turned(GATHER_TURNS + 2)
             assert gathering.done() and len(gathering.result()) == 1 and not arrivals.caught
 
-            async def comes_on_its_way() -> None:
-                await asyncio.sleep(0)
-                region._queue.setdefault("lobby", []).append(_Pending("m3", "u1", "on its way", "c3"))
-
             region._queue["lobby"] = [_Pending("m2", "u1", "queued", "c2")]
-            coming = asyncio.ensure_future(comes_on_its_way())
+            on_its_way = _Pending("m3", "u1", "on its way", "c3")
+            after_turns(1, lambda: region._queue.setdefault("lobby", []).append(on_its_way))
             assert len(await region._gathered("lobby", arrivals)) == 2 and arrivals.caught
-            await coming
 
     asyncio.run(main())

@@ -43,13 +43,16 @@ def test_a_key_nobody_holds_or_awaits_keeps_no_lock() -> None:
             async with locks.held("a"):
                 raise RuntimeError("the holder failed")
         assert not locks._locks
+        started = asyncio.Event()
+
         async def hold_b() -> None:
+            started.set()  # and on, without a pause, to awaiting the lock
             async with locks.held("b"):
                 pass
 
         async with locks.held("b"):
             gave_up = asyncio.create_task(hold_b())
-            await asyncio.sleep(0)  # one turn: the task starts and awaits the lock
+            await started.wait()
             assert locks.callers("b") == 2
             gave_up.cancel()  # a caller cancelled while it awaits the lock
             with pytest.raises(asyncio.CancelledError):
