@@ -61,6 +61,7 @@ from mlchat.leader.keys import (
     SingleLayout,
     slot_tags,
 )
+from mlchat.leader.scripts import script_connection
 
 _LESS = """
 local function less(a, b)
@@ -436,22 +437,27 @@ class Store:
         if self.layout.cluster:
             slot_tags()  # ~0.2 s once, at start rather than in the first write
         self._listed: set[str] = set()  # tags known to be in COPIES already
-        self._add_user = client.register_script(_ADD_USER)
-        self._post = client.register_script(_POST)
-        self._set_status = client.register_script(_SET_STATUS)
-        self._claim = client.register_script(_CLAIM)
-        self._apply = client.register_script(_APPLY)
-        self._find = client.register_script(_FIND)
-        self._raise_floor = client.register_script(_RAISE_FLOOR)
-        self._save_term = client.register_script(_SAVE_TERM)
-        self._add_claim = client.register_script(_ADD_CLAIM)
-        self._set_member = client.register_script(_SET_MEMBER)
-        self._create_channel = client.register_script(_CREATE_CHANNEL)
-        self._add_channel = client.register_script(_ADD_CHANNEL)
-        self._trim_outbox = client.register_script(_TRIM_OUTBOX)
-        self._resolve = client.register_script(_RESOLVE)
+        # Writes are script calls: on one server, over a pipelined connection of their own (`scripts.py`).
+        self._scripts = script_connection(client)
+        script = self._scripts.script if self._scripts else client.register_script
+        self._add_user = script(_ADD_USER)
+        self._post = script(_POST)
+        self._set_status = script(_SET_STATUS)
+        self._claim = script(_CLAIM)
+        self._apply = script(_APPLY)
+        self._find = script(_FIND)
+        self._raise_floor = script(_RAISE_FLOOR)
+        self._save_term = script(_SAVE_TERM)
+        self._add_claim = script(_ADD_CLAIM)
+        self._set_member = script(_SET_MEMBER)
+        self._create_channel = script(_CREATE_CHANNEL)
+        self._add_channel = script(_ADD_CHANNEL)
+        self._trim_outbox = script(_TRIM_OUTBOX)
+        self._resolve = script(_RESOLVE)
 
     async def close(self) -> None:
+        if self._scripts:
+            await self._scripts.close()
         await self.redis.aclose()
 
     async def _beside(self, key: str) -> tuple[str, str, str, str, str]:
