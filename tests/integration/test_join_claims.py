@@ -37,19 +37,23 @@ def test_a_newcomer_takes_claims_once_every_member_counts_it_in(tmp_path: Path):
     secret.write_text(secrets.token_hex(32))
     ghost = f"127.0.0.1:{free_port()}"  # a member that never answers
     with LeaderProcess("us-east", tmp_path / "east",
-                       extra_args=(*FAST, "--secret-file", str(secret), "--peer", f"ap-northeast={ghost}")) as east, \
-            LeaderProcess("eu-west", tmp_path / "west",
-                          extra_args=(*FAST, "--secret-file", str(secret), "--join", east.address)) as west:
-        # us-east was configured with the ghost, so it takes claims; the newcomer learned of the ghost from it.
+                       extra_args=(*FAST, "--secret-file", str(secret), "--peer", f"ap-northeast={ghost}")) as east:
+        # us-east was configured with the ghost, so it takes claims (before anyone joins: a newcomer's join
+        # makes it wait until the newcomer counts it in).
         assert _claim_refusal(east.address, "early_east") == ""
-        assert "ap-northeast" in _claim_refusal(west.address, "early_west")
-        wait_until(lambda: "us-east" not in _claim_refusal(west.address, "probe_west"), 10,
-                   "us-east listing the newcomer")
-        assert "ap-northeast" in _claim_refusal(west.address, "still_west")
+        with LeaderProcess("eu-west", tmp_path / "west",
+                           extra_args=(*FAST, "--secret-file", str(secret), "--join", east.address)) as west:
+            # The newcomer learned of the ghost from us-east.
+            assert "ap-northeast" in _claim_refusal(west.address, "early_west")
+            wait_until(lambda: "us-east" not in _claim_refusal(west.address, "probe_west"), 10,
+                       "us-east listing the newcomer")
+            assert "ap-northeast" in _claim_refusal(west.address, "still_west")
 
-        # The ghost leaves for good: nobody is left to wait for.
-        token, _ = TokenSigner(secret.read_bytes().strip()).issue(PEER_PREFIX + "ops", "ops", int(time.time() * 1000))
-        with grpc.insecure_channel(east.address) as channel:
-            replication_pb2_grpc.ReplicationServiceStub(channel).Leave(
-                rpb.LeaveRequest(region="ap-northeast"), metadata=(("authorization", f"Bearer {token}"),), timeout=10)
-        wait_until(lambda: _claim_refusal(west.address, "late_west") == "", 10, "the newcomer taking claims")
+            # The ghost leaves for good: nobody is left to wait for.
+            signer = TokenSigner(secret.read_bytes().strip())
+            token, _ = signer.issue(PEER_PREFIX + "ops", "ops", int(time.time() * 1000))
+            with grpc.insecure_channel(east.address) as channel:
+                replication_pb2_grpc.ReplicationServiceStub(channel).Leave(
+                    rpb.LeaveRequest(region="ap-northeast"), metadata=(("authorization", f"Bearer {token}"),),
+                    timeout=10)
+            wait_until(lambda: _claim_refusal(west.address, "late_west") == "", 10, "the newcomer taking claims")
