@@ -9,6 +9,7 @@ above 2**53, and Redis compares strings cheaply). Callers pass `now_ms`: this mo
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -33,10 +34,7 @@ class Hlc:
 
     @classmethod
     def decode(cls, text: str) -> Hlc:
-        if not _ENCODED.match(text):
-            raise ValueError(f"not an HLC timestamp: {text!r}")
-        wall, counter = text.split(".")
-        return cls(int(wall), int(counter))
+        return _decoded(text)
 
     def tick(self, now_ms: int) -> Hlc:
         """The timestamp of a local event that happens after this one."""
@@ -70,6 +68,16 @@ class Hlc:
 
 
 ZERO = Hlc(0, 0)
+
+
+@functools.lru_cache(maxsize=4096)
+def _decoded(text: str) -> Hlc:
+    """A timestamp is decoded several times on its way (its shard, the vector, the response to its write),
+    and an `Hlc` is immutable: the last few thousand are kept."""
+    if not _ENCODED.match(text):
+        raise ValueError(f"not an HLC timestamp: {text!r}")
+    wall, counter = text.split(".")
+    return Hlc(int(wall), int(counter))
 
 
 def is_encoded_hlc(text: str) -> bool:

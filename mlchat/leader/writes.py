@@ -64,12 +64,13 @@ class Writes:
         confirmed held by enough regions; then answered (`respond`, given the result and its causal token)."""
         if self.leadership is not None and not self.leadership.may_write():
             return await self.forwarded(method, request, context)
-        self.admit()
+        copies = self._copies()
+        self.admit(copies)
         result = await commit()
         stamp = stamped(result)
         if not stamp.hlc:  # nothing was written
             return respond(result, self.region.causal_token())
-        if self.leadership is not None or self._copies():  # (async mode asks nothing: no call to wait on)
+        if self.leadership is not None or copies:  # (async mode asks nothing: no call to wait on)
             await self.confirm(stamp.region, stamp.hlc, context.time_remaining())
         return respond(result, self.region.causal_token((stamp.region, stamp.hlc)))
 
@@ -103,9 +104,8 @@ class Writes:
         except grpc.aio.UsageError:  # the channel closed: this leader is shutting down
             raise Unavailable(f"region {self.region.name} is shutting down; retry elsewhere") from None
 
-    def admit(self) -> None:
-        """Refuse a write that cannot be held by enough regions now, before anything is written."""
-        copies = self._copies()
+    def admit(self, copies: int) -> None:
+        """Refuse a write that `copies` other regions cannot hold now, before anything is written."""
         if copies == 0:
             return
         reachable = self.replicator.reachable()
