@@ -10,11 +10,14 @@ flight share the connection, where the pool would open one per call.
 
 It keeps redis-py's contract: the same replies (bytes, ints, lists), the same exceptions (errors Redis
 returns are mapped by redis-py's own table: NOSCRIPT, LOADING, READONLY...), a script missing from
-Redis loaded and the call made again, and one quick retry on a fresh connection when the connection is
-lost or cannot be made, so that a Redis restart is ridden over and a call that still fails raises
-`ConnectionError` (the region's writes are built for such a retry: a script whose reply was lost finds
-its own work done when it runs again). A caller that gives up leaves the connection as it is: its reply is
-read and dropped when it comes.
+Redis loaded and the call made again, the URL's credentials, database, client name, keepalive and
+timeouts (redis-py's defaults: 5 s to connect, 5 s for a reply), and one quick retry on a fresh
+connection when the connection is lost, cannot be made or times out, so that a Redis restart is ridden
+over and a call that still fails raises `ConnectionError` or `TimeoutError` (the region's writes are
+built for such a retry: a script whose reply was lost finds its own work done when it runs again). A
+caller that gives up leaves the connection as it is: its reply is read and dropped when it comes. A
+Redis that answers nothing for the timeout is taken for hung or gone: the connection is dropped, and
+every call waiting on it fails (calls share it, so one stuck reply would hold up all that follow).
 
 A Redis Cluster, a Sentinel-managed primary and TLS keep redis-py's scripts (`scripts_for`).
 """
@@ -24,26 +27,33 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
-from collections.abc import Sequence
+import socket
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import hiredis
 from redis import asyncio as aioredis
 from redis._parsers.base import BaseParser
 from redis.asyncio.connection import Connection, ConnectionPool, UnixDomainSocketConnection
-from redis.exceptions import ConnectionError, NoScriptError, ResponseError
+from redis.exceptions import ConnectionError, NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-RETRY_AFTER_S = 0.01  # as the leader's redis-py client waits before its one retry (`server.redis_client`)
+# As the leader's redis-py client waits before its one retry (`server.redis_client`: an exponential
+# backoff from 10 ms, doubled for the first retry).
+RETRY_AFTER_S = 0.02
 
 Arg = str | bytes | int | float
+Opener = Callable[[asyncio.AbstractEventLoop, Callable[[], asyncio.Protocol]], Coroutine[Any, Any, Any]]
 
 
 class _Replies(asyncio.Protocol):
     """One connection: commands out, replies handed to their callers in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout_s: float | None) -> None:
         self._reader = hiredis.Reader(replyError=ResponseError)
-        self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self._waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()  # (reply, sent)
+        self._timeout_s = timeout_s
+        self._watchdog: asyncio.TimerHandle | None = None
         self._transport: asyncio.Transport | None = None
         self.lost = False
 
@@ -52,17 +62,36 @@ class _Replies(asyncio.Protocol):
 
     def send(self, args: Sequence[Arg]) -> asyncio.Future[Any]:
         """Write a command; the future gets its reply."""
+        command = hiredis.pack_command(tuple(args))  # first: an argument it cannot pack queues nothing
         if self.lost or self._transport is None or self._transport.is_closing():
             raise ConnectionError("connection to Redis lost")
-        reply = asyncio.get_running_loop().create_future()
-        self._waiting.append(reply)
-        self._transport.write(hiredis.pack_command(tuple(args)))
+        loop = asyncio.get_running_loop()
+        reply = loop.create_future()
+        self._waiting.append((reply, loop.time()))
+        self._transport.write(command)
+        if self._timeout_s and self._watchdog is None:
+            self._watchdog = loop.call_later(self._timeout_s, self._overdue)
         return reply
+
+    def _overdue(self) -> None:
+        """Drop the connection if Redis has not answered the oldest call in time; else look again when it is due."""
+        self._watchdog = None
+        if not self._waiting or self._timeout_s is None:
+            return
+        loop = asyncio.get_running_loop()
+        left = self._waiting[0][1] + self._timeout_s - loop.time()
+        if left > 0:
+            self._watchdog = loop.call_later(left, self._overdue)
+        else:
+            self._drop(RedisTimeoutError(f"Redis did not answer a script call within {self._timeout_s:g} s"))
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
         while (reply := self._reader.gets()) is not False:
-            waiter = self._waiting.popleft()
+            if not self._waiting:
+                self._drop(ConnectionError(f"Redis sent a reply nobody asked for: {reply!r:.200}"))
+                return
+            waiter, _ = self._waiting.popleft()
             if waiter.done():  # its caller gave up
                 continue
             if isinstance(reply, ResponseError):
@@ -71,14 +100,22 @@ class _Replies(asyncio.Protocol):
                 waiter.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._drop(ConnectionError(f"connection to Redis lost: {exc or 'closed'}"))
+
+    def _drop(self, error: RedisError) -> None:
+        """Close the connection; every call waiting on it fails with `error`."""
         self.lost = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         while self._waiting:
-            waiter = self._waiting.popleft()
+            waiter, _ = self._waiting.popleft()
             if not waiter.done():
-                waiter.set_exception(ConnectionError(f"connection to Redis lost: {exc or 'closed by the server'}"))
+                waiter.set_exception(error)
+        self.close()
 
     def close(self) -> None:
-        if self._transport is not None:
+        if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
 
 
@@ -86,42 +123,72 @@ class ScriptConnection:
     """A pipelined connection to one Redis server, made when first needed and again after it is lost."""
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 6379, path: str | None = None,
-                 username: str | None = None, password: str | None = None, db: int = 0) -> None:
+                 username: str | None = None, password: str | None = None, db: int = 0,
+                 client_name: str | None = None, timeout_s: float | None = 5.0, connect_timeout_s: float | None = 5.0,
+                 keepalive: bool = False) -> None:
         self._where = f"unix://{path}" if path else f"{host}:{port}"
-        self._open = (lambda loop: loop.create_unix_connection(_Replies, path)) if path else \
-            (lambda loop: loop.create_connection(_Replies, host, port))
-        self._hello = [("AUTH", *([username] if username else []), password)] if password else []
+        self._open: Opener = ((lambda loop, protocol: loop.create_unix_connection(protocol, path)) if path else
+                              (lambda loop, protocol: loop.create_connection(protocol, host, port)))
+        self._hello: list[tuple[Arg, ...]] = []
+        if password:
+            self._hello.append(("AUTH", *([username] if username else []), password))
         if db:
             self._hello.append(("SELECT", db))
+        if client_name:
+            self._hello.append(("CLIENT", "SETNAME", client_name))
+        self._timeout_s = timeout_s
+        self._connect_timeout_s = connect_timeout_s
+        self._keepalive = keepalive and not path
         self._replies: _Replies | None = None
         self._connecting: asyncio.Future[_Replies] | None = None
+        self._closed = False
 
     async def call(self, *args: Arg) -> Any:
-        """Send one command and return its reply; on a lost connection, once more on a fresh one."""
+        """Send one command and return its reply; on a lost connection or a timeout, once more on a fresh one."""
         try:
             return await (await self._connected()).send(args)
-        except ConnectionError:
+        except (ConnectionError, RedisTimeoutError):
+            if self._closed:
+                raise
             await asyncio.sleep(RETRY_AFTER_S)
             return await (await self._connected()).send(args)
 
     async def _connected(self) -> _Replies:
+        if self._closed:
+            raise ConnectionError("the script connection to Redis is closed")
         if self._replies is not None and not self._replies.lost:
             return self._replies
-        if self._connecting is None:  # callers that come meanwhile wait on the same attempt
-            self._connecting = asyncio.ensure_future(self._connect())
-            self._connecting.add_done_callback(self._connected_or_not)
-        return await asyncio.shield(self._connecting)
+        attempt = self._connecting
+        if attempt is None:  # callers that come meanwhile wait on the same attempt
+            attempt = self._connecting = asyncio.ensure_future(self._connect())
+            attempt.add_done_callback(self._connected_or_not)
+        try:
+            return await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            if attempt.cancelled():  # by `close`, not by this caller's own cancellation
+                raise ConnectionError("the script connection to Redis was closed while connecting") from None
+            raise
 
     def _connected_or_not(self, attempt: asyncio.Future[_Replies]) -> None:
         self._connecting = None
-        if not attempt.cancelled() and attempt.exception() is None:
+        if attempt.cancelled() or attempt.exception() is not None:
+            return
+        if self._closed:  # closed while the attempt was finishing
+            attempt.result().close()
+        else:
             self._replies = attempt.result()
 
     async def _connect(self) -> _Replies:
         try:
-            _, replies = await self._open(asyncio.get_running_loop())
+            transport, replies = await asyncio.wait_for(
+                self._open(asyncio.get_running_loop(), lambda: _Replies(self._timeout_s)), self._connect_timeout_s)
         except OSError as e:
             raise ConnectionError(f"connecting to Redis at {self._where}: {e}") from e
+        except TimeoutError:
+            raise RedisTimeoutError(f"connecting to Redis at {self._where}: no answer within "
+                               f"{self._connect_timeout_s:g} s") from None
+        if self._keepalive:
+            transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         try:
             for command in self._hello:
                 await replies.send(command)
@@ -134,6 +201,7 @@ class ScriptConnection:
         return Script(self, source)
 
     async def close(self) -> None:
+        self._closed = True
         if self._connecting is not None:
             self._connecting.cancel()
         if self._replies is not None:
@@ -159,18 +227,18 @@ class Script:
 
 
 def script_connection(client: Any) -> ScriptConnection | None:
-    """A `ScriptConnection` to the server `client` talks to, if it is one server reached by TCP or a Unix
-    socket without TLS; None for a cluster, a Sentinel-managed primary or TLS (they keep redis-py's)."""
+    """A `ScriptConnection` to the server `client` talks to, with its settings, if it is one server reached by
+    TCP or a Unix socket without TLS; None for a cluster, a Sentinel-managed primary or TLS (they keep
+    redis-py's)."""
     if not isinstance(client, aioredis.Redis) or type(client.connection_pool) is not ConnectionPool:
         return None
     pool = client.connection_pool
-    kwargs = pool.connection_kwargs
-    where: dict[str, Any]
-    if pool.connection_class is UnixDomainSocketConnection:
-        where = {"path": kwargs["path"]}
-    elif pool.connection_class is Connection:
-        where = {"host": kwargs.get("host", "localhost"), "port": int(kwargs.get("port", 6379))}
-    else:
+    if pool.connection_class not in (Connection, UnixDomainSocketConnection):
         return None
-    return ScriptConnection(**where, username=kwargs.get("username"), password=kwargs.get("password"),
-                            db=int(kwargs.get("db") or 0))
+    conn = pool.connection_class(**pool.connection_kwargs)  # redis-py's reading of the URL, and its defaults
+    where = {"path": conn.path} if pool.connection_class is UnixDomainSocketConnection else \
+        {"host": conn.host, "port": int(conn.port)}
+    return ScriptConnection(**where, username=conn.username, password=conn.password, db=int(conn.db or 0),
+                            client_name=conn.client_name, timeout_s=conn.socket_timeout,
+                            connect_timeout_s=conn.socket_connect_timeout,
+                            keepalive=bool(getattr(conn, "socket_keepalive", False)))

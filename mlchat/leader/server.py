@@ -219,6 +219,8 @@ async def _serve(settings: LeaderSettings, store: Store, client_tls: tls.TlsMate
                   if settings.mode is Mode.SINGLE_LEADER else None)
     writes = Writes(region, replicator, consensus, leadership)
     health_servicer = health.aio.HealthServicer()
+    # grpc's servicer says the server is SERVING from the start: not until it is (gateways and all, below).
+    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     chat = Service(chat_pb2.DESCRIPTOR.services_by_name["ChatService"], chat_pb2_grpc.add_ChatServiceServicer_to_server,
                    ChatServicer(region, auth, writes))
     cluster = Service(cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"],

@@ -64,14 +64,14 @@ class Writes:
         confirmed held by enough regions; then answered (`respond`, given the result and its causal token)."""
         if self.leadership is not None and not self.leadership.may_write():
             return await self.forwarded(method, request, context)
-        copies = self._copies()
-        self.admit(copies)
+        self.admit(self._copies())
         result = await commit()
         stamp = stamped(result)
         if not stamp.hlc:  # nothing was written
             return respond(result, self.region.causal_token())
+        copies = self._copies()  # (a region may have joined meanwhile)
         if self.leadership is not None or copies:  # (async mode asks nothing: no call to wait on)
-            await self.confirm(stamp.region, stamp.hlc, context.time_remaining())
+            await self.confirm(stamp.region, stamp.hlc, copies, context.time_remaining())
         return respond(result, self.region.causal_token((stamp.region, stamp.hlc)))
 
     async def forwarded(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -114,9 +114,8 @@ class Writes:
                               f"acknowledged, and region {self.region.name} reaches {len(reachable)} "
                               f"({', '.join(reachable) or 'none'}): nothing was written; retry later")
 
-    async def confirm(self, origin: str, hlc: str, time_remaining: float | None) -> None:
-        """Return once enough regions hold the write stamped `hlc` in `origin`."""
-        copies = self._copies()
+    async def confirm(self, origin: str, hlc: str, copies: int, time_remaining: float | None) -> None:
+        """Return once `copies` other regions hold the write stamped `hlc` in `origin`."""
         if copies == 0 or await self.replicator.held(origin, hlc, copies, self._timeout(time_remaining)):
             if self.leadership is not None and not self.leadership.may_write():
                 raise Unavailable(f"region {self.region.name} lost its lease as primary while the write waited: it "

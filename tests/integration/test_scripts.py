@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
-from support import wait_until
+from support import turned, wait_until
 
 from mlchat.leader.scripts import ScriptConnection, script_connection
 from mlchat.leader.valkey import EmbeddedValkey
@@ -155,6 +157,67 @@ def test_calls_fail_with_connection_error_while_redis_is_down_and_answer_once_it
             await echo(args=["down"])
         await asyncio.to_thread(own_valkey.start)
         assert await echo(args=["back"]) == b"back"  # and Redis, restarted, learnt the script again
+    with_scripts(own_valkey.url, test)
+
+
+def test_an_argument_it_cannot_send_fails_that_call_alone(own_valkey):
+    async def test(connection: ScriptConnection) -> None:
+        echo = connection.script(ECHO)
+        with pytest.raises(TypeError):
+            await echo(args=[None])  # type: ignore[list-item]
+        assert await asyncio.gather(echo(args=["a"]), echo(args=["b"])) == [b"a", b"b"]
+
+    with_scripts(own_valkey.url, test)
+
+
+def test_a_redis_that_does_not_answer_times_out_and_answers_again_once_it_does(own_valkey):
+    async def test(connection: ScriptConnection) -> None:
+        echo = connection.script(ECHO)
+        assert await echo(args=["before"]) == b"before"
+        os.kill(own_valkey.pid or 0, signal.SIGSTOP)
+        try:
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(redis.exceptions.TimeoutError):
+                await asyncio.gather(echo(args=["stuck"]), echo(args=["behind it"]))
+            waited = asyncio.get_running_loop().time() - started
+            assert 0.6 <= waited < 3  # the URL's 0.3 s, and as much again for the retry on a fresh connection
+        finally:
+            os.kill(own_valkey.pid or 0, signal.SIGCONT)
+        assert await echo(args=["after"]) == b"after"
+
+    with_scripts(own_valkey.url + "?socket_timeout=0.3&socket_connect_timeout=0.3", test)
+
+
+def test_closing_fails_the_calls_in_flight_and_connects_no_more(own_valkey):
+    async def test(connection: ScriptConnection) -> None:
+        count = connection.script(COUNT)
+        assert await count(keys=["closing"]) == 1
+        with direct(own_valkey) as r:
+            r.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
+            try:
+                in_flight = asyncio.ensure_future(count(keys=["closing"]))
+                await held_script(own_valkey)
+                await connection.close()
+                with pytest.raises(redis.exceptions.ConnectionError):
+                    await in_flight
+            finally:
+                r.execute_command("CLIENT", "UNPAUSE")
+            assert not script_clients(own_valkey)  # not connected again
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await count(keys=["closing"])
+
+    with_scripts(own_valkey.url, test)
+
+
+def test_closing_while_connecting_fails_the_waiting_calls_with_connection_error(own_valkey):
+    async def test(connection: ScriptConnection) -> None:
+        calls = [asyncio.ensure_future(connection.script(ECHO)(args=[str(i)])) for i in range(3)]
+        await turned(1)  # each call is now waiting on the one connection attempt
+        await connection.close()
+        for call in calls:
+            with pytest.raises(redis.exceptions.ConnectionError):
+                await call
+
     with_scripts(own_valkey.url, test)
 
 
