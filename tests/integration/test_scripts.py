@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -66,6 +68,20 @@ async def held_script(valkey: EmbeddedValkey) -> dict[str, str]:
     return script_clients(valkey, held=True)[0]
 
 
+@contextlib.asynccontextmanager
+async def held_by_valkey(valkey: EmbeddedValkey, call: Awaitable[Any]
+                         ) -> AsyncIterator[tuple[asyncio.Future[Any], str]]:
+    """`call` started while Valkey pauses writes: (its future, the id of the client Valkey holds it for), once
+    Valkey holds it; Valkey takes writes again after."""
+    with direct(valkey) as r:
+        r.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
+        try:
+            future = asyncio.ensure_future(call)
+            yield future, (await held_script(valkey))["id"]
+        finally:
+            r.execute_command("CLIENT", "UNPAUSE")
+
+
 @pytest.mark.parametrize("server", ["own_valkey", "unix_valkey"])
 def test_a_script_answers_as_redis_py_does_over_tcp_and_unix_sockets(server, request):
     valkey: EmbeddedValkey = request.getfixturevalue(server)
@@ -113,16 +129,11 @@ def test_a_caller_that_gives_up_leaves_the_next_callers_reply_to_them(own_valkey
     async def test(connection: ScriptConnection) -> None:
         count, echo = connection.script(COUNT), connection.script(ECHO)
         assert await count(keys=["given-up"]) == 1
+        async with held_by_valkey(own_valkey, count(keys=["given-up"])) as (given_up, _):
+            behind = asyncio.ensure_future(echo(args=["mine"]))  # pipelined behind the held write
+            given_up.cancel()
+        assert await behind == b"mine"
         with direct(own_valkey) as r:
-            r.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
-            try:
-                given_up = asyncio.ensure_future(count(keys=["given-up"]))
-                behind = asyncio.ensure_future(echo(args=["mine"]))  # pipelined behind the held write
-                await held_script(own_valkey)
-                given_up.cancel()
-            finally:
-                r.execute_command("CLIENT", "UNPAUSE")
-            assert await behind == b"mine"
             assert int(r.get("given-up")) == 2  # the write ran; its reply was read and dropped
         assert await count(keys=["given-up"]) == 3
 
@@ -133,17 +144,12 @@ def test_a_call_whose_connection_is_cut_is_made_again_on_a_fresh_one(own_valkey)
     async def test(connection: ScriptConnection) -> None:
         count = connection.script(COUNT)
         assert await count(keys=["cut"]) == 1
-        with direct(own_valkey) as r:
-            r.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
-            try:
-                call = asyncio.ensure_future(count(keys=["cut"]))
-                held = await held_script(own_valkey)
-                r.execute_command("CLIENT", "KILL", "ID", held["id"])  # before the paused write ran
-            finally:
-                r.execute_command("CLIENT", "UNPAUSE")
-            assert await call == 2  # ran once: on the new connection
-            [fresh] = script_clients(own_valkey)
-            assert fresh["id"] != held["id"]
+        async with held_by_valkey(own_valkey, count(keys=["cut"])) as (call, held):
+            with direct(own_valkey) as r:
+                r.execute_command("CLIENT", "KILL", "ID", held)  # before the paused write ran
+        assert await call == 2  # ran once: on the new connection
+        [fresh] = script_clients(own_valkey)
+        assert fresh["id"] != held
 
     with_scripts(own_valkey.url, test)
 
@@ -192,17 +198,11 @@ def test_closing_fails_the_calls_in_flight_and_connects_no_more(own_valkey):
     async def test(connection: ScriptConnection) -> None:
         count = connection.script(COUNT)
         assert await count(keys=["closing"]) == 1
-        with direct(own_valkey) as r:
-            r.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
-            try:
-                in_flight = asyncio.ensure_future(count(keys=["closing"]))
-                await held_script(own_valkey)
-                await connection.close()
-                with pytest.raises(redis.exceptions.ConnectionError):
-                    await in_flight
-            finally:
-                r.execute_command("CLIENT", "UNPAUSE")
-            assert not script_clients(own_valkey)  # not connected again
+        async with held_by_valkey(own_valkey, count(keys=["closing"])) as (in_flight, _):
+            await connection.close()
+            with pytest.raises(redis.exceptions.ConnectionError):
+                await in_flight
+        assert not script_clients(own_valkey)  # not connected again
         with pytest.raises(redis.exceptions.ConnectionError):
             await count(keys=["closing"])
 
