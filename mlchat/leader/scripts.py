@@ -111,7 +111,7 @@ class _Replies(asyncio.Protocol):
         while self._waiting:
             waiter, _ = self._waiting.popleft()
             if not waiter.done():
-                waiter.set_exception(error)
+                waiter.set_exception(type(error)(*error.args))  # one each: a raised exception gathers its traceback
         self.close()
 
     def close(self) -> None:
