@@ -59,10 +59,19 @@ def resumed(cluster: dict, region: str, peer: str) -> None:
                20, f"{peer}'s stream from {region} up")
 
 
+def stored_cursor(cluster: dict, region: str, peer: str) -> str:
+    """The stamp up to which `region` has stored that it holds `peer`'s outbox (saved on heartbeats)."""
+    conf = (cluster["run_dir"] / region / "valkey" / AUTH_CONF).read_text()
+    with redis.Redis.from_url(url_from_conf(conf)) as direct:
+        return (direct.hget("meta:cursors", peer) or b"").decode().partition(":")[2]
+
+
 def test_a_restarted_region_resumes_from_its_cursor(cluster):
     east, west = client(cluster, EAST, "outbox_east"), client(cluster, WEST, "outbox_west")
-    east.post("resume", "before", "b0")
+    before = east.post("resume", "before", "b0").message.hlc
     wait_until(lambda: bodies(west, "resume") == ["before"], 15, "the first message in eu-west")
+    # Killed before a heartbeat stored its cursor, it would have nothing to resume from.
+    wait_until(lambda: stored_cursor(cluster, WEST, EAST) >= before, 15, "eu-west's cursor stored")
     outbox, states = catch_ups(cluster, EAST, WEST, "outbox"), catch_ups(cluster, EAST, WEST, "states")
     control(cluster, "kill", region=WEST)  # SIGKILL: its cursor is what Redis held
     for i in range(5):
