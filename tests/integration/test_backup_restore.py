@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 import redis
 from support import cluster_ports, wait_until
@@ -37,6 +38,18 @@ def signed_in(address: str, user: str) -> ChatClient:
     c = ChatClient(address, timeout_s=10)
     c.claim(user, f"{user}-claim-key-0123456789")
     return c
+
+
+def takes_claims(address: str, user: str) -> bool:
+    """Whether the region takes `user`'s claim now (one that a member just joined refuses claims until the newcomer
+    counts it in, which the newcomer's next heartbeat tells)."""
+    try:
+        signed_in(address, user).close()
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.UNAVAILABLE:
+            raise
+        return False
+    return True
 
 
 def state(address: str) -> tuple[str, int, int, int]:
@@ -122,6 +135,8 @@ def test_a_region_restored_from_a_backup_taken_while_it_served_catches_up(tmp_pa
     west = LeaderProcess("eu-west", tmp_path / "west", extra_args=(*common, "--join", east.address))
     try:
         west.start()
+        # (the claim of a user the test signs in as below: claimed again with its key, it is the same user)
+        wait_until(lambda: takes_claims(east.address, "status_before"), 15, "us-east counted in by the newcomer")
         poster = Poster(east.address)
         poster.start()
         wait_until(lambda: len(poster.posted) >= 150, 30, "posts before the backup")
