@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from support import turned
 
 from mlchat.leader.replication import in_groups
 from mlchat.v1 import replication_pb2 as rpb
@@ -105,7 +106,7 @@ def test_the_reading_ahead_holds_at_most_its_bytes_but_for_one_larger_message():
 
         seen = []
         async for group in in_groups(counted(), limit=100, limit_bytes=budget):
-            await asyncio.sleep(0)  # one turn: a reader that may read on reads all it may, never waiting otherwise
+            await turned(1)  # one turn: a reader that may read on reads all it may, never waiting otherwise
             seen.append((group, read))
         return seen
 
